@@ -1,0 +1,208 @@
+"""ScaLoRA on a PEFT LoRA model with a stock torch optimizer: the single-process reference.
+
+Usage, in any plain PyTorch (or DDP) loop::
+
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=[...]))   # use_rslora works too
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)
+    scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=10))
+    for batch in loader:
+        model(**batch).loss.backward()
+        scalora.refresh_if_due()          # after backward, before clipping and the optimizer step
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); opt.zero_grad()
+
+A refresh rewrites every adapted layer at the same effective weight (spec §4): solve α, β, merge
+``s A diag(1 − α∘β) Bᵀ`` into the frozen weight through a precision policy, rescale the factors,
+and re-express the gradients and the optimizer moments (crossed). No optimizer reset, no
+re-warm-up. Under DDP every replica holds the same reduced gradients, so every replica computes the
+same refresh; nothing here communicates. The DeepSpeed integration reuses these pieces per shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..precision import POLICY_NAMES, get_policy
+from ..rescale import cross_gradients_, cross_moments_, merge_delta, rescale_factors_
+from ..scaling import SOLVERS, ScalingSolution, solve_scaling
+from .adapted_layers import AdaptedLinear, find_adapted_linears
+
+
+@dataclass
+class ScaLoRAConfig:
+    """Options of the method.
+
+    interval:     refresh every ``interval`` optimizer steps (1 = ScaLoRA, 10 = ScaLoRA-I).
+    strength:     the knob c = L·η of spec §3, or "auto" (the adapter keeps its size at each refresh).
+    warmup_steps: optimizer steps before the first refresh (PEFT's zero init makes step 0 degenerate).
+    solver:       "column" (the paper's, with its scalar fallback), "scalar" or "nnls" (exact optimum).
+    precision:    how merges accumulate in the frozen weight: "auto", "naive", "fp32_residual",
+                  "bf16_pair" or "stochastic" (see ds_scalora.precision).
+    seed:         seeds stochastic rounding; replicas that share it round identically.
+    """
+
+    interval: int = 1
+    strength: float | str = "auto"
+    warmup_steps: int = 10
+    solver: str = "column"
+    precision: str = "auto"
+    adapter: str = "default"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
+            raise ValueError(f"interval must be an integer >= 1 (1 = ScaLoRA, 10 = ScaLoRA-I), got {self.interval!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.strength != "auto":
+            ok = isinstance(self.strength, (int, float)) and not isinstance(self.strength, bool)
+            if not ok or not (self.strength > 0 and math.isfinite(self.strength)):
+                raise ValueError(f"strength must be a positive number or 'auto', got {self.strength!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.precision != "auto" and self.precision not in POLICY_NAMES:
+            raise ValueError(f"precision must be 'auto' or one of {POLICY_NAMES}, got {self.precision!r}")
+
+    def is_due(self, step: int) -> bool:
+        """Whether the optimizer step numbered ``step`` (0-based) is preceded by a refresh."""
+        return step >= self.warmup_steps and (step - self.warmup_steps) % self.interval == 0
+
+
+@dataclass
+class RefreshReport:
+    """What one refresh did, for logging: solver outcomes, α∘β over all columns, merged norm."""
+
+    step: int
+    solvers: Counter = field(default_factory=Counter)  # solver_used -> layers
+    reasons: Counter = field(default_factory=Counter)  # fallback / skip reason -> layers
+    alpha_beta: list = field(default_factory=list)  # one tensor of α∘β per rescaled layer
+    merged_sq_norm: float = 0.0
+
+    @property
+    def layers(self) -> int:
+        return sum(self.solvers.values())
+
+    @property
+    def scalar_fraction(self) -> float:
+        """Fraction of layers that used one scale per factor (the paper reports about 20%)."""
+        return self.solvers["scalar"] / max(1, self.layers)
+
+    @property
+    def merged_norm(self) -> float:
+        return math.sqrt(self.merged_sq_norm)
+
+
+class ScaLoRA:
+    """Refreshes the LoRA layers of a PEFT model in place; see the module docstring for the loop."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ScaLoRAConfig | None = None):
+        self.config = config or ScaLoRAConfig()
+        self.optimizer = optimizer
+        self.layers: list[AdaptedLinear] = find_adapted_linears(model, self.config.adapter)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [
+            layer.name for layer in self.layers if not {id(layer.lora_A), id(layer.lora_B)} <= in_optimizer
+        ]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not train the LoRA factors of {len(missing)} layer(s), e.g. {missing[0]}; "
+                "build it from the model's trainable parameters"
+            )
+        self.policies = {layer.name: get_policy(self.config.precision, layer.weight.dtype) for layer in self.layers}
+        self.merge_state = {layer.name: self.policies[layer.name].init_state(layer.weight) for layer in self.layers}
+        self.step = 0  # optimizer steps seen so far
+        self.totals = Counter()  # over the run: refreshes, and layers per solver / reason
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def refresh_if_due(self) -> RefreshReport | None:
+        """Call once per optimizer step, after backward and before the step. Counts the step."""
+        report = self.refresh() if self.config.is_due(self.step) else None
+        self.step += 1
+        return report
+
+    # -- the refresh --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh(self) -> RefreshReport:
+        """Rescale every adapted layer now, from the gradients currently in ``.grad``."""
+        report = RefreshReport(step=self.step)
+        for index, layer in enumerate(self.layers):
+            grad_A, grad_B = layer.grads()
+            sol = solve_scaling(
+                layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver, scale=layer.scale
+            )
+            report.solvers[sol.solver_used] += 1
+            if sol.reason:
+                report.reasons[sol.reason] += 1
+            if sol.rescaled:
+                report.merged_sq_norm += self._apply(index, layer, sol)
+                report.alpha_beta.append((sol.alpha * sol.beta).float())
+        self.totals["refreshes"] += 1
+        self.totals.update({f"solver/{k}": v for k, v in report.solvers.items()})
+        self.totals.update({f"reason/{k}": v for k, v in report.reasons.items()})
+        return report
+
+    def _apply(self, index: int, layer: AdaptedLinear, sol: ScalingSolution) -> float:
+        """Spec §4 steps 3 to 6 on one layer; returns ‖merged update‖_F²."""
+        weight = layer.weight
+        work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        delta = merge_delta(layer.A, layer.B, sol.alpha, sol.beta, layer.scale, dtype=work_dtype)
+        seed = (self.config.seed * 1_000_003 + self.step) * 10_007 + index
+        self.policies[layer.name].merge_(weight.data, layer.to_weight_layout(delta), self.merge_state[layer.name], seed=seed)
+        rescale_factors_(layer.A.data, layer.B.data, sol.alpha, sol.beta)
+        grad_B = layer.lora_A.grad
+        cross_gradients_(layer.lora_B.grad, None if grad_B is None else grad_B.T, sol.alpha, sol.beta)
+        state = self.optimizer.state
+        cross_moments_(
+            dict(state.get(layer.lora_B, {})),
+            {k: (v.T if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in state.get(layer.lora_A, {}).items()},
+            sol.alpha,
+            sol.beta,
+        )
+        return float(delta.double().pow(2).sum())
+
+    # -- what the refreshes accumulated -----------------------------------------------------------
+
+    def merged_weight(self, layer: AdaptedLinear) -> torch.Tensor:
+        """The frozen weight with everything merged into it, at the policy's full precision."""
+        return self.policies[layer.name].value(layer.weight.data, self.merge_state[layer.name])
+
+    @torch.no_grad()
+    def effective_weight(self, layer: AdaptedLinear) -> torch.Tensor:
+        """``W + s A Bᵀ`` (base weight layout) at full precision: what an exported model should carry."""
+        W = self.merged_weight(layer)
+        delta = layer.scale * (layer.A.to(W.dtype) @ layer.B.to(W.dtype).T)
+        return W + layer.to_weight_layout(delta)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "step": self.step,
+            "totals": dict(self.totals),
+            "merge_state": {k: v for k, v in self.merge_state.items() if v is not None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = ScaLoRAConfig(**state["config"])
+        if saved.precision != self.config.precision or saved.adapter != self.config.adapter:
+            raise ValueError(
+                f"checkpoint was written with precision={saved.precision!r}, adapter={saved.adapter!r}; "
+                f"this run uses precision={self.config.precision!r}, adapter={self.config.adapter!r}"
+            )
+        names = {layer.name for layer in self.layers}
+        unknown = set(state["merge_state"]) - names
+        if unknown:
+            raise ValueError(f"checkpoint has merge state for layers this model lacks: {sorted(unknown)[:3]}")
+        for name, tensor in state["merge_state"].items():
+            if self.merge_state[name] is None or self.merge_state[name].shape != tensor.shape:
+                raise ValueError(f"merge state of {name} does not match this model's layer")
+            self.merge_state[name].copy_(tensor)
+        self.step = int(state["step"])
+        self.totals = Counter(state["totals"])

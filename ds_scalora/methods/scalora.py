@@ -131,8 +131,16 @@ class ScaLoRA:
     def refresh(self) -> RefreshReport:
         """Rescale every adapted layer now, from the gradients currently in ``.grad``."""
         report = RefreshReport(step=self.step)
-        for index, layer in enumerate(self.layers):
-            grad_A, grad_B = layer.grads()
+        grads = [layer.grads() for layer in self.layers]
+        if not all(torch.isfinite(g).all() for pair in grads for g in pair):
+            # A non-finite gradient anywhere means this optimizer step is skipped (loss scaling,
+            # overflow checks) or the run is already corrupt: rescaling the other layers would only
+            # leave the factors inconsistent with a skipped step. No layer is touched.
+            report.solvers["none"] = len(self.layers)
+            report.reasons["nonfinite"] = len(self.layers)
+            self._count(report)
+            return report
+        for index, (layer, (grad_A, grad_B)) in enumerate(zip(self.layers, grads)):
             sol = solve_scaling(
                 layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver, scale=layer.scale
             )
@@ -142,10 +150,13 @@ class ScaLoRA:
             if sol.rescaled:
                 report.merged_sq_norm += self._apply(index, layer, sol)
                 report.alpha_beta.append((sol.alpha * sol.beta).float())
+        self._count(report)
+        return report
+
+    def _count(self, report: RefreshReport) -> None:
         self.totals["refreshes"] += 1
         self.totals.update({f"solver/{k}": v for k, v in report.solvers.items()})
         self.totals.update({f"reason/{k}": v for k, v in report.reasons.items()})
-        return report
 
     def _apply(self, index: int, layer: AdaptedLinear, sol: ScalingSolution) -> float:
         """Spec §4 steps 3 to 6 on one layer; returns ‖merged update‖_F²."""

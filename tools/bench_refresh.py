@@ -1,0 +1,203 @@
+"""CPU micro-benchmark of one ScaLoRA refresh on a SmolLM2-135M-shaped Llama, next to a LoRA step.
+
+Why: a refresh touches every adapted weight (a rank-r merge per layer), so its cost should be
+stated against the training step it is amortised over. This script measures both in one run.
+
+How to run (from the repository root; nothing is downloaded, the model is randomly initialised)::
+
+    PYTHONPATH=. python tools/bench_refresh.py                  # r = 4, 16, 64; bf16 and fp32 bases
+    PYTHONPATH=. python tools/bench_refresh.py --quick          # smoke test: r = 4, 2 layers, 1 repeat
+
+What is measured, per (base dtype, r):
+
+* setup (untimed): PEFT LoRA on q,k,v,o,gate,up,down (adapters in fp32), 3 AdamW steps on a
+  2 x 64 random-token batch (lora_B becomes non-zero, Adam moments exist), then one more
+  forward/backward to fill ``.grad``. Factors, gradients and moments are snapshotted.
+* total: ``ScaLoRA.refresh()`` (strength "auto"), median over repeats; the snapshot is restored
+  before each repeat, so every repeat does the same work (the base weights keep accumulating
+  merges, which does not change the cost).
+* solve / merge: the same layer-1 functions that ``refresh()`` calls, timed in separate loops over
+  the same layers, from the same restored snapshot: ``solve_scaling`` for all layers (it includes
+  ``build_problem``), then ``merge_delta`` + ``policy.merge_`` for all layers, using ScaLoRA's own
+  policies and merge state. "other" = total - solve - merge (factor rescale, crossed gradients and
+  moments, the merged-norm reduction, bookkeeping); being a difference of medians it can be noisy.
+* LoRA step: forward + backward + AdamW step on a 4 x 256 random-token batch, one untimed warm-up,
+  median over repeats. Ratio = refresh / step; amortised overhead at interval I = refresh / (I step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ds_scalora.methods import ScaLoRA, ScaLoRAConfig
+from ds_scalora.precision import get_policy
+from ds_scalora.rescale import merge_delta
+from ds_scalora.scaling import SOLVERS, solve_scaling
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+INTERVAL = 10
+
+
+def build(dtype: torch.dtype, r: int, layers: int, seed: int = 0):
+    """SmolLM2-135M shape, random init, base in ``dtype``, PEFT LoRA (fp32 adapters), AdamW."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    base = LlamaForCausalLM(config).to(dtype)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, opt
+
+
+def batch(size: int, seq: int, vocab: int = 49152) -> torch.Tensor:
+    return torch.randint(0, vocab, (size, seq))
+
+
+def train_step(model, opt, ids: torch.Tensor) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def snapshot(scalora: ScaLoRA) -> list:
+    """Clones of what a refresh mutates on the adapter side: factors, their grads, Adam moments."""
+    saved = []
+    for layer in scalora.layers:
+        for p in (layer.lora_A, layer.lora_B):
+            state = {k: v.clone() for k, v in scalora.optimizer.state[p].items() if torch.is_tensor(v)}
+            saved.append((p, p.detach().clone(), p.grad.clone(), state))
+    return saved
+
+
+def restore(scalora: ScaLoRA, saved: list) -> None:
+    for p, data, grad, state in saved:
+        p.data.copy_(data)
+        p.grad.copy_(grad)
+        for k, v in state.items():
+            scalora.optimizer.state[p][k].copy_(v)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def solve_all(scalora: ScaLoRA) -> list:
+    cfg = scalora.config
+    sols = []
+    for layer in scalora.layers:
+        grad_A, grad_B = layer.grads()
+        sols.append(solve_scaling(layer.A, layer.B, grad_A, grad_B, cfg.strength, solver=cfg.solver, scale=layer.scale))
+    return sols
+
+
+@torch.no_grad()
+def merge_all(scalora: ScaLoRA, sols: list) -> None:
+    """The merge part of ScaLoRA._apply: merge_delta + policy.merge_, for every rescaled layer."""
+    for index, (layer, sol) in enumerate(zip(scalora.layers, sols)):
+        if not sol.rescaled:
+            continue
+        work = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        delta = merge_delta(layer.A, layer.B, sol.alpha, sol.beta, layer.scale, dtype=work)
+        scalora.policies[layer.name].merge_(layer.weight.data, layer.to_weight_layout(delta),
+                                            scalora.merge_state[layer.name], seed=index)
+
+
+def bench(dtype_name: str, r: int, args) -> dict:
+    model, opt = build(DTYPES[dtype_name], r, args.layers)
+    model.train()
+    for _ in range(3):  # lora_B leaves zero, Adam moments exist
+        train_step(model, opt, batch(2, 64))
+    model(input_ids=(ids := batch(2, 64)), labels=ids).loss.backward()
+    scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0))
+    saved = snapshot(scalora)
+
+    totals, solves, merges, mix = [], [], [], Counter()
+    for _ in range(args.repeats):
+        restore(scalora, saved)
+        report = None
+
+        def run():
+            nonlocal report
+            report = scalora.refresh()
+
+        totals.append(timed(run))
+        mix = report.solvers
+        restore(scalora, saved)
+        sols = []
+        solves.append(timed(lambda: sols.extend(solve_all(scalora))))
+        merges.append(timed(lambda: merge_all(scalora, sols)))
+
+    opt.zero_grad(set_to_none=True)
+    ids = batch(4, 256)
+    train_step(model, opt, ids)  # warm-up
+    steps = [timed(lambda: train_step(model, opt, ids)) for _ in range(args.repeats)]
+
+    n = len(scalora.layers)
+    out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), solve=statistics.median(solves),
+               merge=statistics.median(merges), step=statistics.median(steps), mix=dict(mix),
+               adapted=sum(l.weight.numel() for l in scalora.layers),
+               adapter=sum(l.lora_A.numel() + l.lora_B.numel() for l in scalora.layers))
+    del model, opt, scalora, saved
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--dtype", choices=list(DTYPES), help="base weight dtype (default: both)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--solver", choices=SOLVERS, default="column")
+    parser.add_argument("--layers", type=int, default=30, help="hidden layers (SmolLM2-135M has 30)")
+    parser.add_argument("--quick", action="store_true", help="r=4, 2 hidden layers, 1 repeat: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.ranks, args.layers, args.repeats = [4], 2, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [args.dtype] if args.dtype else list(DTYPES)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, "
+          f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init; LoRA on {','.join(TARGETS)}; "
+          f"solver {args.solver}, strength auto; repeats {args.repeats} (median)")
+    start = time.perf_counter()
+    rows = [bench(d, r, args) for d in dtypes for r in args.ranks]
+    first = rows[0]
+    print(f"adapted layers: {first['layers']}; adapted parameters (sum d_out*d_in): {first['adapted']:,}")
+    print("adapter parameters: " + ", ".join(f"r={row['r']}: {row['adapter']:,}" for row in rows if row is first
+                                             or row['dtype'] == first['dtype']))
+    print()
+    print("| base | r | refresh ms | solve ms | merge ms | other ms | ms/layer | LoRA step ms | refresh/step "
+          f"| overhead I={INTERVAL} | solvers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ms = {k: 1e3 * row[k] for k in ("total", "solve", "merge", "step")}
+        ratio = row["total"] / row["step"]
+        mix = " ".join(f"{k}:{v}" for k, v in sorted(row["mix"].items()))
+        print(f"| {row['dtype']} | {row['r']} | {ms['total']:.0f} | {ms['solve']:.0f} | {ms['merge']:.0f} "
+              f"| {ms['total'] - ms['solve'] - ms['merge']:.0f} | {ms['total'] / row['layers']:.2f} "
+              f"| {ms['step']:.0f} | {ratio:.3f} | {100 * ratio / INTERVAL:.1f}% | {mix} |")
+    print()
+    for d in dtypes:
+        policy = get_policy("auto", DTYPES[d])
+        per = policy.state_bytes_per_param(DTYPES[d])
+        print(f"merge state, {d} base: policy {policy.name}, {per} B per adapted parameter, "
+              f"{per * first['adapted'] / 2**20:.1f} MiB in all")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

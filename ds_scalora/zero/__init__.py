@@ -1,0 +1,6 @@
+"""Layer 3: the DeepSpeed integration. Only ``state_access`` touches DeepSpeed internals."""
+
+from .controller import ZeroScaLoRA, attach
+from .state_access import UnsupportedConfig
+
+__all__ = ["ZeroScaLoRA", "attach", "UnsupportedConfig"]

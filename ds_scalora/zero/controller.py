@@ -1,0 +1,261 @@
+"""ScaLoRA inside a DeepSpeed engine, at ZeRO stages 0 to 3, on one node or many.
+
+The controller wraps ``engine.optimizer.step`` (an instance attribute): DeepSpeed calls it once per
+optimizer step, at the gradient-accumulation boundary, after the gradients are reduced and before the
+ZeRO step clips them, updates the fp32 masters and copies them into the model's low-precision
+weights. That is the one window where a refresh is correct (see shared/research/deepspeed-zero.md §2,
+§7). It works the same under a hand-written loop, HF Trainer and Accelerate.
+
+One refresh, for the whole model:
+
+1. every rank copies its pieces of all factors and reduced gradients into one flat fp32 buffer, and
+   **one all-reduce** assembles the full factors and gradients everywhere (the adapters are ~0.3% of
+   a model, so this is cheap);
+2. the layers are solved round-robin (layer i on rank i mod N) and **one all-reduce** of the packed
+   α, β shares them: every rank ends with bit-identical values;
+3. each rank rescales its own pieces of the fp32 masters, gradients and Adam moments (crossed), with
+   no communication, and merges into its own slice of each frozen weight through the precision
+   policy, whose high-precision state therefore lives only beside that slice (the accumulator is
+   sharded: its memory per rank shrinks with the number of ranks);
+4. ZeRO-0/1/2 keep a full replica of every frozen weight per rank: the merged slices are all-gathered
+   (in chunks) so that the replicas stay bit-identical. ZeRO-3 needs nothing more: each rank's slice
+   is its own partition.
+
+The ZeRO step that follows propagates the new masters into the low-precision weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from ..methods.adapted_layers import AdaptedLinear, find_adapted_linears
+from ..methods.scalora import RefreshReport, ScaLoRAConfig
+from ..precision import get_policy
+from ..rescale import MOMENT_POWERS, expand_column_scale, merge_delta_flat
+from ..scaling import solve_scaling
+from .state_access import ZeroAccess
+
+_SOLVERS = ("none", "column", "scalar", "nnls")
+_REASONS = (None, "negative_column_solution", "degenerate", "nonfinite")
+
+
+class ZeroScaLoRA:
+    """ScaLoRA attached to a DeepSpeed engine. Create it with :func:`ds_scalora.zero.attach`."""
+
+    def __init__(self, engine, model: torch.nn.Module, config: ScaLoRAConfig):
+        self.engine = engine
+        self.config = config
+        self.access = ZeroAccess(engine)
+        self.layers: list[AdaptedLinear] = find_adapted_linears(model, config.adapter)
+        frozen = [layer.name for layer in self.layers if not (layer.lora_A.requires_grad and layer.lora_B.requires_grad)]
+        if frozen:
+            raise ValueError(f"the LoRA factors of {frozen[0]} are not trainable; ScaLoRA needs both factors trained")
+        self.policies = [get_policy(config.precision, layer.weight.dtype) for layer in self.layers]
+        self.merge_state = [
+            policy.init_state(self.access.weight_slice(layer.weight)[0])
+            for policy, layer in zip(self.policies, self.layers)
+        ]
+        self.totals = Counter()
+        self.last_report: RefreshReport | None = None
+        self._wrap_step()
+
+    # -- the hook -------------------------------------------------------------------------------
+
+    def _wrap_step(self) -> None:
+        opt = self.engine.optimizer
+        if getattr(opt, "_ds_scalora_wrapped", False):
+            raise RuntimeError("this engine already has a ScaLoRA controller attached")
+        original = opt.step
+
+        def step(*args, **kwargs):
+            self.last_report = self.refresh() if self.config.is_due(self.engine.global_steps) else None
+            return original(*args, **kwargs)
+
+        opt.step = step
+        opt._ds_scalora_wrapped = True
+
+    # -- the refresh ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh(self) -> RefreshReport:
+        """Rescale every adapted layer now. Collective: every data-parallel rank must call it."""
+        report = RefreshReport(step=self.engine.global_steps)
+        full = self._gather_factors_and_grads()
+        if not all(torch.isfinite(t).all() for pair in full for t in pair):
+            report.solvers["none"] = len(self.layers)
+            report.reasons["nonfinite"] = len(self.layers)
+            self._count(report)
+            return report
+        solutions = self._solve_round_robin(full)
+        merged = []
+        for index, (layer, (A, B, gA, gB), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
+            report.solvers[used] += 1
+            if reason:
+                report.reasons[reason] += 1
+            if used == "none":
+                continue
+            report.merged_sq_norm += self._merge(index, layer, A, B, alpha, beta)
+            self._rescale_pieces(layer, alpha, beta)
+            report.alpha_beta.append((alpha * beta).float())
+            merged.append(layer.weight)
+        self.access.share_replica_slices(merged)
+        report.merged_sq_norm = float(self.access.all_reduce(torch.tensor([report.merged_sq_norm], dtype=torch.float64)))
+        self._count(report)
+        return report
+
+    def _gather_factors_and_grads(self):
+        """Full (A, B, grad_A, grad_B) of every layer, paper orientation, fp32: one all-reduce."""
+        sizes = [math.prod(self.access.full_shape(p)) for layer in self.layers for p in (layer.lora_B, layer.lora_A)]
+        offsets = [0]
+        for n in sizes * 2:
+            offsets.append(offsets[-1] + n)
+        total_params = offsets[len(sizes)]
+        device = self.layers[0].lora_B.device
+        buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+        for i, layer in enumerate(self.layers):
+            for j, p in enumerate((layer.lora_B, layer.lora_A)):
+                piece = self.access.piece(p)
+                if piece is None:
+                    continue
+                at = offsets[2 * i + j] + piece.start
+                buffer[at : at + piece.numel] = piece.master
+                if piece.grad is not None:
+                    g = total_params + at
+                    buffer[g : g + piece.numel] = piece.grad.float()
+        self.access.all_reduce(buffer)
+        full = []
+        for i, layer in enumerate(self.layers):
+            shapes = (self.access.full_shape(layer.lora_B), self.access.full_shape(layer.lora_A))
+            a, bt = (buffer[offsets[2 * i + j] : offsets[2 * i + j + 1]].view(shapes[j]) for j in range(2))
+            ga, gbt = (
+                buffer[total_params + offsets[2 * i + j] : total_params + offsets[2 * i + j + 1]].view(shapes[j])
+                for j in range(2)
+            )
+            full.append((a, bt.T, ga, gbt.T))
+        return full
+
+    def _solve_round_robin(self, full):
+        """Layer i is solved on rank i mod N; one all-reduce shares the packed results."""
+        rank, world = self.access.rank, self.access.world
+        widths = [2 * A.shape[1] + 1 for A, _, _, _ in full]
+        packed = torch.zeros(sum(widths), dtype=torch.float64, device=full[0][0].device)
+        at = 0
+        for i, ((A, B, gA, gB), layer) in enumerate(zip(full, self.layers)):
+            if i % world == rank:
+                sol = solve_scaling(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=layer.scale)
+                r = A.shape[1]
+                packed[at : at + r] = sol.alpha
+                packed[at + r : at + 2 * r] = sol.beta
+                packed[at + 2 * r] = _SOLVERS.index(sol.solver_used) * 10 + _REASONS.index(sol.reason)
+            at += widths[i]
+        self.access.all_reduce(packed)
+        out, at = [], 0
+        for A, _, _, _ in full:
+            r = A.shape[1]
+            code = int(packed[at + 2 * r])
+            out.append((packed[at : at + r].clone(), packed[at + r : at + 2 * r].clone(), _SOLVERS[code // 10], _REASONS[code % 10]))
+            at += 2 * r + 1
+        return out
+
+    def _merge(self, index: int, layer: AdaptedLinear, A, B, alpha, beta) -> float:
+        """Merge into this rank's slice of the frozen weight; returns the slice's ‖delta‖²."""
+        target, start = self.access.weight_slice(layer.weight)
+        dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
+        delta = merge_delta_flat(A, B, alpha, beta, layer.scale, start, target.numel(), layer.fan_in_fan_out, dtype)
+        seed = ((self.config.seed * 1_000_003 + self.engine.global_steps) * 10_007 + index) * 65_537 + self.access.rank
+        state = self.merge_state[index]
+        self.policies[index].merge_(target, delta.to(target.device), state, seed=seed)
+        return float(delta.double().pow(2).sum())
+
+    def _rescale_pieces(self, layer: AdaptedLinear, alpha, beta) -> None:
+        """Scale this rank's pieces of masters, gradients and moments (spec §4 steps 4 to 6, crossed)."""
+        # lora_B is the paper's A (columns scaled by α, gradients/moments by β); lora_A = Bᵀ (rows by β / α)
+        for p, axis, own, crossed in ((layer.lora_B, 1, alpha, beta), (layer.lora_A, 0, beta, alpha)):
+            piece = self.access.piece(p)
+            if piece is None:
+                continue
+            shape = self.access.full_shape(p)
+            k_own = expand_column_scale(own.to(piece.master.device), shape, axis, piece.start, piece.numel)
+            k_cross = expand_column_scale(crossed.to(piece.master.device), shape, axis, piece.start, piece.numel)
+            piece.master.mul_(k_own.to(piece.master.dtype))
+            if piece.grad is not None:
+                piece.grad.mul_(k_cross.to(piece.grad.dtype))
+            for name, t in piece.moments.items():
+                if name not in MOMENT_POWERS:
+                    raise ValueError(
+                        f"optimizer state {name!r} has no known rule under column rescaling; "
+                        f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
+                    )
+                t.mul_(k_cross.to(t.dtype) ** MOMENT_POWERS[name])
+
+    def _count(self, report: RefreshReport) -> None:
+        self.totals["refreshes"] += 1
+        self.totals.update({f"solver/{k}": v for k, v in report.solvers.items()})
+        self.totals.update({f"reason/{k}": v for k, v in report.reasons.items()})
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The replicated part of the state (goes into ``client_state``); merge states are per rank."""
+        return {"config": asdict(self.config), "totals": dict(self.totals), "world": self.access.world}
+
+    def local_state_dict(self) -> dict:
+        return {"rank": self.access.rank, "world": self.access.world, "kind": self.access.kind,
+                "merge_state": [s for s in self.merge_state]}
+
+    def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:
+        """``engine.save_checkpoint`` plus this rank's merge-state shard, written beside it."""
+        if kwargs.get("exclude_frozen_parameters"):
+            raise ValueError("exclude_frozen_parameters=True would drop the merged weights from the checkpoint")
+        client_state = dict(client_state or {})
+        client_state["ds_scalora"] = self.state_dict()
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, **kwargs)
+        tag = tag if tag is not None else f"global_step{self.engine.global_steps}"
+        path = os.path.join(save_dir, str(tag), f"ds_scalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
+        tmp = path + ".tmp"
+        torch.save(self.local_state_dict(), tmp)
+        os.replace(tmp, path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
+        """``engine.load_checkpoint`` plus this rank's merge-state shard; returns what the engine returns."""
+        path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+        if path is None:
+            return path, client_state
+        saved = (client_state or {}).get("ds_scalora")
+        if saved is None:
+            raise ValueError(f"checkpoint {path} has no ds_scalora state: it was not written by ZeroScaLoRA.save_checkpoint")
+        if saved["world"] != self.access.world:
+            raise ValueError(
+                f"checkpoint {path} was written at {saved['world']} data-parallel ranks, this run has "
+                f"{self.access.world}: convert it first (tools/convert.py) or resume at the same world size"
+            )
+        shard = os.path.join(os.path.dirname(path) if os.path.isfile(path) else path,
+                             f"ds_scalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"missing ScaLoRA merge-state shard {shard}: the checkpoint is incomplete")
+        local = torch.load(shard, map_location="cpu", weights_only=True)
+        for mine, theirs in zip(self.merge_state, local["merge_state"]):
+            if mine is not None:
+                mine.copy_(theirs)
+        self.totals = Counter(saved["totals"])
+        return path, client_state
+
+
+def attach(engine, model: torch.nn.Module | None = None, config: ScaLoRAConfig | None = None, **options) -> ZeroScaLoRA:
+    """Attach ScaLoRA to a DeepSpeed engine built from a PEFT LoRA model; returns the controller.
+
+    ``options`` are :class:`ScaLoRAConfig` fields (``interval=10``, ``strength="auto"``, ...). The
+    engine must have been built with a stock optimizer (``torch.optim.AdamW``) over the LoRA factors.
+    """
+    if config is not None and options:
+        raise ValueError("pass either config or keyword options, not both")
+    config = config or ScaLoRAConfig(**options)
+    return ZeroScaLoRA(engine, model if model is not None else engine.module, config)

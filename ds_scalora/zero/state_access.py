@@ -1,0 +1,215 @@
+"""Where ScaLoRA's tensors live inside a DeepSpeed engine: the only module that reads its internals.
+
+Tested against deepspeed==0.19.8 (pinned in pyproject.toml). The rest of the package sees a narrow
+surface, in the spirit of ``deepspeed/utils/tensor_fragment.py``:
+
+* :meth:`ZeroAccess.piece` — this rank's piece of a trainable parameter: which flat elements of the
+  full parameter it holds, and writable views of their fp32 master, reduced gradient and optimizer
+  moments. The pieces of all ranks tile the parameter.
+* :meth:`ZeroAccess.weight_slice` — the slice of a frozen weight this rank merges into: its ZeRO-3
+  partition, or (ZeRO-0/1/2, where every rank holds a full replica) an equal 1/N share, after which
+  :meth:`ZeroAccess.share_replica_slices` all-gathers the shares so every replica ends bit-identical.
+* :meth:`ZeroAccess.all_reduce` over the data-parallel group.
+
+Layouts handled: DeepSpeed's ZeRO-1/2 optimizer and ``BF16_Optimizer`` (flat fp32 partitions linked to
+parameters through ``param._hp_mapping``), ZeRO-3 (``param.ds_tensor`` shards and flat fp32
+sub-groups), and a plain torch optimizer (ZeRO disabled, fp32). The window in which reduced gradients
+exist is after the boundary backward and before the ZeRO step: every method here is meant to be called
+from inside the wrapped ``engine.optimizer.step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SUPPORTED_DEEPSPEED = "0.19.8"
+
+
+@dataclass
+class Piece:
+    """Elements ``[start, start + numel)`` of a flattened trainable parameter, held by this rank."""
+
+    start: int
+    numel: int
+    master: torch.Tensor  # fp32 view, 1-D
+    grad: torch.Tensor | None  # view of the reduced gradient (fp32 or the gradient dtype), 1-D
+    moments: dict  # state name -> 1-D view; empty before the first optimizer step
+
+
+class UnsupportedConfig(ValueError):
+    """A DeepSpeed configuration ScaLoRA refuses rather than mis-train."""
+
+
+class ZeroAccess:
+    def __init__(self, engine):
+        import deepspeed
+
+        if deepspeed.__version__ != SUPPORTED_DEEPSPEED:
+            raise UnsupportedConfig(
+                f"ds_scalora's ZeRO integration is tested with deepspeed=={SUPPORTED_DEEPSPEED}, found "
+                f"{deepspeed.__version__}; install the pinned version (pip install deepspeed=={SUPPORTED_DEEPSPEED})"
+            )
+        self.engine = engine
+        self.opt = engine.optimizer
+        self.stage = engine.zero_optimization_stage()
+        _refuse_unsupported(engine)
+        if self.stage == 3:
+            self.kind = "zero3"
+            self.group = self.opt.dp_process_group
+        elif hasattr(self.opt, "single_partition_of_fp32_groups") or hasattr(self.opt, "fp32_groups_flat_partition"):
+            self.kind = "fragments"  # ZeRO-1/2 or BF16_Optimizer
+            self.group = self.opt.dp_process_group
+        elif isinstance(self.opt, torch.optim.Optimizer):
+            self.kind = "plain"
+            self.group = engine.data_parallel_group if dist.is_initialized() else None
+        else:
+            raise UnsupportedConfig(
+                f"unsupported DeepSpeed optimizer wrapper {type(self.opt).__name__} (ZeRO disabled with fp16?); "
+                "use ZeRO stage 1-3, or bf16/fp32"
+            )
+        distributed = dist.is_initialized()
+        self.rank = dist.get_rank(group=self.group) if distributed else 0
+        self.world = dist.get_world_size(group=self.group) if distributed else 1
+
+    # -- trainable parameters -------------------------------------------------------------------
+
+    def piece(self, p: torch.nn.Parameter) -> Piece | None:
+        """This rank's piece of ``p``, or None when the rank holds none of it."""
+        if self.kind == "plain":
+            state = self.opt.state.get(p, {})
+            moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+            return Piece(0, p.numel(), p.data.view(-1), None if p.grad is None else p.grad.view(-1), moments)
+        if self.kind == "fragments":
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                return None
+            addr = mapping.lp_fragment_address
+            grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
+            if grad.numel() == p.numel() and grad.numel() != addr.numel:
+                grad = grad.narrow(0, addr.start, addr.numel)  # BF16_Optimizer keeps full gradients
+            flat = self.opt.optimizer.param_groups[mapping.param_group_index]["params"][0]
+            hp = mapping.hp_fragment_address
+            state = self.opt.optimizer.state.get(flat, {})
+            moments = {
+                k: v.narrow(0, hp.start, hp.numel)
+                for k, v in state.items()
+                if torch.is_tensor(v) and v.shape == flat.shape
+            }
+            return Piece(addr.start, addr.numel, mapping.hp_fragment, grad, moments)
+        # ZeRO-3: the partition of rank k covers flat elements [k·n, (k+1)·n), the last one padded
+        group_idx, offset, n = self.opt.grad_position[self.opt.get_param_id(p)]
+        start = n * self.rank
+        valid = max(0, min(n, p.ds_numel - start))
+        if valid == 0:
+            return None
+        flat = self.opt.fp32_partitioned_groups_flat[group_idx]
+        state = self.opt.optimizer.state.get(flat, {})
+        moments = {
+            k: v.narrow(0, offset, valid) for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape
+        }
+        grad = self.opt.get_local_fp32_grad_for_param(p).narrow(0, 0, valid)
+        return Piece(start, valid, flat.narrow(0, offset, valid), grad, moments)
+
+    def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
+        return p.ds_shape if self.kind == "zero3" else p.shape
+
+    # -- frozen weights -------------------------------------------------------------------------
+
+    def weight_slice(self, W: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+        """(flat view this rank merges into, its first element in the flattened full weight)."""
+        if self.kind == "zero3":
+            n = W.ds_tensor.ds_numel
+            start = n * self.rank
+            valid = max(0, min(n, W.ds_numel - start))
+            return W.ds_tensor.data.view(-1).narrow(0, 0, valid), start
+        chunk = -(-W.numel() // self.world)
+        start = min(chunk * self.rank, W.numel())
+        return W.data.view(-1)[start : start + chunk], start
+
+    def weight_numel(self, W: torch.nn.Parameter) -> int:
+        return W.ds_numel if self.kind == "zero3" else W.numel()
+
+    def weight_shape(self, W: torch.nn.Parameter) -> torch.Size:
+        return W.ds_shape if self.kind == "zero3" else W.shape
+
+    @property
+    def replicated_weights(self) -> bool:
+        """Whether every rank holds a full replica of the frozen weights (ZeRO-0/1/2)."""
+        return self.kind != "zero3"
+
+    def share_replica_slices(self, weights: list, max_bytes: int = 256 << 20) -> None:
+        """All-gather each rank's merged 1/N share of every replica, in chunks of at most ``max_bytes``.
+
+        After this, every rank's replicas are bit-identical copies of the owners' shares.
+        """
+        if not self.replicated_weights or self.world == 1:
+            return
+        batch, size = [], 0
+        for W in weights:
+            chunk = -(-W.numel() // self.world)
+            if batch and size + chunk * W.element_size() * self.world > max_bytes:
+                self._gather_shares(batch)
+                batch, size = [], 0
+            batch.append(W)
+            size += chunk * W.element_size() * self.world
+        if batch:
+            self._gather_shares(batch)
+
+    def _gather_shares(self, weights: list) -> None:
+        chunks = [-(-W.numel() // self.world) for W in weights]
+        dtype = weights[0].dtype
+        if any(W.dtype != dtype for W in weights):
+            for W in weights:
+                self._gather_shares([W])
+            return
+        send = torch.zeros(sum(chunks), dtype=dtype, device=weights[0].device)
+        offset = 0
+        for W, chunk in zip(weights, chunks):
+            own, _ = self.weight_slice(W)
+            send[offset : offset + own.numel()] = own
+            offset += chunk
+        recv = torch.empty(self.world * send.numel(), dtype=dtype, device=send.device)
+        dist.all_gather_into_tensor(recv, send, group=self.group)
+        recv = recv.view(self.world, -1)
+        offset = 0
+        for W, chunk in zip(weights, chunks):
+            flat = W.data.view(-1)
+            for k in range(self.world):
+                lo = min(k * chunk, flat.numel())
+                hi = min(lo + chunk, flat.numel())
+                flat[lo:hi] = recv[k, offset : offset + hi - lo]
+            offset += chunk
+
+    # -- communication --------------------------------------------------------------------------
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def step_was_skipped(self) -> bool:
+        return bool(getattr(self.opt, "overflow", False))
+
+
+def _refuse_unsupported(engine) -> None:
+    """Configurations whose state this module cannot reach correctly are refused at start-up."""
+    zc = engine._config.zero_config
+    problems = []
+    if getattr(zc, "offload_param", None) is not None and str(zc.offload_param.device).lower() not in ("none",):
+        problems.append("parameter offload (zero_optimization.offload_param)")
+    if getattr(zc, "offload_optimizer", None) is not None and str(zc.offload_optimizer.device).lower() not in ("none",):
+        problems.append("optimizer offload (zero_optimization.offload_optimizer)")
+    if getattr(zc, "zero_hpz_partition_size", 1) > 1:
+        problems.append("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)")
+    if getattr(zc, "zero_quantized_nontrainable_weights", False):
+        problems.append("quantized non-trainable weights (zero_quantized_nontrainable_weights)")
+    if getattr(zc, "mics_shard_size", -1) > 0:
+        problems.append("MiCS sharding (mics_shard_size)")
+    if problems:
+        raise UnsupportedConfig(
+            "ScaLoRA cannot run with " + "; ".join(problems) + ": the merged weights or optimizer moments "
+            "would not be reachable where the refresh needs them. Remove these options from the DeepSpeed config."
+        )

@@ -202,51 +202,66 @@ class ZeroScaLoRA:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The replicated part of the state (goes into ``client_state``); merge states are per rank."""
-        return {"config": asdict(self.config), "totals": dict(self.totals), "world": self.access.world}
+        """The replicated part of the state; it goes into ``client_state`` and into every shard file."""
+        return {"config": asdict(self.config), "totals": dict(self.totals), "world": self.access.world,
+                "layers": [layer.name for layer in self.layers]}
 
-    def local_state_dict(self) -> dict:
-        return {"rank": self.access.rank, "world": self.access.world, "kind": self.access.kind,
-                "merge_state": [s for s in self.merge_state]}
+    def shard_path(self, tag_dir: str) -> str:
+        return os.path.join(tag_dir, f"ds_scalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
+
+    def save_shard(self, tag_dir: str) -> None:
+        """Write this rank's merge-state shard into a checkpoint's tag directory (atomic rename)."""
+        path = self.shard_path(tag_dir)
+        torch.save({**self.state_dict(), "rank": self.access.rank, "merge_state": self.merge_state}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_shard(self, tag_dir: str) -> None:
+        """Restore this rank's merge-state shard and the counters from a checkpoint's tag directory."""
+        path = self.shard_path(tag_dir)
+        if not os.path.isfile(path):
+            others = sorted(f for f in os.listdir(tag_dir) if f.startswith("ds_scalora_rank")) if os.path.isdir(tag_dir) else []
+            if others:
+                raise ValueError(
+                    f"{tag_dir} holds ScaLoRA shards for another world size ({others[0]}); this run has "
+                    f"{self.access.world} data-parallel ranks: resume at the same world size or convert the checkpoint"
+                )
+            raise FileNotFoundError(f"missing ScaLoRA merge-state shard {path}: the checkpoint is incomplete")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["layers"] != [layer.name for layer in self.layers]:
+            raise ValueError(f"{path} was written for different adapted layers than this model has")
+        for mine, theirs in zip(self.merge_state, saved["merge_state"]):
+            if (mine is None) != (theirs is None) or (mine is not None and mine.shape != theirs.shape):
+                raise ValueError(f"{path}: merge state does not match this run's precision policy or sharding")
+            if mine is not None:
+                mine.copy_(theirs)
+        self.totals = Counter(saved["totals"])
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:
         """``engine.save_checkpoint`` plus this rank's merge-state shard, written beside it."""
         if kwargs.get("exclude_frozen_parameters"):
             raise ValueError("exclude_frozen_parameters=True would drop the merged weights from the checkpoint")
-        client_state = dict(client_state or {})
-        client_state["ds_scalora"] = self.state_dict()
+        tag = str(tag if tag is not None else f"global_step{self.engine.global_steps}")
+        client_state = {**(client_state or {}), "ds_scalora": self.state_dict()}
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, **kwargs)
-        tag = tag if tag is not None else f"global_step{self.engine.global_steps}"
-        path = os.path.join(save_dir, str(tag), f"ds_scalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
-        tmp = path + ".tmp"
-        torch.save(self.local_state_dict(), tmp)
-        os.replace(tmp, path)
-        if dist.is_initialized():
-            dist.barrier()
+        self.save_shard(os.path.join(save_dir, tag))
 
     def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
         """``engine.load_checkpoint`` plus this rank's merge-state shard; returns what the engine returns."""
+        tag = tag if tag is not None else _latest_tag(load_dir)
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
-        if path is None:
-            return path, client_state
-        saved = (client_state or {}).get("ds_scalora")
-        if saved is None:
-            raise ValueError(f"checkpoint {path} has no ds_scalora state: it was not written by ZeroScaLoRA.save_checkpoint")
-        if saved["world"] != self.access.world:
-            raise ValueError(
-                f"checkpoint {path} was written at {saved['world']} data-parallel ranks, this run has "
-                f"{self.access.world}: convert it first (tools/convert.py) or resume at the same world size"
-            )
-        shard = os.path.join(os.path.dirname(path) if os.path.isfile(path) else path,
-                             f"ds_scalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
-        if not os.path.isfile(shard):
-            raise FileNotFoundError(f"missing ScaLoRA merge-state shard {shard}: the checkpoint is incomplete")
-        local = torch.load(shard, map_location="cpu", weights_only=True)
-        for mine, theirs in zip(self.merge_state, local["merge_state"]):
-            if mine is not None:
-                mine.copy_(theirs)
-        self.totals = Counter(saved["totals"])
+        if path is not None:
+            self.load_shard(os.path.join(load_dir, str(tag)))
         return path, client_state
+
+
+def _latest_tag(load_dir: str) -> str:
+    latest = os.path.join(load_dir, "latest")
+    if not os.path.isfile(latest):
+        raise FileNotFoundError(f"{load_dir} has no 'latest' file: pass the checkpoint tag explicitly")
+    with open(latest) as f:
+        return f.read().strip()
 
 
 def attach(engine, model: torch.nn.Module | None = None, config: ScaLoRAConfig | None = None, **options) -> ZeroScaLoRA:

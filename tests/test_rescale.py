@@ -1,0 +1,57 @@
+"""The rescale step's functions against autograd and dense references (float64)."""
+
+import torch
+
+from ds_scalora.rescale import (
+    cross_gradients_,
+    expand_column_scale,
+    merge_delta,
+    merge_delta_flat,
+    rescale_factors_,
+)
+
+F64 = torch.float64
+
+
+def test_rewrite_preserves_effective_weight_and_crosses_gradients():
+    """W + sABᵀ is unchanged by merge + rescale; autograd at the new factors equals the crossed grads."""
+    g = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(s, dtype=F64, generator=g) for s in ((9, 7), (9, 3), (7, 3)))
+    target = torch.randn(9, 7, dtype=F64, generator=g)
+    s = 0.8
+    alpha, beta = torch.rand(3, dtype=F64, generator=g) + 0.1, torch.rand(3, dtype=F64, generator=g) + 0.1
+
+    def loss(W, A, B):
+        return ((W + s * A @ B.T - target) ** 3).sum()  # anything non-quadratic
+
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    loss(W, A, B).backward()
+    gA, gB = A.grad.clone(), B.grad.clone()
+    with torch.no_grad():
+        W2 = W + merge_delta(A, B, alpha, beta, s, dtype=F64)
+        A2, B2 = A.detach().clone(), B.detach().clone()
+        rescale_factors_(A2, B2, alpha, beta)
+        torch.testing.assert_close(W2 + s * A2 @ B2.T, W + s * A @ B.T, rtol=1e-13, atol=1e-13)
+    cross_gradients_(gA, gB, alpha, beta)
+    A2.requires_grad_(True)
+    B2.requires_grad_(True)
+    loss(W2, A2, B2).backward()
+    torch.testing.assert_close(A2.grad, gA, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(B2.grad, gB, rtol=1e-10, atol=1e-12)
+
+
+def test_flat_pieces_tile_the_dense_versions():
+    """A shard of the merge delta / of a column scaling equals the same slice of the dense result."""
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(11, 4, dtype=F64, generator=g), torch.randn(6, 4, dtype=F64, generator=g)
+    alpha, beta = torch.rand(4, dtype=F64, generator=g), torch.rand(4, dtype=F64, generator=g)
+    dense = merge_delta(A, B, alpha, beta, 0.5, dtype=F64)
+    for transpose, full in ((False, dense.reshape(-1)), (True, dense.T.reshape(-1))):
+        pieces = [merge_delta_flat(A, B, alpha, beta, 0.5, start, n, transpose, F64) for start, n in ((0, 13), (13, 40), (53, 13))]
+        torch.testing.assert_close(torch.cat(pieces), full, rtol=1e-14, atol=1e-14)
+    k = torch.rand(4, dtype=F64, generator=g)
+    M = torch.randn(11, 4, dtype=F64, generator=g)  # like lora_B: columns scaled
+    assert torch.equal(expand_column_scale(k, (11, 4), 1, 5, 30) * M.reshape(-1)[5:35], (M * k).reshape(-1)[5:35])
+    N = torch.randn(4, 6, dtype=F64, generator=g)  # like lora_A: rows scaled
+    assert torch.equal(expand_column_scale(k, (4, 6), 0, 7, 10) * N.reshape(-1)[7:17], (N * k[:, None]).reshape(-1)[7:17])

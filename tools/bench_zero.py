@@ -1,0 +1,206 @@
+"""Cost of ScaLoRA under DeepSpeed, measured side by side with plain LoRA in one run.
+
+    python tools/bench_zero.py [--ranks 1 2 4] [--stage 2] [--dtype bf16] [--hidden 512 --layers 4 --r 16]
+                               [--steps 20] [--quick]
+
+The driver launches itself with ``deepspeed --num_gpus N`` for each N (``DS_ACCELERATOR=cpu`` is set
+when no GPU is present) and prints one table. Each launch builds two engines from the same random-init
+Llama shape with PEFT LoRA on all block linears: plain LoRA and ScaLoRA (same DeepSpeed config, same
+data), and measures
+
+* per refresh: payload bytes this rank hands to collectives (counted by wrapping
+  ``torch.distributed`` during the refresh), the ring-model bytes each rank sends (all-reduce
+  2(N−1)/N, all-gather (N−1)/N of the payload), and the time, against the size of the adapters;
+* step time of LoRA, ScaLoRA-I (I=10) and ScaLoRA (I=1), timed in interleaved blocks, as ratios to LoRA;
+* memory: ScaLoRA's persistent extra state per rank (the precision policy's shard of the merge
+  accumulator) in bytes per adapted parameter, its largest transient buffer, and on a GPU the peak
+  allocated memory of each engine's steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def worker(a) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_scalora.zero import attach
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = torch.cuda.is_available()
+
+    def build(method_interval):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=1024, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3 // 64 * 64,
+                          num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
+                          num_key_value_heads=max(1, a.hidden // 256), max_position_embeddings=a.seq)
+        model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
+            r=a.r, lora_alpha=2 * a.r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        conf = {"train_micro_batch_size_per_gpu": a.micro_batch, "gradient_accumulation_steps": 1,
+                "gradient_clipping": 1.0, "zero_optimization": {"stage": a.stage},
+                "bf16": {"enabled": a.dtype == "bf16"}, "steps_per_print": 10**9}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-4), config=conf)
+        ctl = attach(engine, model, interval=method_interval, warmup_steps=1) if method_interval else None
+        return engine, ctl
+
+    g = torch.Generator().manual_seed(rank)
+    batch = {"input_ids": torch.randint(0, 1024, (a.micro_batch, a.seq), generator=g)}
+    batch["labels"] = batch["input_ids"].clone()
+
+    def step(engine):
+        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        engine.step()
+
+    engines = {"lora": build(None), "scalora_i10": build(10), "scalora_i1": build(1)}
+    for engine, _ in engines.values():  # warm up: first steps allocate optimizer state
+        for _ in range(2):
+            step(engine)
+
+    # -- one refresh, with the collectives counted --------------------------------------------
+    engine, ctl = engines["scalora_i1"]
+    counted = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_into_tensor", "broadcast")}
+
+    def counting(name):
+        def wrapper(tensor_or_out, *args, **kwargs):
+            t = args[0] if name == "all_gather_into_tensor" else tensor_or_out  # the local input
+            counted.append((name, t.numel() * t.element_size()))
+            return originals[name](tensor_or_out, *args, **kwargs)
+        return wrapper
+
+    refresh_times = []
+    for _ in range(a.repeats):
+        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        counted.clear()
+        for name in originals:
+            setattr(dist, name, counting(name))
+        try:
+            dist.barrier()
+            t0 = time.perf_counter()
+            ctl.refresh()
+            if cuda:
+                torch.cuda.synchronize()
+            refresh_times.append(time.perf_counter() - t0)
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+        ctl.config.warmup_steps = 10**9  # the step below must not refresh again
+        engine.step()
+        ctl.config.warmup_steps = 1
+    payload = sum(b for _, b in counted)
+    ring = {"all_reduce": 2 * (world - 1) / world, "all_gather_into_tensor": (world - 1) / world, "broadcast": 1.0}
+    wire = sum(b * ring[n] for n, b in counted) if world > 1 else 0.0
+    adapter_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for l in ctl.layers for p in (l.lora_A, l.lora_B)) * 4
+    adapted_params = sum(ctl.access.weight_numel(l.weight) for l in ctl.layers)
+    state_bytes = sum(0 if s is None else s.numel() * s.element_size() for s in ctl.merge_state)
+
+    # -- step times, interleaved blocks ---------------------------------------------------------
+    times = {name: [] for name in engines}
+    peaks = {}
+    for _ in range(a.blocks):
+        for name, (engine, _) in engines.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step(engine)
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[name] = torch.cuda.max_memory_allocated()
+            times[name].append((time.perf_counter() - t0) / a.steps)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    if rank == 0:
+        out = {"world": world, "collectives": len(counted), "payload_bytes": payload, "wire_bytes": wire,
+               "refresh_s": statistics.median(refresh_times), "adapter_bytes": adapter_bytes,
+               "adapted_params_total": adapted_params, "state_bytes_rank": state_bytes,
+               "gather_buffer_bytes": 2 * adapter_bytes, "step_s": med, "peak_bytes": peaks,
+               "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
+        with open(a.out, "w") as f:
+            json.dump(out, f)
+
+
+def driver(a) -> None:
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    for n in a.ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "r.json")
+            cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29600 + n), __file__, "--worker", "--out", out]
+            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in WORKER_ARGS]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"launch at {n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            with open(out) as f:
+                rows.append(json.load(f))
+            print(f"  {n} rank(s) done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    r0 = rows[0]
+    print(f"\nshape: hidden {a.hidden}, {a.layers} layers, r={a.r}, ZeRO-{a.stage}, {a.dtype}, micro-batch {a.micro_batch} x seq {a.seq}; "
+          f"device: {r0['device']}")
+    print(f"adapters: {r0['adapter_bytes'] / 2**20:.2f} MiB fp32; adapted frozen weights: {r0['adapted_params_total'] / 1e6:.1f} M params\n")
+    print("| ranks | collectives/refresh | payload MiB/rank | sent MiB/rank (ring) | sent / adapter size | refresh ms "
+          "| LoRA step ms | ScaLoRA-I (I=10) / LoRA | ScaLoRA (I=1) / LoRA | merge state B/adapted param/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["step_s"]
+        print(f"| {r['world']} | {r['collectives']} | {r['payload_bytes'] / 2**20:.2f} | {r['wire_bytes'] / 2**20:.2f} "
+              f"| {r['wire_bytes'] / r['adapter_bytes']:.2f} | {1e3 * r['refresh_s']:.1f} | {1e3 * s['lora']:.1f} "
+              f"| {s['scalora_i10'] / s['lora']:.3f} | {s['scalora_i1'] / s['lora']:.3f} "
+              f"| {r['state_bytes_rank'] / r['adapted_params_total']:.2f} |")
+    if any(r["peak_bytes"] for r in rows):
+        print("\npeak GPU memory per rank (GiB): " + "; ".join(
+            f"{r['world']} ranks: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r["peak_bytes"].items()) for r in rows))
+    print("\nmerge state: the precision policy's accumulator, sharded over ranks (fp32_residual: 4 B per adapted "
+          f"parameter for bf16 weights, divided by the number of ranks); transient: the gather buffer, "
+          f"{r0['gather_buffer_bytes'] / 2**20:.2f} MiB (2 x the adapters in fp32), and at most 256 MiB of replica shares.")
+
+
+WORKER_ARGS = ("stage", "dtype", "hidden", "layers", "r", "seq", "micro_batch", "steps", "blocks", "repeats")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--blocks", type=int, default=3, help="interleaved timed blocks per method")
+    p.add_argument("--repeats", type=int, default=3, help="timed refreshes")
+    p.add_argument("--quick", action="store_true", help="1 and 2 ranks, a tiny shape, few steps")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.quick:
+        a.ranks, a.hidden, a.layers, a.r, a.seq, a.steps, a.blocks, a.repeats = [1, 2], 128, 2, 4, 32, 3, 1, 1
+    worker(a) if a.worker else driver(a)
+
+
+if __name__ == "__main__":
+    main()

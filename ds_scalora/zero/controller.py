@@ -194,6 +194,17 @@ class ZeroScaLoRA:
                     )
                 t.mul_(k_cross.to(t.dtype) ** MOMENT_POWERS[name])
 
+    @torch.no_grad()
+    def full_merged_weight(self, layer: AdaptedLinear) -> torch.Tensor:
+        """The whole frozen weight with everything merged into it, at the policy's full precision
+        (fp32, or fp64 for fp64 weights), assembled from every rank's slice. Collective."""
+        index = self.layers.index(layer)
+        target, start = self.access.weight_slice(layer.weight)
+        value = self.policies[index].value(target, self.merge_state[index])
+        full = torch.zeros(self.access.weight_numel(layer.weight), dtype=value.dtype, device=value.device)
+        full[start : start + value.numel()] = value  # each rank contributes only its own slice
+        return self.access.all_reduce(full).view(self.access.weight_shape(layer.weight))
+
     def _count(self, report: RefreshReport) -> None:
         self.totals["refreshes"] += 1
         self.totals.update({f"solver/{k}": v for k, v in report.solvers.items()})

@@ -1,0 +1,216 @@
+"""Launch ``zero_worker.py`` under the DeepSpeed launcher on this machine (CPU accelerator, gloo).
+
+* ``run_deepspeed(num_ranks, args, tmp_path, timeout)``: one launcher,
+  ``deepspeed --num_gpus N --master_port <free> tests/distributed/zero_worker.py <args> --out <tmp>/...``.
+* ``run_deepspeed_two_nodes(ranks_per_node, args, tmp_path, timeout, launcher=...)``: two launcher
+  processes that rendezvous over loopback as two "nodes" (node_rank 0 and 1), no ssh/pdsh:
+
+  - ``launcher="deepspeed"`` (default): each node runs
+    ``deepspeed --hostfile H --no_ssh --node_rank R --master_addr 127.0.0.1 --master_port P worker ...``
+    with ``H`` = ``node0 slots=n`` / ``node1 slots=n`` (names are only dictionary keys: never resolved,
+    never ssh'ed). ``--no_ssh`` makes runner.py skip the ssh check and the PDSH runner and exec
+    ``python -m deepspeed.launcher.launch --world_info=<b64> --node_rank=R ...`` locally; launch.py
+    gives node R the global ranks R*n .. R*n+n-1, ``WORLD_SIZE=2n``, ``CROSS_RANK=R``, ``CROSS_SIZE=2``.
+    Without ``--no_ssh`` the runner ssh-checks the first host; without a hostfile ``--num_nodes 2``
+    raises "Num nodes is >1 but no extra nodes available via hostfile".
+  - ``launcher="launch"``: the same low-level ``python -m deepspeed.launcher.launch`` command with a
+    hand-made ``--world_info`` (base64 JSON ``{"node0": [0..n-1], "node1": [0..n-1]}``).
+  - ``launcher="torchrun"``: ``python -m torch.distributed.run --nnodes 2 --node_rank R
+    --nproc_per_node n --master_addr 127.0.0.1 --master_port P worker ...`` (static c10d rendezvous;
+    ``deepspeed.init_distributed`` picks up RANK/WORLD_SIZE/MASTER_* from the environment).
+
+Each call returns the dictionary rank 0 wrote (see ``reference.py``), or raises ``LaunchError`` with
+the command and the tail of the log. The environment gets ``DS_ACCELERATOR=cpu`` and, unless already
+set, ``OMP_NUM_THREADS=1`` (the ranks share the machine's cores).
+
+CLI (for debugging)::
+
+    python tests/distributed/launch.py --ranks 2 [--two-nodes deepspeed|launch|torchrun] -- --stage 2 --steps 6 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+WORKER = HERE / "zero_worker.py"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = os.environ.copy()
+    env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("LOCAL_SIZE", None)  # the launcher sets it per node
+    return env
+
+
+def _tail(path: Path, lines: int = 80) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "<no log>"
+    return "\n".join(text[-lines:])
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Terminate the launcher and the ranks it spawned (its own process group)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _with_out(args, out: Path) -> list[str]:
+    args = [str(a) for a in args]
+    if "--out" in args:
+        raise ValueError("run_* sets --out itself")
+    return args + ["--out", str(out)]
+
+
+def _run_all(cmds: list[list[str]], logs: list[Path], out: Path, timeout: float) -> dict:
+    """Start every command (each in its own session), wait for all, load ``out``."""
+    env = _env()
+    procs, files = [], []
+    t0 = time.perf_counter()
+    try:
+        for cmd, log in zip(cmds, logs):
+            f = open(log, "w")
+            files.append(f)
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            procs.append(
+                subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+        failed = None
+        for proc, log in zip(procs, logs):
+            left = max(1.0, timeout - (time.perf_counter() - t0))
+            try:
+                rc = proc.wait(left)
+            except subprocess.TimeoutExpired:
+                failed = (log, f"timed out after {timeout:.0f} s")
+                break
+            if rc != 0:
+                failed = (log, f"exit status {rc}")
+                break
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                _kill(proc)
+        for f in files:
+            f.close()
+    if failed is not None:
+        log, why = failed
+        others = "".join(f"\n--- {other} ---\n{_tail(other, 30)}" for other in logs if other != log)
+        raise LaunchError(f"DeepSpeed run failed ({why}); log {log}:\n{_tail(log)}{others}")
+    if not out.exists():
+        raise LaunchError(f"the run wrote no result {out}; log {logs[0]}:\n{_tail(logs[0])}")
+    result = torch.load(out, weights_only=True)
+    result["meta"]["wall_seconds"] = time.perf_counter() - t0
+    result["meta"]["logs"] = [str(p) for p in logs]
+    return result
+
+
+def run_deepspeed(num_ranks: int, args, tmp_path, timeout: float = 600, name: str | None = None,
+                  worker: Path = WORKER) -> dict:
+    """``deepspeed --num_gpus num_ranks worker`` on this machine; returns rank 0's result dictionary."""
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    name = name or f"ds{num_ranks}_{int(time.time() * 1000) % 10**8}"
+    out = tmp_path / f"{name}.pt"
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+        str(worker), *_with_out(args, out),
+    ]  # fmt: skip
+    return _run_all([cmd], [tmp_path / f"{name}.log"], out, timeout)
+
+
+def run_deepspeed_two_nodes(
+    ranks_per_node: int, args, tmp_path, timeout: float = 600, launcher: str = "deepspeed", name: str | None = None
+) -> dict:
+    """Two launcher processes as node 0 and node 1 on loopback (see the module docstring)."""
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    name = name or f"2nodes_{launcher}_{int(time.time() * 1000) % 10**8}"
+    out = tmp_path / f"{name}.pt"
+    port = str(free_port())
+    worker = [str(WORKER), *_with_out(args, out)]
+    n = str(ranks_per_node)
+    cmds = []
+    for node in (0, 1):
+        if launcher == "deepspeed":
+            hostfile = tmp_path / f"{name}.hostfile"
+            hostfile.write_text(f"node0 slots={n}\nnode1 slots={n}\n")
+            cmd = [
+                sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, *worker,
+            ]  # fmt: skip
+        elif launcher == "launch":
+            info = {"node0": list(range(ranks_per_node)), "node1": list(range(ranks_per_node))}
+            b64 = base64.urlsafe_b64encode(json.dumps(info).encode()).decode()
+            cmd = [
+                sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={b64}",
+                f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", *worker,
+            ]  # fmt: skip
+        elif launcher == "torchrun":
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                "--nproc_per_node", n, "--master_addr", "127.0.0.1", "--master_port", port, *worker,
+            ]  # fmt: skip
+        else:
+            raise ValueError(f"unknown launcher {launcher!r}")
+        cmds.append(cmd)
+    logs = [tmp_path / f"{name}.node{node}.log" for node in (0, 1)]
+    return _run_all(cmds, logs, out, timeout)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="run zero_worker.py under the DeepSpeed launcher (CPU)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks (per node with --two-nodes)")
+    p.add_argument("--two-nodes", choices=["deepspeed", "launch", "torchrun"], default=None)
+    p.add_argument("--tmp", default=None, help="directory for logs and the result (default: a new temp dir)")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then zero_worker.py arguments (no --out)")
+    a = p.parse_args(argv)
+    worker_args = a.worker_args[1:] if a.worker_args[:1] == ["--"] else a.worker_args
+    tmp = Path(a.tmp or tempfile.mkdtemp(prefix="zero_worker_"))
+    if a.two_nodes:
+        r = run_deepspeed_two_nodes(a.ranks, worker_args, tmp, a.timeout, launcher=a.two_nodes)
+    else:
+        r = run_deepspeed(a.ranks, worker_args, tmp, a.timeout)
+    print(json.dumps({"losses": r["losses"], "grad_norms": r["grad_norms"], "meta": r["meta"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -71,14 +71,32 @@ class ZeroScaLoRA:
         opt = self.engine.optimizer
         if getattr(opt, "_ds_scalora_wrapped", False):
             raise RuntimeError("this engine already has a ScaLoRA controller attached")
+        self._refreshed_step = None
+
+        def refresh_once():
+            step = self.engine.global_steps
+            if self._refreshed_step != step:
+                self._refreshed_step = step
+                self.last_report = self.refresh() if self.config.is_due(step) else None
+
         original = opt.step
 
         def step(*args, **kwargs):
-            self.last_report = self.refresh() if self.config.is_due(self.engine.global_steps) else None
+            refresh_once()
             return original(*args, **kwargs)
 
         opt.step = step
         opt._ds_scalora_wrapped = True
+        if self.access.kind == "plain":
+            # Without ZeRO (fp32), DeepSpeed clips in the engine before optimizer.step(); the refresh
+            # must come first, as everywhere else (the clip then sees the re-expressed gradients).
+            clip = self.engine.clip_fp32_gradients
+
+            def clip_after_refresh(*args, **kwargs):
+                refresh_once()
+                return clip(*args, **kwargs)
+
+            self.engine.clip_fp32_gradients = clip_after_refresh
 
     # -- the refresh ----------------------------------------------------------------------------
 

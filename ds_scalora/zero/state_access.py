@@ -67,8 +67,8 @@ class ZeroAccess:
             self.group = engine.data_parallel_group if dist.is_initialized() else None
         else:
             raise UnsupportedConfig(
-                f"unsupported DeepSpeed optimizer wrapper {type(self.opt).__name__} (ZeRO disabled with fp16?); "
-                "use ZeRO stage 1-3, or bf16/fp32"
+                f"ScaLoRA does not support DeepSpeed's {type(self.opt).__name__} (ZeRO stage 0 with bf16 or "
+                "fp16): use ZeRO stage 1, 2 or 3 for mixed precision, or stage 0 in fp32"
             )
         distributed = dist.is_initialized()
         self.rank = dist.get_rank(group=self.group) if distributed else 0

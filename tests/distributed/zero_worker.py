@@ -75,6 +75,7 @@ def parse_args(argv=None):
         help="JSON merged into zero_optimization (default: ZeRO-3 partitions every param: "
         "persistence thresholds 0, sub_group_size 1024; all stages: 1000-element buckets)",
     )
+    p.add_argument("--nan-at", type=int, default=None, help="make rank 0's gradients NaN at this step (0-based)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
     a = p.parse_args(argv)
     if (a.save_at is None) != (a.ckpt is None):
@@ -168,6 +169,8 @@ def main(argv=None) -> None:
             mb = {key: value.to(engine.device) for key, value in mb.items()}
             loss = engine(**mb).loss
             total += loss.detach().double().cpu()
+            if step == a.nan_at and rank == 0 and k == 0:
+                loss = loss * float("nan")  # a non-finite gradient: DeepSpeed skips the step
             engine.backward(loss)
             engine.step()  # the optimizer only steps at the boundary (k == gas-1)
         total /= a.gas
@@ -218,6 +221,7 @@ def main(argv=None) -> None:
                 "resumed_from": start if a.resume else None,
                 "replicas_identical": replicas_identical,
                 "scalora_totals": totals,
+                "skipped_steps": engine.skipped_steps,
                 "clip": a.clip,
                 "zero_optimizer": type(engine.optimizer).__name__,
                 "partitioned_params": partitioned,

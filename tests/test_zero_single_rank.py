@@ -1,0 +1,92 @@
+"""The DeepSpeed controller in this process at one rank (gloo): fast checks of paths the multi-rank
+tests do not cover: ZeRO disabled (stage 0), refused configurations, a step skipped for NaN gradients.
+
+The worker of tests/distributed runs in-process here (world size 1), so the data, loss and model are
+those of the equivalence tests; the reference is the same single-process trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+deepspeed = pytest.importorskip("deepspeed")
+sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+import zero_worker  # noqa: E402
+from reference import compare_results, train_reference  # noqa: E402
+from tiny_models import adamw, tiny_lora_model  # noqa: E402
+
+from ds_scalora.zero import UnsupportedConfig, attach  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_group():
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.use_deterministic_algorithms(False)  # zero_worker turns it on
+
+
+def run_worker(tmp_path, *args):
+    out = tmp_path / "r.pt"
+    zero_worker.main([str(a) for a in args] + ["--out", str(out)])
+    return torch.load(out, weights_only=True)
+
+
+COMMON = ["--steps", 6, "--gas", 2, "--micro-batch", 4, "--clip", 0.15, "--method", "scalora", "--interval", 1,
+          "--scalora-warmup", 1]  # fmt: skip
+
+
+def test_zero_disabled_fp32_matches_reference_with_clipping(tmp_path):
+    """Stage 0 clips in the engine before optimizer.step(); the refresh must still come first."""
+    got = run_worker(tmp_path, "--stage", 0, "--dtype", "fp32", *COMMON)
+    ref = train_reference(steps=6, global_batch_size=8, clip=0.15, chunks=2, method="scalora", interval=1, scalora_warmup=1)
+    diff = compare_results(got, ref)
+    assert got["meta"]["scalora_totals"]["refreshes"] == 5
+    assert any(g > 0.15 for g in ref["grad_norms"])  # clipping engaged
+    # one rank: only the GAS chunking differs; fp32 agreement as in the multi-rank tests
+    assert diff["trainable_global_rel"] < 1e-5 and diff["loss_max_abs"] < 1e-5, diff
+
+
+def test_nan_gradients_skip_the_step_and_the_refresh(tmp_path):
+    """ZeRO-2 skips an optimizer step whose gradients are not finite; the refresh due at that step is
+    skipped too (counted), nothing is corrupted, and training goes on."""
+    got = run_worker(tmp_path, "--stage", 2, "--dtype", "fp32", *COMMON, "--nan-at", 3)
+    totals = got["meta"]["scalora_totals"]
+    assert got["meta"]["skipped_steps"] == 1
+    assert totals["reason/nonfinite"] == 14 and totals["refreshes"] == 5
+    assert all(torch.isfinite(t).all() for t in got["trainable"].values())
+    assert all(torch.isfinite(t).all() for t in got["merged"].values())
+    assert all(torch.isfinite(torch.tensor(x)) for i, x in enumerate(got["losses"]) if i != 3)
+
+
+def _engine(config, dtype=torch.float32):
+    model = tiny_lora_model(dtype)
+    base = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=adamw(model), config={**base, **config})
+    return engine, model
+
+
+def test_refused_configurations_say_why():
+    engine, model = _engine({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                             "zero_force_ds_cpu_optimizer": False})  # fmt: skip
+    with pytest.raises(UnsupportedConfig, match="optimizer offload"):
+        attach(engine, model)
+    engine, model = _engine({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}})
+    with pytest.raises(UnsupportedConfig, match="stage 0 with bf16"):
+        attach(engine, model)
+    engine, model = _engine({"zero_optimization": {"stage": 1}})
+    attach(engine, model, interval=10)
+    with pytest.raises(RuntimeError, match="already has a ScaLoRA controller"):
+        attach(engine, model)
+    with pytest.raises(ValueError, match="interval"):
+        attach(_engine({"zero_optimization": {"stage": 1}})[0], model, interval=0)

@@ -26,14 +26,22 @@ from ds_scalora.zero import UnsupportedConfig, attach  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank_group():
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend="gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
     yield
+    # leave the process as it was: other tests (the HF Trainer) must not see a process group
     torch.use_deterministic_algorithms(False)  # zero_worker turns it on
+    torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def run_worker(tmp_path, *args):

@@ -54,7 +54,10 @@ class ScaLoRATrainer(Trainer):
         # The Trainer clips before optimizer.step(): here the refresh sees clipped gradients. The
         # scaling is invariant to the gradient scale, so only the clip coefficient differs from the
         # documented refresh-then-clip loop.
-        inner.register_step_pre_hook(lambda *_: self.scalora.refresh_if_due())
+        def refresh(*_):
+            self.scalora.refresh_if_due()  # a pre-hook must return None
+
+        inner.register_step_pre_hook(refresh)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,22 @@ def worker(a) -> None:
         engine.backward(loss)
         engine.step()
 
-    engines = {"lora": build(None), "scalora_i10": build(10), "scalora_i1": build(1)}
+    intervals = {"lora": None, "scalora_i10": 10, "scalora_i1": 1}
+    engines = {name: build(intervals[name]) for name in a.methods.split(",")}
+    if a.memory_only:  # one method per process: its peak resident memory is this method's alone
+        (name, (engine, _)), = engines.items()
+        for _ in range(a.steps):
+            step(engine)
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        if cuda:
+            peak = torch.tensor([float(torch.cuda.max_memory_allocated())])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            with open(a.out, "w") as f:
+                json.dump({"world": world, "method": name, "peak_bytes": float(peak),
+                           "kind": "cuda max_memory_allocated" if cuda else "peak RSS"}, f)
+        return
     for engine, _ in engines.values():  # warm up: first steps allocate optimizer state
         for _ in range(2):
             step(engine)
@@ -142,19 +158,22 @@ def driver(a) -> None:
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", "1")
-    rows = []
-    for n in a.ranks:
+    def launch(n, *extra):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
             cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29600 + n), __file__, "--worker", "--out", out]
-            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in WORKER_ARGS]
+            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in WORKER_ARGS] + list(extra)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"launch at {n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            print(f"  {n} rank(s) {' '.join(extra)} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             with open(out) as f:
-                rows.append(json.load(f))
-            print(f"  {n} rank(s) done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+                return json.load(f)
+
+    rows = [launch(n) for n in a.ranks]
+    memory = {n: {m: launch(n, "--memory-only", f"--methods={m}") for m in ("lora", "scalora_i1")}
+              for n in ([] if a.no_memory else a.ranks)}
     r0 = rows[0]
     print(f"\nshape: hidden {a.hidden}, {a.layers} layers, r={a.r}, ZeRO-{a.stage}, {a.dtype}, micro-batch {a.micro_batch} x seq {a.seq}; "
           f"device: {r0['device']}")
@@ -168,6 +187,16 @@ def driver(a) -> None:
               f"| {r['wire_bytes'] / r['adapter_bytes']:.2f} | {1e3 * r['refresh_s']:.1f} | {1e3 * s['lora']:.1f} "
               f"| {s['scalora_i10'] / s['lora']:.3f} | {s['scalora_i1'] / s['lora']:.3f} "
               f"| {r['state_bytes_rank'] / r['adapted_params_total']:.2f} |")
+    if memory:
+        print("\n| ranks | peak per rank, LoRA (MiB) | peak per rank, ScaLoRA (MiB) | difference (MiB) "
+              "| merge state per rank (MiB) | difference / adapted params (B) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            m = memory[r["world"]]
+            d = m["scalora_i1"]["peak_bytes"] - m["lora"]["peak_bytes"]
+            print(f"| {r['world']} | {m['lora']['peak_bytes'] / 2**20:.1f} | {m['scalora_i1']['peak_bytes'] / 2**20:.1f} "
+                  f"| {d / 2**20:.1f} | {r['state_bytes_rank'] / 2**20:.1f} | {d / r['adapted_params_total']:.2f} |")
+        print(f"(measured as {next(iter(memory.values()))['lora']['kind']}, one method per launch)")
     if any(r["peak_bytes"] for r in rows):
         print("\npeak GPU memory per rank (GiB): " + "; ".join(
             f"{r['world']} ranks: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r["peak_bytes"].items()) for r in rows))
@@ -193,6 +222,9 @@ def main():
     p.add_argument("--blocks", type=int, default=3, help="interleaved timed blocks per method")
     p.add_argument("--repeats", type=int, default=3, help="timed refreshes")
     p.add_argument("--quick", action="store_true", help="1 and 2 ranks, a tiny shape, few steps")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method memory launches")
+    p.add_argument("--methods", default="lora,scalora_i10,scalora_i1", help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """ScaLoRA in a hand-written DeepSpeed loop: the few lines that change are marked ``# ScaLoRA``.
 
     deepspeed --num_gpus 2 examples/deepspeed_loop.py --stage 2 [--steps 40] [--interval 10]
-        [--deepspeed_config my_ds.json] [--ckpt DIR [--save-every N]] [--resume]
+        [--deepspeed_config ds_configs/zero3_bf16.json] [--ckpt DIR [--save-every N]] [--resume]
 
 On a machine without a GPU, set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo). The model is a small
 random-init Llama and the data the synthetic lookup task of examples/plain_pytorch.py, so nothing is
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--deepspeed_config", default=None)
     p.add_argument("--ckpt", default=None, help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--print-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
@@ -68,10 +69,10 @@ def main():
             loss = engine(**{key: v[rows].to(engine.device) for key, v in batch.items()}).loss
             engine.backward(loss)
             engine.step()  # ScaLoRA refreshes inside, at the boundary, when due
-        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
+        if rank == 0 and (step % args.print_every == 0 or step == args.steps - 1):
             report = scalora.last_report
             note = f"  refreshed {report.layers} layers, scalar fallback {report.scalar_fraction:.2f}" if report else ""
-            print(f"step {step:4d} loss {loss.item():.4f}{note}", flush=True)
+            print(f"step {step:4d} loss {loss.item():.6f}{note}", flush=True)
         if args.ckpt and (step + 1) % args.save_every == 0:
             scalora.save_checkpoint(args.ckpt)  # ScaLoRA: engine.save_checkpoint + the merge-state shard
     if rank == 0:

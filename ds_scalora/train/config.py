@@ -1,0 +1,248 @@
+"""The run configuration of ``launch/train.py``: schema, loading, ``--set`` overrides, validation.
+
+One YAML or JSON file holds the model, the data, the method, the schedule, logging, checkpointing and
+the DeepSpeed configuration (inline, or a path to a DeepSpeed JSON). Every error is found before any
+heavy work starts and names the offending key, what was expected and, for a misspelt key, the closest
+valid one. The schema is the set of dataclasses below: their fields are the only keys accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message says which key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a local Hugging Face model directory (nothing is downloaded)
+    random_init: dict | None = None  # or: a LlamaConfig's fields, for a random-init model (tests, CI)
+    dtype: str = "bf16"  # bf16 | fp32
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSON/JSONL/Parquet file or a saved `datasets` directory
+    eval: str | None = None  # held-out file; if absent, eval_fraction of train is held out
+    eval_fraction: float = 0.05
+    format: str = "auto"  # auto | text | prompt_completion | chat
+    max_length: int = 512
+    packing: bool = False
+
+
+@dataclass
+class ScaLoRAOptions:
+    interval: int = 10
+    strength: float | str = "auto"
+    warmup_steps: int = 10
+    solver: str = "column"
+    precision: str = "auto"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "scalora"  # lora | rslora | scalora | full
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rslora: bool = False  # alpha/sqrt(r) scaling (implied by name: rslora)
+    scalora: ScaLoRAOptions = field(default_factory=ScaLoRAOptions)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "cosine"  # cosine | linear | constant
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 1.0
+    seed: int = 0
+    resume: str = "auto"  # auto | never | a checkpoint directory
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # optimizer steps; 0 = only at the end
+    max_batches: int = 50
+    exact_match: bool = False  # greedy generation on prompt/completion or chat rows
+    max_new_tokens: int = 16
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps; 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: Any = None  # inline DeepSpeed config (a mapping) or a path to a DeepSpeed JSON
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": ("bf16", "fp32"),
+    "data.format": ("auto", "text", "prompt_completion", "chat"),
+    "method.name": ("lora", "rslora", "scalora", "full"),
+    "method.scalora.solver": ("column", "scalar", "nnls"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+}
+
+
+def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML/JSON run config, apply ``dotted.key=value`` overrides, validate, return it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, found {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.max_steps=100")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    config = _build(RunConfig, raw, "")
+    _validate(config, base_dir=os.path.dirname(os.path.abspath(path)))
+    return config
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    """Instantiate ``cls`` from ``raw``, refusing unknown keys and values of the wrong type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown key {where!r}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, where + ".")
+        else:
+            kwargs[key] = _check_type(where, value, hint)
+    return cls(**kwargs)
+
+
+def _check_type(where: str, value, hint):
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, list, dict) and isinstance(value, base):
+            return value
+    wanted = " or ".join("null" if o is type(None) else (typing.get_origin(o) or o).__name__ for o in options)
+    raise ConfigError(f"{where} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _validate(config: RunConfig, base_dir: str) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
+    for key in ("train.max_steps", "train.micro_batch_size", "train.gradient_accumulation_steps", "method.r",
+                "data.max_length", "method.scalora.interval"):
+        if _get(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {_get(config, key)}")
+    if not 0 <= config.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
+    strength = config.method.scalora.strength
+    if strength != "auto" and not (isinstance(strength, float) and strength > 0):
+        raise ConfigError(f"method.scalora.strength must be a positive number or 'auto', got {strength!r}")
+    m = config.model
+    if (m.path is None) == (m.random_init is None):
+        raise ConfigError("set exactly one of model.path (a local model directory) and model.random_init")
+    if m.path is not None and not os.path.isdir(_resolve(m.path, base_dir)):
+        raise ConfigError(f"model.path {m.path!r} is not a directory; point it at a local Hugging Face model")
+    if not config.data.train:
+        raise ConfigError("data.train is required: a JSON/JSONL/Parquet file or a saved dataset directory")
+    for key in ("data.train", "data.eval"):
+        value = _get(config, key)
+        if value and not os.path.exists(_resolve(value, base_dir)):
+            raise ConfigError(f"{key} {value!r} does not exist")
+    ds = config.deepspeed
+    if isinstance(ds, str):
+        resolved = _resolve(ds, base_dir)
+        if not os.path.isfile(resolved):
+            raise ConfigError(f"deepspeed {ds!r} is not a file; give a DeepSpeed JSON path or an inline mapping")
+        try:
+            with open(resolved) as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed config {ds!r} is not valid JSON: {e}") from None
+    elif ds is not None and not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed must be a mapping or a path to a JSON file, got {type(ds).__name__}")
+    if isinstance(ds, dict) and "optimizer" in ds:
+        raise ConfigError("remove the deepspeed.optimizer block: the optimizer is built from train.* (torch AdamW)")
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    """Relative paths are taken from the working directory, then from the config file's directory."""
+    return path if os.path.exists(path) or os.path.isabs(path) else os.path.join(base_dir, path)

@@ -1,0 +1,92 @@
+"""Checkpoints of a run: DeepSpeed's own, made atomic, rotated, and found again on resume.
+
+A checkpoint is ``<output_dir>/checkpoints/step00000042/`` written by ``engine.save_checkpoint`` (and,
+for ScaLoRA, its per-rank merge-state shards). Only after every rank has finished writing does rank 0
+add ``COMPLETE`` to it: a save interrupted at any moment leaves a directory without the marker, which
+resume skips (with a warning) and the next save removes. ``latest`` is never trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(output_dir: str) -> list[str]:
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    return sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isfile(os.path.join(root, t, MARKER)))
+
+
+def incomplete_tags(output_dir: str) -> list[str]:
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    return sorted(t for t in os.listdir(root) if t.startswith("step") and not os.path.isfile(os.path.join(root, t, MARKER)))
+
+
+def save(engine, controller, output_dir: str, step: int, client_state: dict, keep_last: int) -> str:
+    """Write the checkpoint of ``step`` on every rank, mark it complete, drop the oldest ones."""
+    root, tag = checkpoint_root(output_dir), tag_for(step)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        for stale in incomplete_tags(output_dir):  # leftovers of an interrupted save
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    _barrier()
+    if controller is not None:
+        controller.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    else:
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    _barrier()
+    if rank0:
+        with open(os.path.join(root, tag, MARKER + ".tmp"), "w") as f:
+            f.write(f"{step}\n")
+        os.replace(os.path.join(root, tag, MARKER + ".tmp"), os.path.join(root, tag, MARKER))
+        for old in complete_tags(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return os.path.join(root, tag)
+
+
+def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:
+    """(checkpoint root, tag) to resume from, or None. ``auto``: the newest complete checkpoint."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tags = complete_tags(output_dir)
+        return (checkpoint_root(output_dir), tags[-1]) if tags else None
+    path = os.path.abspath(resume)
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def load(engine, controller, root: str, tag: str) -> dict:
+    """Restore a checkpoint on every rank; returns its client state."""
+    loader = controller.load_checkpoint if controller is not None else engine.load_checkpoint
+    try:
+        path, client_state = loader(root, tag=tag)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds on damaged files
+        raise RuntimeError(f"checkpoint {os.path.join(root, tag)} could not be loaded ({type(e).__name__}: {e}); "
+                           "it is damaged: remove it, or resume from an older one with train.resume=<dir>") from None
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {os.path.join(root, tag)}")
+    return client_state or {}
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,254 @@
+"""The training run behind ``launch/train.py``, top to bottom: setup, loop, eval, checkpoints, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..methods.scalora import ScaLoRAConfig
+from . import checkpoints
+from .config import RunConfig
+from .data import collate, load_rows, pack, tokenize
+from .model import load_model_and_tokenizer
+
+
+def deepspeed_config(cfg: RunConfig, world: int) -> dict:
+    """The run's DeepSpeed config: the given one (inline or JSON file) with "auto" values filled."""
+    ds = cfg.deepspeed
+    if isinstance(ds, str):
+        with open(ds) as f:
+            ds = json.load(f)
+    ds = json.loads(json.dumps(ds or {"zero_optimization": {"stage": 2}}))  # a deep copy
+    t = cfg.train
+    auto = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.gradient_clipping,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world,
+    }
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = cfg.model.dtype == "bf16"
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def lr_lambda(cfg: RunConfig):
+    t = cfg.train
+
+    def factor(step):
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        if t.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if t.scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def run(cfg: RunConfig) -> dict:
+    import deepspeed
+    from tqdm import tqdm
+
+    from ..zero import attach
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config = deepspeed_config(cfg, world)
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(cfg, ds_config)
+
+    train, held_out = _datasets(cfg, tokenizer, rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    controller = None
+    if cfg.method.name == "scalora":
+        o = cfg.method.scalora
+        controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, strength=o.strength,
+                                                         warmup_steps=o.warmup_steps, solver=o.solver,
+                                                         precision=o.precision, seed=cfg.train.seed))  # fmt: skip
+
+    start, history = 0, []
+    resume = checkpoints.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    if rank == 0 and checkpoints.incomplete_tags(cfg.train.output_dir):
+        print(f"warning: ignoring interrupted checkpoints {checkpoints.incomplete_tags(cfg.train.output_dir)}")
+    if resume is not None:
+        client = checkpoints.load(engine, controller, *resume)
+        start, history = int(client["step"]), list(client.get("history", []))
+        if rank == 0:
+            print(f"resumed from {os.path.join(*resume)} at step {start}")
+
+    writer = _tensorboard(cfg) if rank == 0 else None
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    global_batch = micro * gas * world
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
+    tokens, t0 = 0, time.perf_counter()
+    for step in range(start, cfg.train.max_steps):
+        rows = _global_rows(step, global_batch, len(train), cfg.train.seed)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for k in range(gas):
+            mine = rows[(rank * gas + k) * micro : (rank * gas + k + 1) * micro]
+            batch = collate([train.input_ids[i] for i in mine], [train.labels[i] for i in mine], tokenizer.pad_token_id)
+            tokens += int(batch["attention_mask"].sum())
+            loss = engine(**{key: v.to(engine.device) for key, v in batch.items()}).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        stats = torch.tensor([float(loss_sum) / gas, float(tokens)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        record = {"step": step + 1, "loss": float(stats[0]) / world, "lr": scheduler.get_last_lr()[0]}
+        norm = engine.get_global_grad_norm()
+        record["grad_norm"] = None if norm is None else float(norm)
+        if controller is not None and controller.last_report is not None:
+            record.update(_scalora_stats(controller.last_report))
+        done = step + 1 == cfg.train.max_steps
+        if done or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
+            record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world))
+        if (step + 1) % cfg.logging.every == 0 or done:
+            elapsed = time.perf_counter() - t0
+            record["tokens_per_s"] = float(stats[1]) / max(elapsed, 1e-9)
+            record["peak_memory_gib"] = _peak_memory_gib()
+            tokens, t0 = 0, time.perf_counter()
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(key, value, step + 1)
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        bar.update(1)
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
+            checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
+                             {"step": step + 1, "history": history}, cfg.checkpoint.keep_last)  # fmt: skip
+    bar.close()
+    summary = _summary(cfg, history, controller, world)
+    if rank == 0:
+        with open(os.path.join(cfg.train.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if writer is not None:
+            writer.close()
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}, indent=2))
+    return summary
+
+
+def _datasets(cfg: RunConfig, tokenizer, rank: int):
+    d = cfg.data
+    rows = load_rows(d.train)
+    if d.eval:
+        train_rows, eval_rows = rows, load_rows(d.eval)
+    elif d.eval_fraction > 0 and len(rows) > 1:
+        split = rows.train_test_split(test_size=d.eval_fraction, seed=cfg.train.seed)
+        train_rows, eval_rows = split["train"], split["test"]
+    else:
+        train_rows, eval_rows = rows, None
+    train = tokenize(train_rows, tokenizer, d.format, d.max_length, d.train)
+    held_out = tokenize(eval_rows, tokenizer, d.format, d.max_length, d.eval or d.train) if eval_rows else None
+    if rank == 0:
+        for name, ex in (("train", train), ("eval", held_out)):
+            for reason, positions in (ex.skipped.items() if ex else []):
+                print(f"warning: {name}: skipped {len(positions)} row(s), {reason}: positions {positions[:10]}"
+                      f"{' ...' if len(positions) > 10 else ''}")
+    if d.packing:
+        train = pack(train, d.max_length)
+    return train, held_out
+
+
+def _global_rows(step: int, size: int, n: int, seed: int) -> list[int]:
+    """Rows of the global batch of ``step``: a fresh permutation per epoch, a function of the step only."""
+    out = []
+    for idx in range(step * size, (step + 1) * size):
+        epoch, pos = divmod(idx, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out
+
+
+@torch.no_grad()
+def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int) -> dict:
+    """Held-out loss and perplexity (token-weighted), and exact match of greedy answers if asked."""
+    if held_out is None:
+        return {}
+    engine.eval()
+    micro = engine.train_micro_batch_size_per_gpu()
+    rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro * world]
+    sums = torch.zeros(4, dtype=torch.float64)  # loss·tokens, tokens, exact, answered
+    per_rank = math.ceil(len(rows) / world)
+    mine = rows[rank * per_rank : (rank + 1) * per_rank]
+    for i in range(0, per_rank, micro):  # every rank runs the same number of forwards (ZeRO-3)
+        idx = mine[i : i + micro] or rows[:1]
+        batch = collate([held_out.input_ids[j] for j in idx], [held_out.labels[j] for j in idx], tokenizer.pad_token_id)
+        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        n = float((batch["labels"][:, 1:] != -100).sum()) if mine[i : i + micro] else 0.0
+        sums[0] += float(loss) * n
+        sums[1] += n
+    if cfg.eval.exact_match:
+        for i in range(per_rank):
+            j = mine[i] if i < len(mine) else rows[0]
+            prompt = held_out.prompts[j]
+            if prompt is None:
+                continue
+            out = engine.module.generate(torch.tensor([prompt], device=engine.device), max_new_tokens=cfg.eval.max_new_tokens,
+                                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                         synced_gpus=engine.zero_optimization_stage() == 3)  # fmt: skip
+            text = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+            if i < len(mine):
+                sums[2] += float(text == held_out.answers[j])
+                sums[3] += 1
+    dist.all_reduce(sums)
+    engine.train()
+    result = {}
+    if sums[1] > 0:
+        result["eval_loss"] = float(sums[0] / sums[1])
+        result["eval_ppl"] = math.exp(min(result["eval_loss"], 50))
+    if sums[3] > 0:
+        result["eval_exact_match"] = float(sums[2] / sums[3])
+    return result
+
+
+def _scalora_stats(report) -> dict:
+    ab = torch.cat(report.alpha_beta) if report.alpha_beta else torch.ones(1)
+    return {"scalora/scalar_fraction": report.scalar_fraction, "scalora/alpha_beta_mean": float(ab.mean()),
+            "scalora/alpha_beta_min": float(ab.min()), "scalora/alpha_beta_max": float(ab.max()),
+            "scalora/merged_norm": report.merged_norm}  # fmt: skip
+
+
+def _tensorboard(cfg: RunConfig):
+    if not cfg.logging.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
+    last = history[-1] if history else {}
+    evals = [h for h in history if "eval_loss" in h]
+    return {
+        "method": cfg.method.name,
+        "steps": last.get("step"),
+        "world_size": world,
+        "final_loss": last.get("loss"),
+        "eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
+        "scalora_totals": dict(controller.totals) if controller is not None else None,
+        "config": cfg.to_dict(),
+        "history": history,
+    }

@@ -1,0 +1,79 @@
+"""The model and tokenizer of a run, and the method applied to them (LoRA, rsLoRA, ScaLoRA, full).
+
+Models load from a local directory only (nothing is downloaded). Under ZeRO-3 the weights are
+partitioned while they load (``HfDeepSpeedConfig`` / ``deepspeed.zero.Init``), so a model larger
+than one device never has to fit on one. ``model.random_init`` builds a random Llama from config
+fields, with a byte-level tokenizer made in code, for tests and CI.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (259 tokens), built in code, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])  # fmt: skip
+    fast.chat_template = CHATML
+    return fast
+
+
+def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
+    """(model, tokenizer); the model is partitioned at load under ZeRO-3."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = DTYPES[cfg.model.dtype]
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 - must live during from_pretrained
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        kwargs = {"dtype": dtype}
+        if cfg.model.attn_implementation:
+            kwargs["attn_implementation"] = cfg.model.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+    else:
+        tokenizer = byte_tokenizer()
+        fields = {"vocab_size": len(tokenizer), **cfg.model.random_init}
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+            model = LlamaForCausalLM(LlamaConfig(**fields)).to(dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return apply_method(model, cfg), tokenizer
+
+
+def apply_method(model, cfg: RunConfig):
+    """LoRA-family methods wrap the model with PEFT; ``full`` trains every parameter."""
+    m = cfg.method
+    if m.name == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=list(m.target_modules),
+                      use_rslora=m.rslora or m.name == "rslora", task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, lora)

@@ -1,0 +1,45 @@
+"""The training entry point: ``deepspeed launch/train.py --config FILE [--set dotted.key=value ...]``.
+
+Thin on purpose: parse the arguments, validate the run config before any heavy work, and hand it to
+``ds_scalora.train.loop.run``. Problems with the input end the run with one paragraph and a non-zero
+exit status; only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds_scalora.train.config import ConfigError, load_config  # noqa: E402
+from ds_scalora.train.data import DataError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config (YAML or JSON)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        from ds_scalora.train.loop import run
+        from ds_scalora.zero import UnsupportedConfig
+
+        try:
+            run(cfg)
+        except (DataError, UnsupportedConfig, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+    except ConfigError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {e}\n(config: {args.config}; see README.md, 'Run configs')", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

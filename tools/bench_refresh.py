@@ -147,6 +147,7 @@ def bench(dtype_name: str, r: int, args) -> dict:
     n = len(scalora.layers)
     out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), solve=statistics.median(solves),
                merge=statistics.median(merges), step=statistics.median(steps), mix=dict(mix),
+               spread={"total": (min(totals), max(totals)), "step": (min(steps), max(steps))},
                adapted=sum(l.weight.numel() for l in scalora.layers),
                adapter=sum(l.lora_A.numel() + l.lora_B.numel() for l in scalora.layers))
     del model, opt, scalora, saved
@@ -170,15 +171,16 @@ def main() -> None:
     dtypes = [args.dtype] if args.dtype else list(DTYPES)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, "
-          f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}")
+          f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the figures)")
     print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init; LoRA on {','.join(TARGETS)}; "
           f"solver {args.solver}, strength auto; repeats {args.repeats} (median)")
     start = time.perf_counter()
     rows = [bench(d, r, args) for d in dtypes for r in args.ranks]
     first = rows[0]
     print(f"adapted layers: {first['layers']}; adapted parameters (sum d_out*d_in): {first['adapted']:,}")
-    print("adapter parameters: " + ", ".join(f"r={row['r']}: {row['adapter']:,}" for row in rows if row is first
-                                             or row['dtype'] == first['dtype']))
+    print("adapter parameters: " + ", ".join(f"r={row['r']}: {row['adapter']:,}" for row in rows
+                                             if row["dtype"] == first["dtype"]))
     print()
     print("| base | r | refresh ms | solve ms | merge ms | other ms | ms/layer | LoRA step ms | refresh/step "
           f"| overhead I={INTERVAL} | solvers |")
@@ -187,16 +189,20 @@ def main() -> None:
         ms = {k: 1e3 * row[k] for k in ("total", "solve", "merge", "step")}
         ratio = row["total"] / row["step"]
         mix = " ".join(f"{k}:{v}" for k, v in sorted(row["mix"].items()))
-        print(f"| {row['dtype']} | {row['r']} | {ms['total']:.0f} | {ms['solve']:.0f} | {ms['merge']:.0f} "
-              f"| {ms['total'] - ms['solve'] - ms['merge']:.0f} | {ms['total'] / row['layers']:.2f} "
-              f"| {ms['step']:.0f} | {ratio:.3f} | {100 * ratio / INTERVAL:.1f}% | {mix} |")
+        lo_t, hi_t = (1e3 * t for t in row["spread"]["total"])
+        lo_s, hi_s = (1e3 * t for t in row["spread"]["step"])
+        print(f"| {row['dtype']} | {row['r']} | {ms['total']:.0f} ({lo_t:.0f}-{hi_t:.0f}) | {ms['solve']:.0f} "
+              f"| {ms['merge']:.0f} | {ms['total'] - ms['solve'] - ms['merge']:.0f} | {ms['total'] / row['layers']:.2f} "
+              f"| {ms['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {ratio:.3f} | {100 * ratio / INTERVAL:.1f}% | {mix} |")
+    print(f"refresh and LoRA step: median (min-max) of {args.repeats}; solve, merge: medians of separate loops, "
+          "other = refresh - solve - merge. A wide range means other processes competed for the CPU.")
     print()
     for d in dtypes:
         policy = get_policy("auto", DTYPES[d])
         per = policy.state_bytes_per_param(DTYPES[d])
         print(f"merge state, {d} base: policy {policy.name}, {per} B per adapted parameter, "
               f"{per * first['adapted'] / 2**20:.1f} MiB in all")
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .packaged_models import is_packaged, locate
+
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message says which key and what to do."""
@@ -25,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # a local Hugging Face model directory (nothing is downloaded)
+    path: str | None = None  # a local Hugging Face model directory, or "package:<pkg>/<file>.gguf"
     random_init: dict | None = None  # or: a LlamaConfig's fields, for a random-init model (tests, CI)
     dtype: str = "bf16"  # bf16 | fp32
     gradient_checkpointing: bool = False
@@ -83,6 +85,7 @@ class EvalConfig:
     max_batches: int = 50
     exact_match: bool = False  # greedy generation on prompt/completion or chat rows
     max_new_tokens: int = 16
+    at_start: bool = False  # also evaluate the model before any training step (the baseline)
 
 
 @dataclass
@@ -212,7 +215,12 @@ def _validate(config: RunConfig, base_dir: str) -> None:
     m = config.model
     if (m.path is None) == (m.random_init is None):
         raise ConfigError("set exactly one of model.path (a local model directory) and model.random_init")
-    if m.path is not None and not os.path.isdir(_resolve(m.path, base_dir)):
+    if m.path is not None and is_packaged(m.path):
+        try:
+            locate(m.path)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    elif m.path is not None and not os.path.isdir(_resolve(m.path, base_dir)):
         raise ConfigError(f"model.path {m.path!r} is not a directory; point it at a local Hugging Face model")
     if not config.data.train:
         raise ConfigError("data.train is required: a JSON/JSONL/Parquet file or a saved dataset directory")

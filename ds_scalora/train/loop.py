@@ -93,6 +93,15 @@ def run(cfg: RunConfig) -> dict:
             print(f"resumed from {os.path.join(*resume)} at step {start}")
 
     writer = _tensorboard(cfg) if rank == 0 else None
+    if cfg.eval.at_start and start == 0:
+        baseline = {"step": 0, **evaluate(engine, tokenizer, held_out, cfg, rank, world)}
+        history.append(baseline)
+        if rank == 0:
+            print(f"before training: {baseline}")
+            if writer is not None:
+                for key, value in baseline.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, 0)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro * gas * world
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
@@ -242,12 +251,14 @@ def _peak_memory_gib() -> float:
 def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
     last = history[-1] if history else {}
     evals = [h for h in history if "eval_loss" in h]
+    start = evals[0] if evals and evals[0]["step"] == 0 else None
     return {
         "method": cfg.method.name,
         "steps": last.get("step"),
         "world_size": world,
         "final_loss": last.get("loss"),
         "eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
+        "eval_before_training": None if start is None else {k: v for k, v in start.items() if k.startswith("eval_")},
         "scalora_totals": dict(controller.totals) if controller is not None else None,
         "config": cfg.to_dict(),
         "history": history,

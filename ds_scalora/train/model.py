@@ -9,8 +9,10 @@ fields, with a byte-level tokenizer made in code, for tests and CI.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .config import RunConfig
+from .packaged_models import is_packaged, materialize
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHATML = (
@@ -47,12 +49,19 @@ def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 - must live during from_pretrained
     torch.manual_seed(cfg.train.seed)
-    if cfg.model.path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    path = cfg.model.path
+    if is_packaged(path):  # converted once into the cache, by rank 0, while the others wait
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            materialize(path)
+        if dist.is_initialized():
+            dist.barrier()
+        path = materialize(path)
+    if path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
         kwargs = {"dtype": dtype}
         if cfg.model.attn_implementation:
             kwargs["attn_implementation"] = cfg.model.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
         tokenizer = byte_tokenizer()
         fields = {"vocab_size": len(tokenizer), **cfg.model.random_init}

@@ -92,7 +92,10 @@ class NaivePolicy(MergePolicy):
     name = "naive"
 
     def _merge(self, weight, delta, state, seed) -> None:
-        _add_nearest_(weight, delta)
+        if weight.dtype in (torch.float32, torch.float64):
+            weight.add_(delta.to(weight.dtype))  # one correctly rounded add; no fp64 round trip
+        else:
+            _add_nearest_(weight, delta)
 
 
 class Fp32ResidualPolicy(MergePolicy):

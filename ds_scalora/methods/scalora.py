@@ -175,7 +175,7 @@ class ScaLoRA:
             sol.alpha,
             sol.beta,
         )
-        return float(delta.double().pow(2).sum())
+        return float(delta.pow(2).sum(dtype=torch.float64))
 
     # -- what the refreshes accumulated -----------------------------------------------------------
 

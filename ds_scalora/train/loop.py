@@ -105,7 +105,7 @@ def run(cfg: RunConfig) -> dict:
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro * gas * world
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, last_tps = 0, time.perf_counter(), None
     for step in range(start, cfg.train.max_steps):
         rows = _global_rows(step, global_batch, len(train), cfg.train.seed)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -136,8 +136,15 @@ def run(cfg: RunConfig) -> dict:
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and key != "step":
                         writer.add_scalar(key, value, step + 1)
+        if writer is not None and controller is not None and controller.last_report is not None:
+            if controller.last_report.alpha_beta:
+                writer.add_histogram("scalora/alpha_beta", torch.cat(controller.last_report.alpha_beta), step + 1)
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        last_tps = record.get("tokens_per_s", last_tps)
+        shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+        if last_tps is not None:
+            shown["tok/s"] = f"{last_tps:.0f}"
+        bar.set_postfix(shown)
         bar.update(1)
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
             checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,

@@ -189,7 +189,7 @@ class ZeroScaLoRA:
         seed = ((self.config.seed * 1_000_003 + self.engine.global_steps) * 10_007 + index) * 65_537 + self.access.rank
         state = self.merge_state[index]
         self.policies[index].merge_(target, delta.to(target.device), state, seed=seed)
-        return float(delta.double().pow(2).sum())
+        return float(delta.pow(2).sum(dtype=torch.float64))
 
     def _rescale_pieces(self, layer: AdaptedLinear, alpha, beta) -> None:
         """Scale this rank's pieces of masters, gradients and moments (spec §4 steps 4 to 6, crossed)."""

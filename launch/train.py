@@ -26,12 +26,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        from ds_scalora.train.checkpoints import CheckpointError
         from ds_scalora.train.loop import run
         from ds_scalora.zero import UnsupportedConfig
 
         try:
             run(cfg)
-        except (DataError, UnsupportedConfig, FileNotFoundError) as e:
+        except (DataError, UnsupportedConfig, CheckpointError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
     except ConfigError as e:
         rank = os.environ.get("RANK", "0")

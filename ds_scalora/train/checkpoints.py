@@ -16,6 +16,10 @@ import torch.distributed as dist
 MARKER = "COMPLETE"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names it and what to do."""
+
+
 def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
@@ -70,7 +74,7 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:
         return (checkpoint_root(output_dir), tags[-1]) if tags else None
     path = os.path.abspath(resume)
     if not os.path.isfile(os.path.join(path, MARKER)):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
     return os.path.dirname(path), os.path.basename(path)
 
 
@@ -80,10 +84,10 @@ def load(engine, controller, root: str, tag: str) -> dict:
     try:
         path, client_state = loader(root, tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds on damaged files
-        raise RuntimeError(f"checkpoint {os.path.join(root, tag)} could not be loaded ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"checkpoint {os.path.join(root, tag)} could not be loaded ({type(e).__name__}: {e}); "
                            "it is damaged: remove it, or resume from an older one with train.resume=<dir>") from None
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {os.path.join(root, tag)}")
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {os.path.join(root, tag)}")
     return client_state or {}
 
 

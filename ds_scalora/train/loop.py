@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -187,9 +188,13 @@ def _global_rows(step: int, size: int, n: int, seed: int) -> list[int]:
     out = []
     for idx in range(step * size, (step + 1) * size):
         epoch, pos = divmod(idx, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[pos]))
+        out.append(int(_epoch_order(n, seed, epoch)[pos]))
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 @torch.no_grad()

@@ -112,7 +112,7 @@ class ZeroScaLoRA:
             return report
         solutions = self._solve_round_robin(full)
         merged = []
-        for index, (layer, (A, B, gA, gB), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
+        for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
             report.solvers[used] += 1
             if reason:
                 report.reasons[reason] += 1

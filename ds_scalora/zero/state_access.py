@@ -190,9 +190,6 @@ class ZeroAccess:
             dist.all_reduce(t, group=self.group)
         return t
 
-    def step_was_skipped(self) -> bool:
-        return bool(getattr(self.opt, "overflow", False))
-
 
 def _refuse_unsupported(engine) -> None:
     """Configurations whose state this module cannot reach correctly are refused at start-up."""

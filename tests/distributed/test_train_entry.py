@@ -110,4 +110,5 @@ def test_truncated_checkpoint_is_detected_and_nothing_is_lost(tmp_path):
     target.write_bytes(target.read_bytes()[:100])
     proc = train(1, out, "train.max_steps=9", "eval.every=0", expect_ok=False)
     assert proc.returncode != 0 and "step00000006" in proc.stderr and "damaged" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert good.is_dir() and (good / "COMPLETE").is_file()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ds_scalora import ScaLoRAConfig
-from ds_scalora.zero import attach  # ScaLoRA
+from ds_scalora.zero import attach, disable_cpu_shm_comm  # ScaLoRA
 from plain_pytorch import batches, make_model
 
 
@@ -50,6 +50,7 @@ def main():
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
 
+    disable_cpu_shm_comm()  # CPU accelerator only: skip DeepSpeed's inference-only shm op (see its docstring)
     deepspeed.init_distributed()
     model = make_model(torch.float32, rank=4)
     trainable = [q for q in model.parameters() if q.requires_grad]

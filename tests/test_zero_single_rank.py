@@ -21,7 +21,7 @@ import zero_worker  # noqa: E402
 from reference import compare_results, train_reference  # noqa: E402
 from tiny_models import adamw, tiny_lora_model  # noqa: E402
 
-from ds_scalora.zero import UnsupportedConfig, attach  # noqa: E402
+from ds_scalora.zero import UnsupportedConfig, attach, disable_cpu_shm_comm  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,6 +32,7 @@ def one_rank_group():
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     yield
     # leave the process as it was: other tests (the HF Trainer) must not see a process group

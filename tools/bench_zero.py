@@ -38,8 +38,9 @@ def worker(a) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ds_scalora.zero import attach
+    from ds_scalora.zero import attach, disable_cpu_shm_comm
 
+    disable_cpu_shm_comm()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = torch.cuda.is_available()

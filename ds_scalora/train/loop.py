@@ -63,8 +63,9 @@ def run(cfg: RunConfig) -> dict:
     import deepspeed
     from tqdm import tqdm
 
-    from ..zero import attach
+    from ..zero import attach, disable_cpu_shm_comm
 
+    disable_cpu_shm_comm()  # on CPU: no 75 s op build, no leaked /dev/shm buffers
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = deepspeed_config(cfg, world)

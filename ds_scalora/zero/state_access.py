@@ -39,6 +39,23 @@ class Piece:
     moments: dict  # state name -> 1-D view; empty before the first optimizer step
 
 
+def disable_cpu_shm_comm() -> None:
+    """Keep DeepSpeed's CPU accelerator from building and starting its shared-memory all-reduce op.
+
+    On the CPU accelerator ``deepspeed.init_distributed`` JIT-compiles ``deepspeed_shm_comm`` (about
+    75 s on 2 cores, 1 GB of compiler memory per file, behind a lock that hangs every later rank if the
+    building one dies) and each rank then maps a 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` file
+    that is never removed: a machine that launches many short runs fills its RAM with them. The op
+    serves only ``inference_all_reduce`` (inference tensor parallelism); training uses the process
+    group's collectives either way. Call before ``deepspeed.init_distributed``; a no-op on GPUs.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class UnsupportedConfig(ValueError):
     """A DeepSpeed configuration ScaLoRA refuses rather than mis-train."""
 

@@ -13,5 +13,5 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "dist: launches DeepSpeed ranks as subprocesses (deepspeed launcher, CPU/gloo; ~20-30 s per launch "
-        "on 2 cores, +~75 s once to JIT-build the shm comm op into ~/.cache/torch_extensions)",
+        "on 2 cores; DeepSpeed's CPU shm op is never built, see ds_scalora.zero.disable_cpu_shm_comm)",
     )

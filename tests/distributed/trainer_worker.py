@@ -47,6 +47,9 @@ def main():
                               "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": False},
     }  # fmt: skip
+    from ds_scalora.zero import disable_cpu_shm_comm
+
+    disable_cpu_shm_comm()  # before TrainingArguments, which initialises DeepSpeed's process group
     args = TrainingArguments(
         output_dir=a.run_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=a.steps,
         learning_rate=1e-2, max_grad_norm=1.0, save_steps=3, logging_steps=1, report_to=[], deepspeed=ds_config,

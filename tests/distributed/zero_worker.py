@@ -133,6 +133,9 @@ def main(argv=None) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from ds_scalora.zero import disable_cpu_shm_comm
+
+    disable_cpu_shm_comm()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(a.seed)

@@ -16,3 +16,52 @@ def numerical_rank(M: torch.Tensor, rtol: float = 1e-6) -> int:
     if s.numel() == 0 or s[0] == 0:
         return 0
     return int((s > rtol * s[0]).sum())
+
+
+class RankSketch:
+    """A running estimate of the rank of one layer's accumulated update, at O((d_out + d_in)·k) memory.
+
+    ScaLoRA's total update of a layer is everything merged so far plus the current adapter,
+    ``ΔW = Σ_t s·A_t diag(1 − α_t∘β_t) B_tᵀ + s·A Bᵀ``. Keeping ΔW itself would cost a second copy of
+    the weight; instead ``Y = ΔW_merged Ω`` is kept for a fixed Gaussian ``Ω`` (d_in x k, regenerated
+    from ``seed``, never stored). For a Gaussian Ω, rank(ΔW Ω) = min(rank(ΔW), k) almost surely, so the
+    numerical rank of ``Y + s·A (Bᵀ Ω)`` estimates the accumulated rank up to ``k`` (the randomized
+    range finder of Halko, Martinsson & Tropp 2011). Paper orientation: A is d_out x r, B is d_in x r.
+    """
+
+    def __init__(self, d_out: int, d_in: int, k: int, seed: int, device=None):
+        self.d_in, self.k, self.seed = d_in, max(1, min(k, d_in, d_out)), seed
+        self.Y = torch.zeros(d_out, self.k, dtype=torch.float32, device=device)
+
+    def omega(self) -> torch.Tensor:
+        """The fixed test matrix; drawn on the CPU so every rank and device gets the same one."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.d_in, self.k, generator=g).to(self.Y.device)
+
+    @torch.no_grad()
+    def add(self, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
+        """Account for a merge of ``scale · A diag(weights) Bᵀ`` (weights = 1 − α∘β)."""
+        Y = scale * (A.float() * weights.float().to(A.device)) @ (B.float().T @ self.omega())
+        self.Y += Y.to(self.Y.device)
+
+    @torch.no_grad()
+    def rank(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None, scale: float = 1.0,
+             rtol: float = 1e-3) -> int:
+        """Numerical rank (singular values above ``rtol`` x the largest) of the merged part, plus the
+        current adapter ``scale · A Bᵀ`` when given. Computed from the k x k Gram matrix in float64
+        (exact enough for rtol >= 1e-6)."""
+        Y = self.Y.double()
+        if A is not None:
+            Y = Y + scale * A.double().to(Y.device) @ (B.double().to(Y.device).T @ self.omega().double())
+        eig = torch.linalg.eigvalsh(Y.T @ Y).clamp_min(0).sqrt().flip(0)
+        if eig.numel() == 0 or eig[0] == 0:
+            return 0
+        return int((eig > rtol * eig[0]).sum())
+
+    def state_dict(self) -> dict:
+        return {"Y": self.Y, "seed": self.seed, "d_in": self.d_in}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["Y"].shape != self.Y.shape or state["seed"] != self.seed or state["d_in"] != self.d_in:
+            raise ValueError(f"rank sketch of shape {tuple(state['Y'].shape)} does not match {tuple(self.Y.shape)}")
+        self.Y.copy_(state["Y"])

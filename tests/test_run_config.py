@@ -1,10 +1,13 @@
 """Run-config loading and validation: every bad input names the key and what to do."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from ds_scalora.train.config import ConfigError, load_config
+from ds_scalora.train.loop import deepspeed_config
 
 
 @pytest.fixture
@@ -57,3 +60,60 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(str(tmp_path / "list.yaml"))
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load(path, tmp_path, monkeypatch):
+    """Every run config in ds_configs/ validates (hardware ones with a stand-in model directory) and its
+    DeepSpeed block resolves at 1 and 8 ranks with the batch arithmetic the run config implies."""
+    monkeypatch.chdir(tmp_path)  # relative data paths must resolve from the config's own directory
+    raw = yaml.safe_load(path.read_text())
+    sets = []
+    if raw["model"].get("path") and not raw["model"]["path"].startswith("package:"):
+        (tmp_path / "model").mkdir()
+        sets.append(f"model.path={tmp_path / 'model'}")
+    cfg = load_config(str(path), sets)
+    assert Path(cfg.data.train).is_file()
+    for world in (1, 8):
+        ds = deepspeed_config(cfg, world)
+        t = cfg.train
+        assert ds["train_batch_size"] == t.micro_batch_size * t.gradient_accumulation_steps * world
+        assert ds["bf16"]["enabled"] == (cfg.model.dtype == "bf16")
+        assert ds["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_hardware_config_without_its_model_says_how_to_set_it():
+    path = Path(__file__).resolve().parents[1] / "ds_configs" / "gpu1_zero2.yaml"
+    with pytest.raises(ConfigError, match=r"model.path .* is not a directory.*--set model.path="):
+        load_config(str(path))
+
+
+def test_deepspeed_values_must_agree_with_the_run_config(good, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu is 8 but train.micro_batch_size is 4"):
+        load_config(str(good), [f"deepspeed={ds}"])
+    cfg = load_config(str(good), [f"deepspeed={ds}", "train.micro_batch_size=8"])
+    assert deepspeed_config(cfg, 2)["train_batch_size"] == 16
+    ds.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": "auto"}))
+    cfg = load_config(str(good), [f"deepspeed={ds}"])
+    assert deepspeed_config(cfg, 16)["gradient_accumulation_steps"] == 1
+    with pytest.raises(ConfigError, match=r"train_batch_size is 64 but micro batch 4 x accumulation 1 x 2 ranks = 8"):
+        deepspeed_config(cfg, 2)
+
+
+def test_relative_paths_resolve_from_the_config_directory(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    (conf / "data").mkdir(parents=True)
+    (conf / "data" / "t.jsonl").write_text('{"text": "a"}\n')
+    (conf / "ds.json").write_text("{}")
+    (conf / "run.yaml").write_text(
+        "model: {random_init: {hidden_size: 8}}\ndata: {train: data/t.jsonl}\ndeepspeed: ds.json\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(conf / "run.yaml"))
+    assert cfg.data.train == str(conf / "data" / "t.jsonl") and cfg.deepspeed == str(conf / "ds.json")
+    assert deepspeed_config(cfg, 1)["zero_optimization"] == {"stage": 2}  # the file is opened from anywhere

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..precision import POLICY_NAMES
 from .packaged_models import is_packaged, locate
 
 
@@ -120,6 +121,7 @@ CHOICES = {
     "data.format": ("auto", "text", "prompt_completion", "chat"),
     "method.name": ("lora", "rslora", "scalora", "full"),
     "method.scalora.solver": ("column", "scalar", "nnls"),
+    "method.scalora.precision": ("auto", *POLICY_NAMES),
     "train.scheduler": ("cosine", "linear", "constant"),
 }
 
@@ -141,7 +143,9 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.max_steps=100")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
     config = _build(RunConfig, raw, "")
-    _validate(config, base_dir=os.path.dirname(os.path.abspath(path)))
+    base_dir = os.path.dirname(os.path.abspath(path))
+    _validate(config, base_dir)
+    _resolve_paths(config, base_dir)
     return config
 
 
@@ -221,7 +225,8 @@ def _validate(config: RunConfig, base_dir: str) -> None:
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
     elif m.path is not None and not os.path.isdir(_resolve(m.path, base_dir)):
-        raise ConfigError(f"model.path {m.path!r} is not a directory; point it at a local Hugging Face model")
+        raise ConfigError(f"model.path {m.path!r} is not a directory; point it at a local Hugging Face model "
+                          "directory, e.g. --set model.path=/models/Llama-3.2-1B")
     if not config.data.train:
         raise ConfigError("data.train is required: a JSON/JSONL/Parquet file or a saved dataset directory")
     for key in ("data.train", "data.eval"):
@@ -240,8 +245,53 @@ def _validate(config: RunConfig, base_dir: str) -> None:
             raise ConfigError(f"deepspeed config {ds!r} is not valid JSON: {e}") from None
     elif ds is not None and not isinstance(ds, dict):
         raise ConfigError(f"deepspeed must be a mapping or a path to a JSON file, got {type(ds).__name__}")
+    if isinstance(ds, str):
+        with open(_resolve(ds, base_dir)) as f:
+            ds = json.load(f)
     if isinstance(ds, dict) and "optimizer" in ds:
         raise ConfigError("remove the deepspeed.optimizer block: the optimizer is built from train.* (torch AdamW)")
+    if isinstance(ds, dict):
+        check_batch_keys(ds, config, world=None)
+
+
+# DeepSpeed keys that repeat a run-config value: "auto" (or absent) takes the run config's, a number must agree.
+SHARED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_clipping": "train.gradient_clipping",
+}
+
+
+def check_batch_keys(ds: dict, config: RunConfig, world: int | None) -> None:
+    """Refuse a DeepSpeed config whose batch or clipping values contradict the run config's."""
+    for ds_key, key in SHARED_KEYS.items():
+        value = ds.get(ds_key, "auto")
+        if value != "auto" and value != _get(config, key):
+            raise ConfigError(
+                f"deepspeed.{ds_key} is {value!r} but {key} is {_get(config, key)!r}; make them agree, or write "
+                f'"auto" in the DeepSpeed config to take {key}'
+            )
+    total = ds.get("train_batch_size", "auto")
+    if world is not None and total != "auto":
+        t = config.train
+        expected = t.micro_batch_size * t.gradient_accumulation_steps * world
+        if total != expected:
+            raise ConfigError(
+                f"deepspeed.train_batch_size is {total!r} but micro batch {t.micro_batch_size} x accumulation "
+                f'{t.gradient_accumulation_steps} x {world} ranks = {expected}; write "auto" or the product'
+            )
+
+
+def _resolve_paths(config: RunConfig, base_dir: str) -> None:
+    """Store every file path as it was found (working directory first, then the config's directory)."""
+    if config.model.path is not None and not is_packaged(config.model.path):
+        config.model.path = _resolve(config.model.path, base_dir)
+    for key in ("train", "eval"):
+        value = getattr(config.data, key)
+        if value:
+            setattr(config.data, key, _resolve(value, base_dir))
+    if isinstance(config.deepspeed, str):
+        config.deepspeed = _resolve(config.deepspeed, base_dir)
 
 
 def _get(config, dotted: str):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..methods.scalora import ScaLoRAConfig
 from . import checkpoints
-from .config import RunConfig
+from .config import RunConfig, check_batch_keys
 from .data import collate, load_rows, pack, tokenize
 from .model import load_model_and_tokenizer
 
@@ -26,6 +26,7 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
         with open(ds) as f:
             ds = json.load(f)
     ds = json.loads(json.dumps(ds or {"zero_optimization": {"stage": 2}}))  # a deep copy
+    check_batch_keys(ds, cfg, world)
     t = cfg.train
     auto = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

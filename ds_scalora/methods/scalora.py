@@ -29,6 +29,7 @@ import torch
 from ..precision import POLICY_NAMES, get_policy
 from ..rescale import cross_gradients_, cross_moments_, merge_delta, rescale_factors_
 from ..scaling import SOLVERS, ScalingSolution, solve_scaling
+from ..spectrum import RankSketch
 from .adapted_layers import AdaptedLinear, find_adapted_linears
 
 
@@ -43,6 +44,8 @@ class ScaLoRAConfig:
     precision:    how merges accumulate in the frozen weight: "auto", "naive", "fp32_residual",
                   "bf16_pair" or "stochastic" (see ds_scalora.precision).
     seed:         seeds stochastic rounding; replicas that share it round identically.
+    rank_sketch:  columns k of the random sketch that estimates each layer's accumulated rank up to k
+                  (ds_scalora.spectrum.RankSketch; 4·k·d_out bytes per layer); 0 turns it off.
     """
 
     interval: int = 1
@@ -52,6 +55,7 @@ class ScaLoRAConfig:
     precision: str = "auto"
     adapter: str = "default"
     seed: int = 0
+    rank_sketch: int = 64
 
     def __post_init__(self):
         if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
@@ -64,6 +68,8 @@ class ScaLoRAConfig:
                 raise ValueError(f"strength must be a positive number or 'auto', got {self.strength!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not isinstance(self.rank_sketch, int) or isinstance(self.rank_sketch, bool) or self.rank_sketch < 0:
+            raise ValueError(f"rank_sketch must be an integer >= 0 (0 = off), got {self.rank_sketch!r}")
         if self.precision != "auto" and self.precision not in POLICY_NAMES:
             raise ValueError(f"precision must be 'auto' or one of {POLICY_NAMES}, got {self.precision!r}")
 
@@ -81,6 +87,7 @@ class RefreshReport:
     reasons: Counter = field(default_factory=Counter)  # fallback / skip reason -> layers
     alpha_beta: list = field(default_factory=list)  # one tensor of α∘β per rescaled layer
     merged_sq_norm: float = 0.0
+    accumulated_rank: list = field(default_factory=list)  # per layer, estimated (empty if rank_sketch=0)
 
     @property
     def layers(self) -> int:
@@ -94,6 +101,11 @@ class RefreshReport:
     @property
     def merged_norm(self) -> float:
         return math.sqrt(self.merged_sq_norm)
+
+    @property
+    def accumulated_rank_mean(self) -> float | None:
+        """Mean over layers of the estimated rank of (everything merged + the current adapter)."""
+        return sum(self.accumulated_rank) / len(self.accumulated_rank) if self.accumulated_rank else None
 
 
 class ScaLoRA:
@@ -114,6 +126,11 @@ class ScaLoRA:
             )
         self.policies = {layer.name: get_policy(self.config.precision, layer.weight.dtype) for layer in self.layers}
         self.merge_state = {layer.name: self.policies[layer.name].init_state(layer.weight) for layer in self.layers}
+        k = self.config.rank_sketch
+        self.sketches = {
+            layer.name: RankSketch(layer.A.shape[0], layer.B.shape[0], k, seed=index, device=layer.weight.device)
+            for index, layer in enumerate(self.layers)
+        } if k else {}  # fmt: skip
         self.step = 0  # optimizer steps seen so far
         self.totals = Counter()  # over the run: refreshes, and layers per solver / reason
 
@@ -150,6 +167,8 @@ class ScaLoRA:
             if sol.rescaled:
                 report.merged_sq_norm += self._apply(index, layer, sol)
                 report.alpha_beta.append((sol.alpha * sol.beta).float())
+        if self.sketches:
+            report.accumulated_rank = [self.sketches[l.name].rank(l.A, l.B, l.scale) for l in self.layers]
         self._count(report)
         return report
 
@@ -165,6 +184,8 @@ class ScaLoRA:
         delta = merge_delta(layer.A, layer.B, sol.alpha, sol.beta, layer.scale, dtype=work_dtype)
         seed = (self.config.seed * 1_000_003 + self.step) * 10_007 + index
         self.policies[layer.name].merge_(weight.data, layer.to_weight_layout(delta), self.merge_state[layer.name], seed=seed)
+        if self.sketches:
+            self.sketches[layer.name].add(layer.A, layer.B, 1 - sol.alpha * sol.beta, layer.scale)
         rescale_factors_(layer.A.data, layer.B.data, sol.alpha, sol.beta)
         grad_B = layer.lora_A.grad
         cross_gradients_(layer.lora_B.grad, None if grad_B is None else grad_B.T, sol.alpha, sol.beta)
@@ -198,6 +219,7 @@ class ScaLoRA:
             "step": self.step,
             "totals": dict(self.totals),
             "merge_state": {k: v for k, v in self.merge_state.items() if v is not None},
+            "sketches": {name: sketch.Y for name, sketch in self.sketches.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -215,5 +237,8 @@ class ScaLoRA:
             if self.merge_state[name] is None or self.merge_state[name].shape != tensor.shape:
                 raise ValueError(f"merge state of {name} does not match this model's layer")
             self.merge_state[name].copy_(tensor)
+        for name, Y in state.get("sketches", {}).items():
+            if name in self.sketches and self.sketches[name].Y.shape == Y.shape:
+                self.sketches[name].Y.copy_(Y)
         self.step = int(state["step"])
         self.totals = Counter(state["totals"])

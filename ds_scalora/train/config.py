@@ -52,6 +52,7 @@ class ScaLoRAOptions:
     warmup_steps: int = 10
     solver: str = "column"
     precision: str = "auto"
+    rank_sketch: int = 64  # columns of the sketch behind the logged accumulated-rank estimate; 0 = off
 
 
 @dataclass

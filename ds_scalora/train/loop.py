@@ -83,7 +83,8 @@ def run(cfg: RunConfig) -> dict:
         o = cfg.method.scalora
         controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, strength=o.strength,
                                                          warmup_steps=o.warmup_steps, solver=o.solver,
-                                                         precision=o.precision, seed=cfg.train.seed))  # fmt: skip
+                                                         precision=o.precision, rank_sketch=o.rank_sketch,
+                                                         seed=cfg.train.seed))  # fmt: skip
 
     start, history = 0, []
     resume = checkpoints.resolve_resume(cfg.train.resume, cfg.train.output_dir)
@@ -137,11 +138,17 @@ def run(cfg: RunConfig) -> dict:
             tokens, t0 = 0, time.perf_counter()
             if writer is not None:
                 for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step":
+                    if isinstance(value, (int, float)) and key != "step" and not key.startswith("scalora/"):
                         writer.add_scalar(key, value, step + 1)
-        if writer is not None and controller is not None and controller.last_report is not None:
-            if controller.last_report.alpha_beta:
-                writer.add_histogram("scalora/alpha_beta", torch.cat(controller.last_report.alpha_beta), step + 1)
+        report = controller.last_report if controller is not None else None
+        if writer is not None and report is not None:  # ScaLoRA's own, at every refresh
+            for key, value in record.items():
+                if key.startswith("scalora/"):
+                    writer.add_scalar(key, value, step + 1)
+            if report.alpha_beta:
+                writer.add_histogram("scalora/alpha_beta", torch.cat(report.alpha_beta), step + 1)
+            if report.accumulated_rank:
+                writer.add_histogram("scalora/accumulated_rank_per_layer", torch.tensor(report.accumulated_rank), step + 1)
         history.append(record)
         last_tps = record.get("tokens_per_s", last_tps)
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
@@ -245,7 +252,14 @@ def _scalora_stats(report) -> dict:
     ab = torch.cat(report.alpha_beta) if report.alpha_beta else torch.ones(1)
     return {"scalora/scalar_fraction": report.scalar_fraction, "scalora/alpha_beta_mean": float(ab.mean()),
             "scalora/alpha_beta_min": float(ab.min()), "scalora/alpha_beta_max": float(ab.max()),
-            "scalora/merged_norm": report.merged_norm}  # fmt: skip
+            "scalora/merged_norm": report.merged_norm,
+            **({"scalora/accumulated_rank_mean": report.accumulated_rank_mean,
+                "scalora/accumulated_rank_max": max(report.accumulated_rank)} if report.accumulated_rank else {})}  # fmt: skip
+
+
+def _last(history: list, key: str):
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
 
 
 def _tensorboard(cfg: RunConfig):
@@ -274,6 +288,7 @@ def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
         "eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
         "eval_before_training": None if start is None else {k: v for k, v in start.items() if k.startswith("eval_")},
         "scalora_totals": dict(controller.totals) if controller is not None else None,
+        "scalora_accumulated_rank": _last(history, "scalora/accumulated_rank_mean"),
         "config": cfg.to_dict(),
         "history": history,
     }

@@ -39,6 +39,7 @@ from ..methods.scalora import RefreshReport, ScaLoRAConfig
 from ..precision import get_policy
 from ..rescale import MOMENT_POWERS, expand_column_scale, merge_delta_flat
 from ..scaling import solve_scaling
+from ..spectrum import RankSketch
 from .state_access import ZeroAccess
 
 _SOLVERS = ("none", "column", "scalar", "nnls")
@@ -61,6 +62,13 @@ class ZeroScaLoRA:
             policy.init_state(self.access.weight_slice(layer.weight)[0])
             for policy, layer in zip(self.policies, self.layers)
         ]
+        # the accumulated-rank sketch of layer i lives on the rank that solves it (i mod N)
+        k = config.rank_sketch
+        self.sketches = {
+            i: RankSketch(self.access.full_shape(layer.lora_B)[0], self.access.full_shape(layer.lora_A)[1], k,
+                          seed=i, device=layer.lora_B.device)
+            for i, layer in enumerate(self.layers) if k and i % self.access.world == self.access.rank
+        }  # fmt: skip
         self.totals = Counter()
         self.last_report: RefreshReport | None = None
         self._wrap_step()
@@ -112,18 +120,29 @@ class ZeroScaLoRA:
             return report
         solutions = self._solve_round_robin(full)
         merged = []
+        ranks = torch.zeros(len(self.layers), dtype=torch.float64)
         for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
             report.solvers[used] += 1
             if reason:
                 report.reasons[reason] += 1
-            if used == "none":
-                continue
-            report.merged_sq_norm += self._merge(index, layer, A, B, alpha, beta)
-            self._rescale_pieces(layer, alpha, beta)
-            report.alpha_beta.append((alpha * beta).float())
-            merged.append(layer.weight)
+            if used != "none":
+                report.merged_sq_norm += self._merge(index, layer, A, B, alpha, beta)
+                self._rescale_pieces(layer, alpha, beta)
+                report.alpha_beta.append((alpha * beta).float())
+                merged.append(layer.weight)
+            sketch = self.sketches.get(index)
+            if sketch is not None:
+                if used != "none":
+                    sketch.add(A, B, 1 - alpha * beta, layer.scale)
+                    A, B = A * alpha.to(A), B * beta.to(B)  # the adapter after the rescale
+                ranks[index] = sketch.rank(A, B, layer.scale)
         self.access.share_replica_slices(merged)
-        report.merged_sq_norm = float(self.access.all_reduce(torch.tensor([report.merged_sq_norm], dtype=torch.float64)))
+        # one all-reduce for the merged norm (summed over slices) and the ranks (each from its owner)
+        totals = self.access.all_reduce(torch.cat([torch.tensor([report.merged_sq_norm], dtype=torch.float64), ranks])
+                                        .to(self.layers[0].lora_B.device)).cpu()  # fmt: skip
+        report.merged_sq_norm = float(totals[0])
+        if self.config.rank_sketch:
+            report.accumulated_rank = [int(r) for r in totals[1:]]
         self._count(report)
         return report
 
@@ -241,7 +260,9 @@ class ZeroScaLoRA:
     def save_shard(self, tag_dir: str) -> None:
         """Write this rank's merge-state shard into a checkpoint's tag directory (atomic rename)."""
         path = self.shard_path(tag_dir)
-        torch.save({**self.state_dict(), "rank": self.access.rank, "merge_state": self.merge_state}, path + ".tmp")
+        sketches = {i: sketch.Y for i, sketch in self.sketches.items()}
+        torch.save({**self.state_dict(), "rank": self.access.rank, "merge_state": self.merge_state,
+                    "sketches": sketches}, path + ".tmp")  # fmt: skip
         os.replace(path + ".tmp", path)
         if dist.is_initialized():
             dist.barrier()
@@ -265,6 +286,9 @@ class ZeroScaLoRA:
                 raise ValueError(f"{path}: merge state does not match this run's precision policy or sharding")
             if mine is not None:
                 mine.copy_(theirs)
+        for i, Y in saved.get("sketches", {}).items():
+            if i in self.sketches and self.sketches[i].Y.shape == Y.shape:
+                self.sketches[i].Y.copy_(Y)
         self.totals = Counter(saved["totals"])
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:

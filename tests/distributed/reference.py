@@ -163,7 +163,7 @@ def train_reference(
 
         scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup))
 
-    losses, grad_norms = [], []
+    losses, grad_norms, accumulated_rank = [], [], None
     rows = global_batch_size // chunks
     for step in range(steps):
         batch = global_batch(step, global_batch_size, seq_len, data_seed)
@@ -174,7 +174,9 @@ def train_reference(
             (loss / chunks).backward()
             total += float(loss.detach().float()) / chunks
         if scalora is not None:
-            scalora.refresh_if_due()
+            report = scalora.refresh_if_due()
+            if report is not None:
+                accumulated_rank = report.accumulated_rank
         if masters_mode:
             for n, m in masters.items():
                 g = trainable[n].grad
@@ -203,6 +205,7 @@ def train_reference(
         },
         "meta": {
             "kind": "reference",
+            "accumulated_rank": accumulated_rank,
             "dtype": dtype,
             "bf16_style": bf16_style if dtype == "bf16" else None,
             "method": method,

@@ -52,6 +52,13 @@ def test_every_method_runs(ranks, method, tmp_path):
     if method == "scalora":
         assert s["scalora_totals"]["refreshes"] == 2  # steps 2 and 4 (warm-up 2, interval 2)
         assert any("scalora/scalar_fraction" in h for h in s["history"])
+        assert s["scalora_accumulated_rank"] > 0
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Tags()
+        assert {"scalora/accumulated_rank_mean", "scalora/merged_norm", "scalora/scalar_fraction", "loss",
+                "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= set(tags["scalars"]), tags
+        assert {"scalora/alpha_beta", "scalora/accumulated_rank_per_layer"} <= set(tags["histograms"]), tags
     else:
         assert s["scalora_totals"] is None
 

@@ -94,7 +94,7 @@ def check(got, ref, dtype, label, world):
     meta = got["meta"]
     print(f"{label}: factors worst {diff['trainable_max_rel']:.2e} overall {diff['trainable_global_rel']:.2e}, "
           f"losses {diff['loss_max_abs']:.2e}, merged updates worst {max(merged.values()):.2e}, "
-          f"refresh totals {meta['scalora_totals']}")
+          f"refresh totals {meta['scalora_totals']}, accumulated ranks {meta['accumulated_rank']}")
     assert meta["world_size"] == world
     assert meta["scalora_totals"]["refreshes"] == STEPS - WARMUP
     assert diff["loss_max_abs"] <= tol["loss"], diff
@@ -103,6 +103,8 @@ def check(got, ref, dtype, label, world):
         assert diff["trainable_global_rel"] <= tol["global"], diff
         assert max(merged.values()) <= tol["merged"], merged
         assert max(effective_update_errors(got, ref).values()) <= tol["merged"]
+        # the rank estimate (sketched on the rank that solves each layer) is the reference's, layer by layer
+        assert meta["accumulated_rank"] == ref["meta"]["accumulated_rank"] and max(meta["accumulated_rank"]) > 0
     else:
         floor = max(effective_update_errors(ref, reference("fp32", world, ref["meta"]["global_batch"] // world // GAS)).values())
         worst = max(effective_update_errors(got, ref).values())
@@ -150,3 +152,4 @@ def test_resume_reproduces_the_uninterrupted_run(stage, tmp_path):
     for name, t in full["frozen"].items():
         assert torch.equal(resumed["frozen"][name], t), name
     assert resumed["meta"]["scalora_totals"] == full["meta"]["scalora_totals"]
+    assert resumed["meta"]["accumulated_rank"] == full["meta"]["accumulated_rank"]  # the sketches were saved

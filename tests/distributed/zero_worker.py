@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     if a.method == "scalora":
         controller = attach_scalora(engine, model, a.interval, warmup_steps=a.scalora_warmup)
 
-    losses, grad_norms, start = [], [], 0
+    losses, grad_norms, start, accumulated_rank = [], [], 0, None
     if a.resume:
         loader = controller.load_checkpoint if controller is not None else engine.load_checkpoint
         _, client = loader(a.resume)
@@ -176,6 +176,8 @@ def main(argv=None) -> None:
                 loss = loss * float("nan")  # a non-finite gradient: DeepSpeed skips the step
             engine.backward(loss)
             engine.step()  # the optimizer only steps at the boundary (k == gas-1)
+        if controller is not None and controller.last_report is not None:
+            accumulated_rank = controller.last_report.accumulated_rank
         total /= a.gas
         dist.all_reduce(total)
         losses.append(float(total) / world)
@@ -213,6 +215,7 @@ def main(argv=None) -> None:
             "merged": merged,
             "meta": {
                 "kind": "deepspeed",
+                "accumulated_rank": accumulated_rank,
                 "stage": a.stage,
                 "dtype": a.dtype,
                 "method": a.method,

@@ -1,7 +1,7 @@
 """``deepspeed launch/train.py --config ds_configs/tiny.yaml`` through the real launcher (CPU, gloo).
 
-Each launch costs ~20-30 s here; the file makes 7. What is shown: every method runs (ScaLoRA at 1 and
-2 ranks, LoRA at 2, rsLoRA and full fine-tuning at 1); a run killed with SIGKILL right after a
+Each launch costs ~20-30 s here; the file makes 9. What is shown: every method runs (ScaLoRA at 1 and
+2 ranks, LoRA at 2, rsLoRA and full fine-tuning at 1; two nodes through a hostfile at ZeRO-3); a run killed with SIGKILL right after a
 checkpoint resumes to exactly the uninterrupted run's final state; bad input ends with one paragraph
 and a non-zero status, before any heavy work, and leaves existing checkpoints intact.
 """
@@ -90,15 +90,17 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
 
 def test_bad_input_is_one_paragraph_and_nonzero(tmp_path):
     run = [sys.executable, str(REPO / "launch" / "train.py"), "--config", TINY]
-    cases = {
-        "train.max_stepz=3": "unknown key 'train.max_stepz'; did you mean train.max_steps",
-        "train.learning_rate=fast": "train.learning_rate must be float",
-        "model.path=/nonexistent": "set exactly one of model.path",
-        "data.train=/nonexistent.jsonl": "does not exist",
-    }
-    for override, message in cases.items():
-        proc = subprocess.run(run + ["--set", override], cwd=REPO, env=_env(), capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr, (override, proc.stderr)
+    cases = [
+        (["train.max_stepz=3"], "unknown key 'train.max_stepz'; did you mean train.max_steps"),
+        (["train.learning_rate=fast"], "train.learning_rate must be float"),
+        (["model.path=/nonexistent"], "set exactly one of model.path"),
+        (["model.random_init=null", "model.path=/nonexistent"], "model.path '/nonexistent' is not a directory"),
+        (["data.train=/nonexistent.jsonl"], "does not exist"),
+        (["deepspeed.gradient_accumulation_steps=8"], "deepspeed.gradient_accumulation_steps is 8 but train"),
+    ]
+    for overrides, message in cases:
+        proc = subprocess.run([*run, "--set", *overrides], cwd=REPO, env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, (overrides, proc.stderr)
         assert "Traceback" not in proc.stderr
     # a dataset with no usable row is reported through the launcher as well
     empty = tmp_path / "empty.jsonl"
@@ -124,3 +126,30 @@ def test_truncated_checkpoint_is_detected_and_nothing_is_lost(tmp_path):
     assert proc.returncode != 0 and "step00000006" in proc.stderr and "damaged" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert good.is_dir() and (good / "COMPLETE").is_file()
+
+
+def test_two_nodes_with_a_hostfile_at_zero3(tmp_path):
+    """The multi-node path as users launch it (``deepspeed --hostfile``), here two "nodes" on loopback:
+    each node's launcher is started with ``--no_ssh --node_rank R`` instead of being ssh'ed to. ZeRO-3,
+    so the model is loaded partitioned and exact match generates with synced ranks."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out, port = tmp_path / "run", str(free_port())
+    sets = [f"train.output_dir={out}", "train.max_steps=4", "eval.every=4", "checkpoint.every=4",
+            "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                          "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+                          str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets],
+                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]  # fmt: skip
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 4 and s["scalora_totals"]["refreshes"] == 1
+    assert s["config"]["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert "eval_exact_match" in s["eval"] and s["scalora_accumulated_rank"] > 0
+    shards = sorted(p.name for p in (out / "checkpoints" / "step00000004").glob("ds_scalora_rank*"))
+    assert shards == ["ds_scalora_rank00000_of00002.pt", "ds_scalora_rank00001_of00002.pt"]
+    assert (out / "checkpoints" / "step00000004" / "COMPLETE").is_file()

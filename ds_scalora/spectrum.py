@@ -58,10 +58,9 @@ class RankSketch:
             return 0
         return int((eig > rtol * eig[0]).sum())
 
-    def state_dict(self) -> dict:
-        return {"Y": self.Y, "seed": self.seed, "d_in": self.d_in}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["Y"].shape != self.Y.shape or state["seed"] != self.seed or state["d_in"] != self.d_in:
-            raise ValueError(f"rank sketch of shape {tuple(state['Y'].shape)} does not match {tuple(self.Y.shape)}")
-        self.Y.copy_(state["Y"])
+    def load_(self, Y: torch.Tensor) -> None:
+        """Restore ``Y`` from a checkpoint (Ω is regenerated from the seed)."""
+        if Y.shape != self.Y.shape:
+            raise ValueError(f"saved rank sketch has shape {tuple(Y.shape)}, this run's is {tuple(self.Y.shape)}: "
+                             "resume with the rank_sketch (k) the checkpoint was written with")
+        self.Y.copy_(Y)

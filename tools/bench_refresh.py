@@ -120,7 +120,7 @@ def bench(dtype_name: str, r: int, args) -> dict:
     for _ in range(3):  # lora_B leaves zero, Adam moments exist
         train_step(model, opt, batch(2, 64))
     model(input_ids=(ids := batch(2, 64)), labels=ids).loss.backward()
-    scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0))
+    scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0, rank_sketch=args.rank_sketch))
     saved = snapshot(scalora)
 
     totals, solves, merges, mix = [], [], [], Counter()
@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--solver", choices=SOLVERS, default="column")
     parser.add_argument("--layers", type=int, default=30, help="hidden layers (SmolLM2-135M has 30)")
+    parser.add_argument("--rank-sketch", type=int, default=64, help="ScaLoRAConfig.rank_sketch (0: no rank estimate)")
     parser.add_argument("--quick", action="store_true", help="r=4, 2 hidden layers, 1 repeat: a smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -174,7 +175,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the figures)")
     print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init; LoRA on {','.join(TARGETS)}; "
-          f"solver {args.solver}, strength auto; repeats {args.repeats} (median)")
+          f"solver {args.solver}, strength auto, rank_sketch {args.rank_sketch}; repeats {args.repeats} (median)")
     start = time.perf_counter()
     rows = [bench(d, r, args) for d in dtypes for r in args.ranks]
     first = rows[0]

@@ -238,7 +238,7 @@ class ScaLoRA:
                 raise ValueError(f"merge state of {name} does not match this model's layer")
             self.merge_state[name].copy_(tensor)
         for name, Y in state.get("sketches", {}).items():
-            if name in self.sketches and self.sketches[name].Y.shape == Y.shape:
-                self.sketches[name].Y.copy_(Y)
+            if name in self.sketches:
+                self.sketches[name].load_(Y)
         self.step = int(state["step"])
         self.totals = Counter(state["totals"])

@@ -287,8 +287,8 @@ class ZeroScaLoRA:
             if mine is not None:
                 mine.copy_(theirs)
         for i, Y in saved.get("sketches", {}).items():
-            if i in self.sketches and self.sketches[i].Y.shape == Y.shape:
-                self.sketches[i].Y.copy_(Y)
+            if i in self.sketches:
+                self.sketches[i].load_(Y)
         self.totals = Counter(saved["totals"])
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:

@@ -103,6 +103,9 @@ def test_deepspeed_values_must_agree_with_the_run_config(good, tmp_path):
     assert deepspeed_config(cfg, 16)["gradient_accumulation_steps"] == 1
     with pytest.raises(ConfigError, match=r"train_batch_size is 64 but micro batch 4 x accumulation 1 x 2 ranks = 8"):
         deepspeed_config(cfg, 2)
+    ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))  # in a JSON file as inline: refused
+    with pytest.raises(ConfigError, match="remove the deepspeed.optimizer block"):
+        load_config(str(good), [f"deepspeed={ds}"])
 
 
 def test_relative_paths_resolve_from_the_config_directory(tmp_path, monkeypatch):

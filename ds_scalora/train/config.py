@@ -241,14 +241,11 @@ def _validate(config: RunConfig, base_dir: str) -> None:
             raise ConfigError(f"deepspeed {ds!r} is not a file; give a DeepSpeed JSON path or an inline mapping")
         try:
             with open(resolved) as f:
-                json.load(f)
+                ds = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed config {ds!r} is not valid JSON: {e}") from None
     elif ds is not None and not isinstance(ds, dict):
         raise ConfigError(f"deepspeed must be a mapping or a path to a JSON file, got {type(ds).__name__}")
-    if isinstance(ds, str):
-        with open(_resolve(ds, base_dir)) as f:
-            ds = json.load(f)
     if isinstance(ds, dict) and "optimizer" in ds:
         raise ConfigError("remove the deepspeed.optimizer block: the optimizer is built from train.* (torch AdamW)")
     if isinstance(ds, dict):

@@ -1,6 +1,10 @@
 """Layer 2: the methods, on PEFT modules. No DeepSpeed imports here."""
 
 from .adapted_layers import AdaptedLinear, find_adapted_linears
+from .elalora import ElaLoRA, ElaLoRAConfig, ElasticRanks, RoundReport, elastic_lora_model, lora_adapter_tensors
 from .scalora import RefreshReport, ScaLoRA, ScaLoRAConfig
+from .svd_layers import SVDAdapted, find_svd_layers
 
-__all__ = ["AdaptedLinear", "find_adapted_linears", "RefreshReport", "ScaLoRA", "ScaLoRAConfig"]
+__all__ = ["AdaptedLinear", "find_adapted_linears", "RefreshReport", "ScaLoRA", "ScaLoRAConfig", "ElaLoRA",
+           "ElaLoRAConfig", "ElasticRanks", "RoundReport", "elastic_lora_model", "lora_adapter_tensors",
+           "SVDAdapted", "find_svd_layers"]

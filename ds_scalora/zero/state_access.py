@@ -20,23 +20,12 @@ from inside the wrapped ``engine.optimizer.step``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
+from ..pieces import Piece
+
 SUPPORTED_DEEPSPEED = "0.19.8"
-
-
-@dataclass
-class Piece:
-    """Elements ``[start, start + numel)`` of a flattened trainable parameter, held by this rank."""
-
-    start: int
-    numel: int
-    master: torch.Tensor  # fp32 view, 1-D
-    grad: torch.Tensor | None  # view of the reduced gradient (fp32 or the gradient dtype), 1-D
-    moments: dict  # state name -> 1-D view; empty before the first optimizer step
 
 
 def disable_cpu_shm_comm() -> None:

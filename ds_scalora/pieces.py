@@ -1,0 +1,46 @@
+"""A rank's piece of a trainable parameter: the common currency of the methods and the ZeRO layer.
+
+Under ZeRO each data-parallel rank holds a contiguous range of every flattened trainable parameter
+(possibly empty); without ZeRO the one piece is the whole parameter. Methods that work entry by entry
+(importance scores, slot resets) operate on pieces and never need to know which case they are in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Piece:
+    """Elements ``[start, start + numel)`` of a flattened trainable parameter, held by this rank."""
+
+    start: int
+    numel: int
+    master: torch.Tensor  # fp32 (or the parameter's own dtype) view, 1-D, writable
+    grad: torch.Tensor | None  # view of the reduced gradient, 1-D
+    moments: dict  # optimizer state name -> 1-D view; empty before the first optimizer step
+
+
+class LocalAccess:
+    """Pieces of a model trained by a plain torch optimizer in one process (or under DDP, where every
+    replica holds the same reduced gradients): each piece is the whole parameter; nothing communicates.
+    Mirrors the surface of ``ds_scalora.zero.state_access.ZeroAccess``."""
+
+    rank, world = 0, 1
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.opt = optimizer
+
+    def piece(self, p: torch.nn.Parameter) -> Piece:
+        state = self.opt.state.get(p, {})
+        moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+        grad = None if p.grad is None else p.grad.view(-1)
+        return Piece(0, p.numel(), p.data.view(-1), grad, moments)
+
+    def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
+        return p.shape
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t

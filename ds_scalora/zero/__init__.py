@@ -1,6 +1,7 @@
 """Layer 3: the DeepSpeed integration. Only ``state_access`` touches DeepSpeed internals."""
 
 from .controller import ZeroScaLoRA, attach
+from .elalora_controller import ZeroElaLoRA, attach_elalora
 from .state_access import UnsupportedConfig, disable_cpu_shm_comm
 
-__all__ = ["ZeroScaLoRA", "attach", "UnsupportedConfig", "disable_cpu_shm_comm"]
+__all__ = ["ZeroScaLoRA", "attach", "ZeroElaLoRA", "attach_elalora", "UnsupportedConfig", "disable_cpu_shm_comm"]

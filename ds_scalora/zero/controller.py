@@ -1,10 +1,8 @@
 """ScaLoRA inside a DeepSpeed engine, at ZeRO stages 0 to 3, on one node or many.
 
-The controller wraps ``engine.optimizer.step`` (an instance attribute): DeepSpeed calls it once per
-optimizer step, at the gradient-accumulation boundary, after the gradients are reduced and before the
-ZeRO step clips them, updates the fp32 masters and copies them into the model's low-precision
-weights. That is the one window where a refresh is correct (see shared/research/deepspeed-zero.md §2,
-§7). It works the same under a hand-written loop, HF Trainer and Accelerate.
+The refresh runs in the one window where it is correct: after the gradient reduction and before the
+ZeRO step (``step_hook.install_step_hook``). It works the same under a hand-written loop, HF Trainer
+and Accelerate.
 
 One refresh, for the whole model:
 
@@ -41,6 +39,7 @@ from ..rescale import MOMENT_POWERS, expand_column_scale, merge_delta_flat
 from ..scaling import solve_scaling
 from ..spectrum import RankSketch
 from .state_access import ZeroAccess
+from .step_hook import install_step_hook
 
 _SOLVERS = ("none", "column", "scalar", "nnls")
 _REASONS = (None, "negative_column_solution", "degenerate", "nonfinite")
@@ -76,35 +75,10 @@ class ZeroScaLoRA:
     # -- the hook -------------------------------------------------------------------------------
 
     def _wrap_step(self) -> None:
-        opt = self.engine.optimizer
-        if getattr(opt, "_ds_scalora_wrapped", False):
-            raise RuntimeError("this engine already has a ScaLoRA controller attached")
-        self._refreshed_step = None
+        def refresh_if_due(step):
+            self.last_report = self.refresh() if self.config.is_due(step) else None
 
-        def refresh_once():
-            step = self.engine.global_steps
-            if self._refreshed_step != step:
-                self._refreshed_step = step
-                self.last_report = self.refresh() if self.config.is_due(step) else None
-
-        original = opt.step
-
-        def step(*args, **kwargs):
-            refresh_once()
-            return original(*args, **kwargs)
-
-        opt.step = step
-        opt._ds_scalora_wrapped = True
-        if self.access.kind == "plain":
-            # Without ZeRO (fp32), DeepSpeed clips in the engine before optimizer.step(); the refresh
-            # must come first, as everywhere else (the clip then sees the re-expressed gradients).
-            clip = self.engine.clip_fp32_gradients
-
-            def clip_after_refresh(*args, **kwargs):
-                refresh_once()
-                return clip(*args, **kwargs)
-
-            self.engine.clip_fp32_gradients = clip_after_refresh
+        install_step_hook(self.engine, self.access.kind, refresh_if_due)
 
     # -- the refresh ----------------------------------------------------------------------------
 

@@ -47,9 +47,18 @@ for _p in (_HERE.parent, _HERE):  # tests/ (tiny_models) and tests/distributed/
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from tiny_models import VOCAB, tiny_lora_model  # noqa: E402
+from tiny_models import VOCAB, tiny_elastic_model, tiny_lora_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# ElaLoRA in the equivalence tests: 2 of 4 slots active per matrix, rounds at steps 3 and 5 of 8
+ELALORA_TEST = {"init_rank": 2, "max_rank": 4, "init_warmup": 1, "final_warmup": 1, "interval": 2, "moves": 3,
+                "per_matrix": 2}
+
+
+def elalora_config(steps: int):
+    from ds_scalora.methods import ElaLoRAConfig
+
+    return ElaLoRAConfig(total_steps=steps, **ELALORA_TEST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,13 +99,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="model init seed")
     parser.add_argument("--data-seed", type=int, default=1)
-    parser.add_argument("--method", choices=["lora", "scalora"], default="lora")
+    parser.add_argument("--method", choices=["lora", "scalora", "elalora"], default="lora")
     parser.add_argument("--interval", type=int, default=1, help="ScaLoRA refresh interval")
     parser.add_argument("--scalora-warmup", type=int, default=2, help="ScaLoRA warmup_steps")
 
 
-def build_model(dtype: str, seed: int = 0, bf16_style: str = "master") -> torch.nn.Module:
+def build_model(dtype: str, seed: int = 0, bf16_style: str = "master", method: str = "lora",
+                steps: int = 8) -> torch.nn.Module:  # fmt: skip
     """The tiny PEFT model as each setting sees it at step 0 (see the module docstring)."""
+    if method == "elalora":
+        if dtype != "fp32":
+            raise ValueError("the ElaLoRA equivalence is checked in fp32")
+        return tiny_elastic_model(torch.float32, seed=seed, total_steps=steps, init_rank=ELALORA_TEST["init_rank"],
+                                  max_rank=ELALORA_TEST["max_rank"])  # fmt: skip
     if dtype == "fp32" or bf16_style == "master":
         model = tiny_lora_model(torch.float32, seed=seed)
         # DeepSpeed's bf16 casts every floating *parameter* (adapters included) but no buffer (the
@@ -148,7 +163,7 @@ def train_reference(
         raise ValueError("ScaLoRA's reference needs the optimizer to own the model params: use bf16_style='peft'")
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.perf_counter()
-    model = build_model(dtype, seed, bf16_style)
+    model = build_model(dtype, seed, bf16_style, method=method, steps=steps)
     trainable, _ = split_params(model)
     if masters_mode:
         masters = {n: p.detach().float().clone() for n, p in trainable.items()}
@@ -162,6 +177,11 @@ def train_reference(
         from ds_scalora import ScaLoRA, ScaLoRAConfig
 
         scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup))
+    elalora = None
+    if method == "elalora":
+        from ds_scalora.methods import ElaLoRA
+
+        elalora = ElaLoRA(model, opt, elalora_config(steps))
 
     losses, grad_norms, accumulated_rank = [], [], None
     rows = global_batch_size // chunks
@@ -177,6 +197,8 @@ def train_reference(
             report = scalora.refresh_if_due()
             if report is not None:
                 accumulated_rank = report.accumulated_rank
+        if elalora is not None:
+            elalora.after_backward()
         if masters_mode:
             for n, m in masters.items():
                 g = trainable[n].grad
@@ -203,6 +225,8 @@ def train_reference(
         "merged": {} if scalora is None else {
             f"{layer.name}.base_layer.weight": scalora.merged_weight(layer) for layer in scalora.layers
         },
+        "elalora": None if elalora is None else {"active": [a.clone() for a in elalora.core.active],
+                                                  "rounds": elalora.core.rounds},
         "meta": {
             "kind": "reference",
             "accumulated_rank": accumulated_rank,

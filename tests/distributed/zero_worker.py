@@ -42,7 +42,7 @@ for _p in (_HERE.parent, _HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from reference import add_common_args, build_model, global_batch, rank_micro_batch  # noqa: E402
+from reference import add_common_args, build_model, elalora_config, global_batch, rank_micro_batch  # noqa: E402
 
 
 def attach_scalora(engine, model, interval, **options):
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     torch.manual_seed(a.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    model = build_model("fp32", a.seed)  # DeepSpeed casts to bf16 itself when bf16 is enabled
+    model = build_model("fp32", a.seed, method=a.method, steps=a.steps)  # DeepSpeed casts to bf16 itself
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=a.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(a))
@@ -150,6 +150,10 @@ def main(argv=None) -> None:
     controller = None
     if a.method == "scalora":
         controller = attach_scalora(engine, model, a.interval, warmup_steps=a.scalora_warmup)
+    elif a.method == "elalora":
+        from ds_scalora.zero import attach_elalora
+
+        controller = attach_elalora(engine, model, elalora_config(a.steps))
 
     losses, grad_norms, start, accumulated_rank = [], [], 0, None
     if a.resume:
@@ -176,7 +180,7 @@ def main(argv=None) -> None:
                 loss = loss * float("nan")  # a non-finite gradient: DeepSpeed skips the step
             engine.backward(loss)
             engine.step()  # the optimizer only steps at the boundary (k == gas-1)
-        if controller is not None and controller.last_report is not None:
+        if a.method == "scalora" and controller.last_report is not None:
             accumulated_rank = controller.last_report.accumulated_rank
         total /= a.gas
         dist.all_reduce(total)
@@ -203,7 +207,7 @@ def main(argv=None) -> None:
         replicas_identical = all(torch.equal(mine, other) for other in everyone)
     totals = dict(controller.totals) if controller is not None else {}
     merged = {}  # full-precision merged weights (the bf16 weight plus the precision policy's state)
-    if controller is not None:
+    if a.method == "scalora":
         for layer in controller.layers:
             merged[f"{layer.name}.base_layer.weight"] = controller.full_merged_weight(layer).cpu()
     if rank == 0:
@@ -213,6 +217,8 @@ def main(argv=None) -> None:
             "trainable": trainable_full,
             "frozen": frozen_full,
             "merged": merged,
+            "elalora": None if a.method != "elalora" else {"active": [m.clone() for m in controller.core.active],
+                                                           "rounds": controller.core.rounds},
             "meta": {
                 "kind": "deepspeed",
                 "accumulated_rank": accumulated_rank,

@@ -1,0 +1,154 @@
+"""ElaLoRA inside a DeepSpeed engine, at ZeRO stages 0 to 3: the same ``ElasticRanks`` on ZeRO's pieces.
+
+Shapes never change (fixed max-rank buffers), so ZeRO's flattened partitions stay valid; every rank
+runs ``ElasticRanks.on_step`` in the step window (``step_hook``) on its own pieces of P, λ, Q, their
+reduced gradients and moments. Communication per step: one all-reduce of the full P and Q (for the
+orthogonality regulariser; a one-element one when it is off and no round is due), plus, on a
+reallocation step, one all-reduce of the slot scores (R floats per matrix). Every rank then plans the
+same moves from the same numbers and writes only its own entries.
+
+Checkpoints: the replicated state (masks, round history) goes into ``client_state["ds_elalora"]``; the
+importance averages are per rank, in ``ds_elalora_rankNNNNN_ofNNNNN.pt`` beside DeepSpeed's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..methods.elalora import ElaLoRAConfig, ElasticRanks, RoundReport, lora_adapter_tensors
+from ..methods.svd_layers import find_svd_layers
+from .state_access import ZeroAccess
+from .step_hook import install_step_hook
+
+
+class ZeroElaLoRA:
+    """ElaLoRA attached to a DeepSpeed engine. Create it with :func:`attach_elalora`."""
+
+    def __init__(self, engine, model: torch.nn.Module, config: ElaLoRAConfig):
+        self.engine, self.config = engine, config
+        self.access = ZeroAccess(engine)
+        layers = find_svd_layers(model, config.adapter)
+        frozen = [layer.name for layer in layers if not all(p.requires_grad for _, p, _ in layer.factors())]
+        if frozen:
+            raise ValueError(f"the factors of {frozen[0]} are not trainable; ElaLoRA trains P, λ and Q")
+        self.core = ElasticRanks(layers, config, self.access)
+        self.last_report: RoundReport | None = None
+        install_step_hook(engine, self.access.kind, self._on_step)
+
+    def _on_step(self, step: int) -> None:
+        self.last_report = self.core.on_step(step)
+
+    @property
+    def layers(self):
+        return self.core.layers
+
+    @property
+    def totals(self):
+        return self.core.totals
+
+    def rank_pattern(self) -> dict[str, int]:
+        return self.core.rank_pattern()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {**self.core.state_dict(), "world": self.access.world}
+
+    def shard_path(self, tag_dir: str) -> str:
+        return os.path.join(tag_dir, f"ds_elalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
+
+    def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:
+        """``engine.save_checkpoint`` plus this rank's importance averages, written beside it."""
+        tag = str(tag if tag is not None else f"global_step{self.engine.global_steps}")
+        client_state = {**(client_state or {}), "ds_elalora": self.state_dict()}
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, **kwargs)
+        path = self.shard_path(os.path.join(save_dir, tag))
+        torch.save({"layers": [layer.name for layer in self.layers], "ema": self.core.ema_state()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
+        """``engine.load_checkpoint`` plus the masks, history and this rank's averages."""
+        if tag is None:
+            with open(os.path.join(load_dir, "latest")) as f:
+                tag = f.read().strip()
+        path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+        if path is None:
+            return path, client_state
+        if "ds_elalora" not in (client_state or {}):
+            raise ValueError(f"{os.path.join(load_dir, str(tag))} holds no ElaLoRA state: it was not written by ElaLoRA")
+        self.core.load_state_dict(client_state["ds_elalora"])
+        shard = self.shard_path(os.path.join(load_dir, str(tag)))
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"missing ElaLoRA shard {shard}: the checkpoint is incomplete or was written "
+                                    f"at another world size (this run has {self.access.world} ranks)")  # fmt: skip
+        saved = torch.load(shard, map_location="cpu", weights_only=True)
+        if saved["layers"] != [layer.name for layer in self.layers]:
+            raise ValueError(f"{shard} was written for different adapted layers than this model has")
+        device = self.layers[0].P.device
+        self.core.load_ema_state({k: v.to(device) for k, v in saved["ema"].items()})
+        return path, client_state
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def export_lora_adapter(self, out_dir: str, base_model_name_or_path: str | None = None) -> dict | None:
+        """Write the adapter as a stock PEFT LoRA adapter with a per-module ``rank_pattern`` (collective;
+        rank 0 writes). Each module keeps exactly its active slots: ``lora_A = Q[act]``,
+        ``lora_B = s·P[:, act]·λ[act]`` with LoRA scaling 1 (``alpha_pattern`` = ``rank_pattern``)."""
+        full = self.core.full_factors()
+        if self.access.rank != 0:
+            if dist.is_initialized():
+                dist.barrier()
+            return None
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        tensors, rank_pattern = {}, {}
+        for layer, f, active, scale in zip(self.layers, full, self.core.active, self.core.scales):
+            A, B = lora_adapter_tensors(f["P"], f["lam"], f["Q"], active, scale)
+            key = _peft_key(layer.name)
+            tensors[f"{key}.lora_A.weight"] = A.contiguous()
+            tensors[f"{key}.lora_B.weight"] = B.contiguous()
+            rank_pattern[key.removeprefix("base_model.model.")] = int(active.sum())
+        modules = sorted({layer.name.rsplit(".", 1)[-1] for layer in self.layers})
+        r = max(rank_pattern.values())
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=modules, rank_pattern=rank_pattern,
+                            alpha_pattern=dict(rank_pattern), task_type="CAUSAL_LM",
+                            base_model_name_or_path=base_model_name_or_path)  # fmt: skip
+        tmp = out_dir.rstrip("/") + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "elalora_rank_pattern.json"), "w") as fh:
+            json.dump(rank_pattern, fh, indent=1)
+        if os.path.isdir(out_dir):
+            import shutil
+
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        return rank_pattern
+
+
+def _peft_key(module_name: str) -> str:
+    """PEFT's saved key prefix of a module: the PeftModel's module name (``base_model.model....``)."""
+    return module_name
+
+
+def attach_elalora(engine, model: torch.nn.Module | None = None, config: ElaLoRAConfig | None = None,
+                   **options) -> ZeroElaLoRA:  # fmt: skip
+    """Attach ElaLoRA to a DeepSpeed engine built from :func:`ds_scalora.methods.elastic_lora_model`.
+
+    ``options`` are :class:`ElaLoRAConfig` fields (``total_steps=...`` is required). The engine must
+    have been built with a stock optimizer (``torch.optim.AdamW``) over the factors.
+    """
+    if config is not None and options:
+        raise ValueError("pass either config or keyword options, not both")
+    config = config or ElaLoRAConfig(**options)
+    return ZeroElaLoRA(engine, model if model is not None else engine.module, config)

@@ -33,11 +33,11 @@ class LocalAccess:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.opt = optimizer
 
-    def piece(self, p: torch.nn.Parameter) -> Piece:
+    def piece(self, p: torch.nn.Parameter, grad: bool = True) -> Piece:
         state = self.opt.state.get(p, {})
         moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
-        grad = None if p.grad is None else p.grad.view(-1)
-        return Piece(0, p.numel(), p.data.view(-1), grad, moments)
+        g = p.grad.view(-1) if grad and p.grad is not None else None
+        return Piece(0, p.numel(), p.data.view(-1), g, moments)
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         return p.shape

@@ -43,11 +43,23 @@ def test_loads_and_applies_overrides(good):
         ("deepspeed=/nonexistent.json", "deepspeed '/nonexistent.json' is not a file"),
         ("deepspeed={optimizer: {type: Adam}}", "remove the deepspeed.optimizer block"),
         ("train.max_steps", "expected dotted.key=value"),
+        (("method.name=elalora", "method.elalora.init_warmup=0.9"), "method.elalora: ElaLoRA init_warmup"),
+        (("method.name=elalora", "method.elalora.max_rank=2"), "method.elalora: ElaLoRA max_rank .2. must be >= init_rank"),
+        (("method.name=elalora", "method.elalora.beta1=1.5"), "method.elalora: ElaLoRA beta1 must be in"),
     ],
 )
 def test_bad_input_names_the_key(good, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(str(good), [override])
+        load_config(str(good), [override] if isinstance(override, str) else list(override))
+
+
+def test_elalora_schedule_resolves_fractions_of_the_run(good):
+    from ds_scalora.train.config import elalora_config
+
+    cfg = load_config(str(good), ["method.name=elalora", "train.max_steps=200", "method.r=4",
+                                  "method.elalora.final_warmup=30"])  # fmt: skip
+    e = elalora_config(cfg)
+    assert (e.total_steps, e.init_rank, e.max_rank, e.init_warmup, e.final_warmup) == (200, 4, 8, 20, 30)
 
 
 def test_missing_and_malformed_files(tmp_path):

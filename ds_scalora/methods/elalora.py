@@ -327,7 +327,7 @@ class ElasticRanks:
             for name, p, _ in layer.factors():
                 shape = tuple(self.access.full_shape(p))
                 buf = torch.zeros(math.prod(shape), dtype=torch.float32, device=layer.P.device)
-                piece = self.access.piece(p)
+                piece = self.access.piece(p, grad=False)
                 if piece is not None:
                     buf[piece.start : piece.start + piece.numel] = piece.master.float()
                 entry[name] = self.access.all_reduce(buf).view(shape).cpu()

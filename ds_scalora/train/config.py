@@ -56,14 +56,30 @@ class ScaLoRAOptions:
 
 
 @dataclass
+class ElaLoRAOptions:
+    """ElaLoRA's schedule (method.r is the initial rank per matrix; the budget is r x matrices)."""
+
+    max_rank: int = 0  # slots per matrix (the most one matrix can reach); 0 = 2 x method.r
+    init_warmup: float = 0.1  # steps before the first round: a fraction of train.max_steps if < 1, else a count
+    final_warmup: float = 0.2  # final steps with frozen ranks: same convention
+    interval: int = 10  # steps between rounds
+    moves: int = 4  # ranks moved in the first round, decaying cubically to 0
+    per_matrix: int = 2  # the most ranks one matrix gives up or gains per round
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.1
+
+
+@dataclass
 class MethodConfig:
-    name: str = "scalora"  # lora | rslora | scalora | full
+    name: str = "scalora"  # lora | rslora | scalora | elalora | full
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     rslora: bool = False  # alpha/sqrt(r) scaling (implied by name: rslora)
     scalora: ScaLoRAOptions = field(default_factory=ScaLoRAOptions)
+    elalora: ElaLoRAOptions = field(default_factory=ElaLoRAOptions)
 
 
 @dataclass
@@ -120,7 +136,7 @@ class RunConfig:
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "data.format": ("auto", "text", "prompt_completion", "chat"),
-    "method.name": ("lora", "rslora", "scalora", "full"),
+    "method.name": ("lora", "rslora", "scalora", "elalora", "full"),
     "method.scalora.solver": ("column", "scalar", "nnls"),
     "method.scalora.precision": ("auto", *POLICY_NAMES),
     "train.scheduler": ("cosine", "linear", "constant"),
@@ -217,6 +233,11 @@ def _validate(config: RunConfig, base_dir: str) -> None:
     strength = config.method.scalora.strength
     if strength != "auto" and not (isinstance(strength, float) and strength > 0):
         raise ConfigError(f"method.scalora.strength must be a positive number or 'auto', got {strength!r}")
+    if config.method.name == "elalora":
+        try:
+            elalora_config(config)
+        except ValueError as e:
+            raise ConfigError(f"method.elalora: {e}") from None
     m = config.model
     if (m.path is None) == (m.random_init is None):
         raise ConfigError("set exactly one of model.path (a local model directory) and model.random_init")
@@ -290,6 +311,23 @@ def _resolve_paths(config: RunConfig, base_dir: str) -> None:
             setattr(config.data, key, _resolve(value, base_dir))
     if isinstance(config.deepspeed, str):
         config.deepspeed = _resolve(config.deepspeed, base_dir)
+
+
+def elalora_config(config: RunConfig):
+    """The run's :class:`~ds_scalora.methods.ElaLoRAConfig` (fractions of the run resolved to steps)."""
+    from ..methods.elalora import ElaLoRAConfig
+
+    o, T = config.method.elalora, config.train.max_steps
+
+    def steps(value, key):
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+        return int(round(value * T)) if value < 1 else int(value)
+
+    return ElaLoRAConfig(total_steps=T, init_rank=config.method.r, max_rank=o.max_rank or 2 * config.method.r,
+                         init_warmup=steps(o.init_warmup, "init_warmup"), final_warmup=steps(o.final_warmup, "final_warmup"),
+                         interval=o.interval, moves=o.moves, per_matrix=o.per_matrix, beta1=o.beta1, beta2=o.beta2,
+                         orth_reg=o.orth_reg, seed=config.train.seed)  # fmt: skip
 
 
 def _get(config, dotted: str):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..methods.scalora import ScaLoRAConfig
 from . import checkpoints
-from .config import RunConfig, check_batch_keys
+from .config import RunConfig, check_batch_keys, elalora_config
 from .data import collate, load_rows, pack, tokenize
 from .model import load_model_and_tokenizer
 
@@ -64,7 +64,7 @@ def run(cfg: RunConfig) -> dict:
     import deepspeed
     from tqdm import tqdm
 
-    from ..zero import attach, disable_cpu_shm_comm
+    from ..zero import attach, attach_elalora, disable_cpu_shm_comm
 
     disable_cpu_shm_comm()  # on CPU: no 75 s op build, no leaked /dev/shm buffers
     deepspeed.init_distributed()
@@ -85,6 +85,10 @@ def run(cfg: RunConfig) -> dict:
                                                          warmup_steps=o.warmup_steps, solver=o.solver,
                                                          precision=o.precision, rank_sketch=o.rank_sketch,
                                                          seed=cfg.train.seed))  # fmt: skip
+    elif cfg.method.name == "elalora":
+        controller = attach_elalora(engine, model, elalora_config(cfg))
+    scalora = controller if cfg.method.name == "scalora" else None
+    elalora = controller if cfg.method.name == "elalora" else None
 
     start, history = 0, []
     resume = checkpoints.resolve_resume(cfg.train.resume, cfg.train.output_dir)
@@ -126,8 +130,15 @@ def run(cfg: RunConfig) -> dict:
         record = {"step": step + 1, "loss": float(stats[0]) / world, "lr": scheduler.get_last_lr()[0]}
         norm = engine.get_global_grad_norm()
         record["grad_norm"] = None if norm is None else float(norm)
-        if controller is not None and controller.last_report is not None:
-            record.update(_scalora_stats(controller.last_report))
+        if scalora is not None and scalora.last_report is not None:
+            record.update(_scalora_stats(scalora.last_report))
+        ela_report = elalora.last_report if elalora is not None else None
+        if ela_report is not None:
+            record["elalora/total_rank"] = sum(ela_report.ranks)
+            if ela_report.orth_penalty is not None:
+                record["elalora/orth_penalty"] = ela_report.orth_penalty
+            if ela_report.moves:
+                record["elalora/moves"] = ela_report.moves
         done = step + 1 == cfg.train.max_steps
         if done or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world))
@@ -138,9 +149,11 @@ def run(cfg: RunConfig) -> dict:
             tokens, t0 = 0, time.perf_counter()
             if writer is not None:
                 for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step" and not key.startswith("scalora/"):
+                    if isinstance(value, (int, float)) and key != "step" and not key.startswith(("scalora/", "elalora/")):
                         writer.add_scalar(key, value, step + 1)
-        report = controller.last_report if controller is not None else None
+        if writer is not None and ela_report is not None and (ela_report.moves or step == start):
+            _log_ranks(writer, elalora, ela_report, record, step + 1)  # ElaLoRA's, at every round
+        report = scalora.last_report if scalora is not None else None
         if writer is not None and report is not None:  # ScaLoRA's own, at every refresh
             for key, value in record.items():
                 if key.startswith("scalora/"):
@@ -160,6 +173,8 @@ def run(cfg: RunConfig) -> dict:
             checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
                              {"step": step + 1, "history": history}, cfg.checkpoint.keep_last)  # fmt: skip
     bar.close()
+    if elalora is not None:
+        _finish_elalora(cfg, elalora, rank)
     summary = _summary(cfg, history, controller, world)
     if rank == 0:
         with open(os.path.join(cfg.train.output_dir, "summary.json"), "w") as f:
@@ -257,6 +272,28 @@ def _scalora_stats(report) -> dict:
                 "scalora/accumulated_rank_max": max(report.accumulated_rank)} if report.accumulated_rank else {})}  # fmt: skip
 
 
+def _log_ranks(writer, elalora, report, record: dict, step: int) -> None:
+    from .rank_plots import short_name
+
+    for key, value in record.items():
+        if key.startswith("elalora/"):
+            writer.add_scalar(key, value, step)
+    for layer, r in zip(elalora.layers, report.ranks):
+        writer.add_scalar(f"elalora_rank/{short_name(layer.name)}", r, step)
+    writer.add_histogram("elalora/rank_per_matrix", torch.tensor(report.ranks), step)
+
+
+def _finish_elalora(cfg: RunConfig, elalora, rank: int) -> None:
+    """The rank heatmap and a stock PEFT LoRA adapter with the final rank_pattern (collective)."""
+    from .rank_plots import write_rank_heatmap
+
+    out = cfg.train.output_dir
+    elalora.export_lora_adapter(os.path.join(out, "adapter"), cfg.model.path)
+    if rank == 0:
+        write_rank_heatmap(elalora.core.rounds, [layer.name for layer in elalora.layers],
+                           os.path.join(out, "rank_heatmap.png"), elalora.config.max_rank)  # fmt: skip
+
+
 def _last(history: list, key: str):
     values = [h[key] for h in history if key in h]
     return values[-1] if values else None
@@ -276,6 +313,16 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _elalora_summary(elalora) -> dict:
+    from .rank_plots import short_name
+
+    pattern = elalora.rank_pattern()
+    return {"elalora_rank_pattern": {short_name(k): v for k, v in pattern.items()},
+            "elalora_budget": elalora.core.budget, "elalora_total_rank": sum(pattern.values()),
+            "elalora_totals": dict(elalora.totals),
+            "elalora_rounds": [{"step": r["step"], "moves": r["moves"]} for r in elalora.core.rounds]}  # fmt: skip
+
+
 def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
     last = history[-1] if history else {}
     evals = [h for h in history if "eval_loss" in h]
@@ -287,8 +334,9 @@ def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
         "final_loss": last.get("loss"),
         "eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
         "eval_before_training": None if start is None else {k: v for k, v in start.items() if k.startswith("eval_")},
-        "scalora_totals": dict(controller.totals) if controller is not None else None,
+        "scalora_totals": dict(controller.totals) if cfg.method.name == "scalora" else None,
         "scalora_accumulated_rank": _last(history, "scalora/accumulated_rank_mean"),
+        **(_elalora_summary(controller) if cfg.method.name == "elalora" else {}),
         "config": cfg.to_dict(),
         "history": history,
     }

@@ -1,4 +1,4 @@
-"""The model and tokenizer of a run, and the method applied to them (LoRA, rsLoRA, ScaLoRA, full).
+"""The model and tokenizer of a run, and the method applied to them (LoRA, rsLoRA, ScaLoRA, ElaLoRA, full).
 
 Models load from a local directory only (nothing is downloaded). Under ZeRO-3 the weights are
 partitioned while they load (``HfDeepSpeedConfig`` / ``deepspeed.zero.Init``), so a model larger
@@ -81,6 +81,13 @@ def apply_method(model, cfg: RunConfig):
     m = cfg.method
     if m.name == "full":
         return model
+    if m.name == "elalora":
+        from ..methods.elalora import elastic_lora_model
+        from .config import elalora_config
+
+        e = elalora_config(cfg)
+        return elastic_lora_model(model, m.target_modules, init_rank=e.init_rank, max_rank=e.max_rank, alpha=m.alpha,
+                                  dropout=m.dropout, total_steps=e.total_steps)  # fmt: skip
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=list(m.target_modules),

@@ -82,20 +82,22 @@ class ZeroAccess:
 
     # -- trainable parameters -------------------------------------------------------------------
 
-    def piece(self, p: torch.nn.Parameter) -> Piece | None:
-        """This rank's piece of ``p``, or None when the rank holds none of it."""
+    def piece(self, p: torch.nn.Parameter, grad: bool = True) -> Piece | None:
+        """This rank's piece of ``p``, or None when the rank holds none of it. ``grad=False`` leaves the
+        gradient out (``Piece.grad`` None): the only way to read masters outside the step window."""
         if self.kind == "plain":
             state = self.opt.state.get(p, {})
             moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
-            return Piece(0, p.numel(), p.data.view(-1), None if p.grad is None else p.grad.view(-1), moments)
+            g = p.grad.view(-1) if grad and p.grad is not None else None
+            return Piece(0, p.numel(), p.data.view(-1), g, moments)
         if self.kind == "fragments":
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:
                 return None
             addr = mapping.lp_fragment_address
-            grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
-            if grad.numel() == p.numel() and grad.numel() != addr.numel:
-                grad = grad.narrow(0, addr.start, addr.numel)  # BF16_Optimizer keeps full gradients
+            g = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1) if grad else None
+            if g is not None and g.numel() == p.numel() and g.numel() != addr.numel:
+                g = g.narrow(0, addr.start, addr.numel)  # BF16_Optimizer keeps full gradients
             flat = self.opt.optimizer.param_groups[mapping.param_group_index]["params"][0]
             hp = mapping.hp_fragment_address
             state = self.opt.optimizer.state.get(flat, {})
@@ -104,7 +106,7 @@ class ZeroAccess:
                 for k, v in state.items()
                 if torch.is_tensor(v) and v.shape == flat.shape
             }
-            return Piece(addr.start, addr.numel, mapping.hp_fragment, grad, moments)
+            return Piece(addr.start, addr.numel, mapping.hp_fragment, g, moments)
         # ZeRO-3: the partition of rank k covers flat elements [k·n, (k+1)·n), the last one padded
         group_idx, offset, n = self.opt.grad_position[self.opt.get_param_id(p)]
         start = n * self.rank
@@ -116,8 +118,8 @@ class ZeroAccess:
         moments = {
             k: v.narrow(0, offset, valid) for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape
         }
-        grad = self.opt.get_local_fp32_grad_for_param(p).narrow(0, 0, valid)
-        return Piece(start, valid, flat.narrow(0, offset, valid), grad, moments)
+        g = self.opt.get_local_fp32_grad_for_param(p).narrow(0, 0, valid) if grad else None
+        return Piece(start, valid, flat.narrow(0, offset, valid), g, moments)
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         return p.ds_shape if self.kind == "zero3" else p.shape

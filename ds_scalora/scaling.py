@@ -243,6 +243,13 @@ def _auto_strength(problem: ScalingProblem, solved: torch.Tensor, z1: torch.Tens
     return num / den
 
 
+def restart_solution(r: int) -> ScalingSolution:
+    """α = β = 0: the whole adapter is merged and both factors (and, crossed, their moments) become
+    zero. A ReLoRA-style merge-and-restart is this refresh followed by a fresh init of one factor."""
+    zero = torch.zeros(r, dtype=torch.float64)
+    return ScalingSolution(zero, zero.clone(), "restart", None, math.nan, math.nan, math.nan)
+
+
 def _identity(r: int, reason: str, strength: float, problem: ScalingProblem | None) -> ScalingSolution:
     one = torch.ones(r, dtype=torch.float64)
     obj = math.nan

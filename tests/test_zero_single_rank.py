@@ -66,6 +66,44 @@ def test_zero_disabled_fp32_matches_reference_with_clipping(tmp_path):
     assert diff["trainable_global_rel"] < 1e-5 and diff["loss_max_abs"] < 1e-5, diff
 
 
+def test_relora_restart_under_zero2_matches_reference_and_restarts(tmp_path):
+    """The ReLoRA baseline is ScaLoRA's refresh with α = β = 0 plus a fresh lora_A: under ZeRO-2 it
+    matches the single-process reference (fp32, 1e-5 as above); in the reference, a restart leaves the
+    effective weight W + s·B·A unchanged (float64 model: to 1e-12 of the merged adapter), zeroes lora_B and both factors' Adam moments, and draws lora_A afresh."""
+    args = ["--steps", 6, "--gas", 2, "--micro-batch", 4, "--clip", 0.15, "--method", "scalora", "--interval", 2,
+            "--scalora-warmup", 2, "--restart"]  # fmt: skip
+    got = run_worker(tmp_path, "--stage", 2, "--dtype", "fp32", *args)
+    ref = train_reference(steps=6, global_batch_size=8, clip=0.15, chunks=2, method="scalora", interval=2,
+                          scalora_warmup=2, restart=True)  # fmt: skip
+    diff = compare_results(got, ref)
+    assert got["meta"]["scalora_totals"]["solver/restart"] == 2 * 14
+    assert diff["trainable_global_rel"] < 1e-5 and diff["loss_max_abs"] < 1e-5, diff
+
+    from ds_scalora import ScaLoRA, ScaLoRAConfig
+    from tiny_models import fixed_batch
+
+    model = tiny_lora_model(torch.float64)
+    opt = adamw(model)
+    relora = ScaLoRA(model, opt, ScaLoRAConfig(interval=3, warmup_steps=3, restart=True))
+    for step in range(4):
+        model(**fixed_batch(seed=step)).loss.backward()
+        layer = relora.layers[0]
+        adapter = layer.scale * layer.A.detach() @ layer.B.detach().T
+        before = (layer.weight.detach() + adapter).clone()
+        old_A = layer.lora_A.detach().clone()
+        report = relora.refresh_if_due()
+        if step == 3:
+            assert report.solvers["restart"] == 14
+            after = layer.weight.detach() + layer.scale * layer.A.detach() @ layer.B.detach().T
+            assert float((after - before).norm()) < 1e-12 * float(adapter.norm()) and float(adapter.norm()) > 0
+            assert float(layer.lora_B.abs().sum()) == 0 and not torch.equal(layer.lora_A.detach(), old_A)
+            assert float(layer.lora_A.abs().max()) <= 1 / layer.lora_A.shape[1] ** 0.5
+            for p in (layer.lora_A, layer.lora_B):
+                assert all(float(opt.state[p][k].abs().sum()) == 0 for k in ("exp_avg", "exp_avg_sq"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def test_nan_gradients_skip_the_step_and_the_refresh(tmp_path):
     """ZeRO-2 skips an optimizer step whose gradients are not finite; the refresh due at that step is
     skipped too (counted), nothing is corrupted, and training goes on."""
@@ -95,7 +133,7 @@ def test_refused_configurations_say_why():
         attach(engine, model)
     engine, model = _engine({"zero_optimization": {"stage": 1}})
     attach(engine, model, interval=10)
-    with pytest.raises(RuntimeError, match="already has a ScaLoRA controller"):
+    with pytest.raises(RuntimeError, match="already has a ds_scalora controller"):
         attach(engine, model)
     with pytest.raises(ValueError, match="interval"):
         attach(_engine({"zero_optimization": {"stage": 1}})[0], model, interval=0)

@@ -9,6 +9,7 @@ names. Layers are returned sorted by name: every data-parallel rank must visit t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,13 @@ class AdaptedLinear:
         gA = torch.zeros_like(self.lora_B) if gA is None else gA
         gB = torch.zeros_like(self.lora_A) if gB is None else gB
         return gA, gB.T
+
+
+def fresh_lora_A(shape, generator: torch.Generator) -> torch.Tensor:
+    """A new ``lora_A`` (r x d_in, fp32) as PEFT initialises it: Kaiming-uniform with a = √5, i.e.
+    U(−1/√d_in, 1/√d_in). Drawn from ``generator`` so that every data-parallel rank draws the same."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(tuple(shape), generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
 def find_adapted_linears(model: torch.nn.Module, adapter: str = "default") -> list[AdaptedLinear]:

@@ -28,9 +28,9 @@ import torch
 
 from ..precision import POLICY_NAMES, get_policy
 from ..rescale import cross_gradients_, cross_moments_, merge_delta, rescale_factors_
-from ..scaling import SOLVERS, ScalingSolution, solve_scaling
+from ..scaling import SOLVERS, ScalingSolution, restart_solution, solve_scaling
 from ..spectrum import RankSketch
-from .adapted_layers import AdaptedLinear, find_adapted_linears
+from .adapted_layers import AdaptedLinear, find_adapted_linears, fresh_lora_A
 
 
 @dataclass
@@ -46,6 +46,9 @@ class ScaLoRAConfig:
     seed:         seeds stochastic rounding; replicas that share it round identically.
     rank_sketch:  columns k of the random sketch that estimates each layer's accumulated rank up to k
                   (ds_scalora.spectrum.RankSketch; 4·k·d_out bytes per layer); 0 turns it off.
+    restart:      the ReLoRA-style baseline instead of ScaLoRA: every refresh merges the whole adapter
+                  (α = β = 0, so factors and moments become zero) and re-initialises ``lora_A`` as PEFT
+                  does; the learning-rate re-warm-up is the training loop's business.
     """
 
     interval: int = 1
@@ -56,6 +59,7 @@ class ScaLoRAConfig:
     adapter: str = "default"
     seed: int = 0
     rank_sketch: int = 64
+    restart: bool = False
 
     def __post_init__(self):
         if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
@@ -108,6 +112,11 @@ class RefreshReport:
         return sum(self.accumulated_rank) / len(self.accumulated_rank) if self.accumulated_rank else None
 
 
+def restart_seed(seed: int, step: int, index: int) -> int:
+    """The seed of layer ``index``'s fresh ``lora_A`` at a restart: the same on every rank."""
+    return ((seed * 1_000_003 + step) * 10_007 + index) * 7 + 3
+
+
 class ScaLoRA:
     """Refreshes the LoRA layers of a PEFT model in place; see the module docstring for the loop."""
 
@@ -158,9 +167,12 @@ class ScaLoRA:
             self._count(report)
             return report
         for index, (layer, (grad_A, grad_B)) in enumerate(zip(self.layers, grads)):
-            sol = solve_scaling(
-                layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver, scale=layer.scale
-            )
+            if self.config.restart:
+                sol = restart_solution(layer.A.shape[1])
+            else:
+                sol = solve_scaling(
+                    layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver, scale=layer.scale
+                )
             report.solvers[sol.solver_used] += 1
             if sol.reason:
                 report.reasons[sol.reason] += 1
@@ -196,6 +208,9 @@ class ScaLoRA:
             sol.alpha,
             sol.beta,
         )
+        if self.config.restart:
+            gen = torch.Generator().manual_seed(restart_seed(self.config.seed, self.step, index))
+            layer.lora_A.data.copy_(fresh_lora_A(layer.lora_A.shape, gen))
         return float(delta.pow(2).sum(dtype=torch.float64))
 
     # -- what the refreshes accumulated -----------------------------------------------------------

@@ -71,8 +71,17 @@ class ElaLoRAOptions:
 
 
 @dataclass
+class ReLoRAOptions:
+    """The merge-and-restart baseline (ReLoRA-style): merge, re-initialise, reset moments, re-warm."""
+
+    interval: int = 10  # steps between restarts
+    warmup_steps: int = 10  # steps before the first restart
+    rewarm_steps: int = 3  # the learning rate ramps up again over this many steps after each restart
+
+
+@dataclass
 class MethodConfig:
-    name: str = "scalora"  # lora | rslora | scalora | elalora | full
+    name: str = "scalora"  # lora | rslora | scalora | elalora | relora | full
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -80,6 +89,7 @@ class MethodConfig:
     rslora: bool = False  # alpha/sqrt(r) scaling (implied by name: rslora)
     scalora: ScaLoRAOptions = field(default_factory=ScaLoRAOptions)
     elalora: ElaLoRAOptions = field(default_factory=ElaLoRAOptions)
+    relora: ReLoRAOptions = field(default_factory=ReLoRAOptions)
 
 
 @dataclass
@@ -136,7 +146,7 @@ class RunConfig:
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "data.format": ("auto", "text", "prompt_completion", "chat"),
-    "method.name": ("lora", "rslora", "scalora", "elalora", "full"),
+    "method.name": ("lora", "rslora", "scalora", "elalora", "relora", "full"),
     "method.scalora.solver": ("column", "scalar", "nnls"),
     "method.scalora.precision": ("auto", *POLICY_NAMES),
     "train.scheduler": ("cosine", "linear", "constant"),
@@ -225,7 +235,7 @@ def _validate(config: RunConfig, base_dir: str) -> None:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
     for key in ("train.max_steps", "train.micro_batch_size", "train.gradient_accumulation_steps", "method.r",
-                "data.max_length", "method.scalora.interval"):
+                "data.max_length", "method.scalora.interval", "method.relora.interval"):
         if _get(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {_get(config, key)}")
     if not 0 <= config.data.eval_fraction < 1:
@@ -233,6 +243,9 @@ def _validate(config: RunConfig, base_dir: str) -> None:
     strength = config.method.scalora.strength
     if strength != "auto" and not (isinstance(strength, float) and strength > 0):
         raise ConfigError(f"method.scalora.strength must be a positive number or 'auto', got {strength!r}")
+    for key in ("method.relora.warmup_steps", "method.relora.rewarm_steps"):
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
     if config.method.name == "elalora":
         try:
             elalora_config(config)

@@ -46,8 +46,16 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
 
 def lr_lambda(cfg: RunConfig):
     t = cfg.train
+    relora = cfg.method.relora if cfg.method.name == "relora" else None
 
     def factor(step):
+        base = schedule(step)
+        if relora is not None and relora.rewarm_steps and step >= relora.warmup_steps:
+            since = (step - relora.warmup_steps) % relora.interval  # steps since the last restart
+            base *= min(1.0, (since + 1) / relora.rewarm_steps)
+        return base
+
+    def schedule(step):
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
@@ -85,9 +93,14 @@ def run(cfg: RunConfig) -> dict:
                                                          warmup_steps=o.warmup_steps, solver=o.solver,
                                                          precision=o.precision, rank_sketch=o.rank_sketch,
                                                          seed=cfg.train.seed))  # fmt: skip
+    elif cfg.method.name == "relora":  # the same refresh with α = β = 0, then a fresh lora_A
+        o = cfg.method.relora
+        controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, warmup_steps=o.warmup_steps, restart=True,
+                                                         precision=cfg.method.scalora.precision,
+                                                         rank_sketch=cfg.method.scalora.rank_sketch, seed=cfg.train.seed))  # fmt: skip
     elif cfg.method.name == "elalora":
         controller = attach_elalora(engine, model, elalora_config(cfg))
-    scalora = controller if cfg.method.name == "scalora" else None
+    scalora = controller if cfg.method.name in ("scalora", "relora") else None
     elalora = controller if cfg.method.name == "elalora" else None
 
     start, history = 0, []
@@ -320,7 +333,8 @@ def _elalora_summary(elalora) -> dict:
     return {"elalora_rank_pattern": {short_name(k): v for k, v in pattern.items()},
             "elalora_budget": elalora.core.budget, "elalora_total_rank": sum(pattern.values()),
             "elalora_totals": dict(elalora.totals),
-            "elalora_rounds": [{"step": r["step"], "moves": r["moves"]} for r in elalora.core.rounds]}  # fmt: skip
+            "elalora_layers": [short_name(layer.name) for layer in elalora.layers],
+            "elalora_rounds": elalora.core.rounds}  # fmt: skip
 
 
 def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
@@ -334,7 +348,7 @@ def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
         "final_loss": last.get("loss"),
         "eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
         "eval_before_training": None if start is None else {k: v for k, v in start.items() if k.startswith("eval_")},
-        "scalora_totals": dict(controller.totals) if cfg.method.name == "scalora" else None,
+        "scalora_totals": dict(controller.totals) if cfg.method.name in ("scalora", "relora") else None,
         "scalora_accumulated_rank": _last(history, "scalora/accumulated_rank_mean"),
         **(_elalora_summary(controller) if cfg.method.name == "elalora" else {}),
         "config": cfg.to_dict(),

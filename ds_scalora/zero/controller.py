@@ -32,16 +32,16 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from ..methods.adapted_layers import AdaptedLinear, find_adapted_linears
-from ..methods.scalora import RefreshReport, ScaLoRAConfig
+from ..methods.adapted_layers import AdaptedLinear, find_adapted_linears, fresh_lora_A
+from ..methods.scalora import RefreshReport, ScaLoRAConfig, restart_seed
 from ..precision import get_policy
 from ..rescale import MOMENT_POWERS, expand_column_scale, merge_delta_flat
-from ..scaling import solve_scaling
+from ..scaling import restart_solution, solve_scaling
 from ..spectrum import RankSketch
 from .state_access import ZeroAccess
 from .step_hook import install_step_hook
 
-_SOLVERS = ("none", "column", "scalar", "nnls")
+_SOLVERS = ("none", "column", "scalar", "nnls", "restart")
 _REASONS = (None, "negative_column_solution", "degenerate", "nonfinite")
 
 
@@ -102,6 +102,8 @@ class ZeroScaLoRA:
             if used != "none":
                 report.merged_sq_norm += self._merge(index, layer, A, B, alpha, beta)
                 self._rescale_pieces(layer, alpha, beta)
+                if used == "restart":
+                    self._reinit_lora_A(index, layer)
                 report.alpha_beta.append((alpha * beta).float())
                 merged.append(layer.weight)
             sketch = self.sketches.get(index)
@@ -159,7 +161,10 @@ class ZeroScaLoRA:
         at = 0
         for i, ((A, B, gA, gB), layer) in enumerate(zip(full, self.layers)):
             if i % world == rank:
-                sol = solve_scaling(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=layer.scale)
+                if self.config.restart:
+                    sol = restart_solution(A.shape[1])
+                else:
+                    sol = solve_scaling(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=layer.scale)
                 r = A.shape[1]
                 packed[at : at + r] = sol.alpha
                 packed[at + r : at + 2 * r] = sol.beta
@@ -204,6 +209,14 @@ class ZeroScaLoRA:
                         f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
                     )
                 t.mul_(k_cross.to(t.dtype) ** MOMENT_POWERS[name])
+
+    def _reinit_lora_A(self, index: int, layer: AdaptedLinear) -> None:
+        """ReLoRA's restart: a fresh PEFT init of lora_A (the same draw on every rank), piece by piece."""
+        gen = torch.Generator().manual_seed(restart_seed(self.config.seed, self.engine.global_steps, index))
+        fresh = fresh_lora_A(self.access.full_shape(layer.lora_A), gen).view(-1)
+        piece = self.access.piece(layer.lora_A)
+        if piece is not None:
+            piece.master.copy_(fresh[piece.start : piece.start + piece.numel].to(piece.master))
 
     @torch.no_grad()
     def full_merged_weight(self, layer: AdaptedLinear) -> torch.Tensor:

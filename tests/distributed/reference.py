@@ -102,6 +102,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["lora", "scalora", "elalora"], default="lora")
     parser.add_argument("--interval", type=int, default=1, help="ScaLoRA refresh interval")
     parser.add_argument("--scalora-warmup", type=int, default=2, help="ScaLoRA warmup_steps")
+    parser.add_argument("--restart", action="store_true", help="ScaLoRA's refresh as a ReLoRA restart")
 
 
 def build_model(dtype: str, seed: int = 0, bf16_style: str = "master", method: str = "lora",
@@ -152,6 +153,7 @@ def train_reference(
     interval: int = 1,
     scalora_warmup: int = 2,
     bf16_style: str | None = None,
+    restart: bool = False,
 ) -> dict:
     """Train in this process and return the result dictionary (see the module docstring)."""
     if global_batch_size % chunks:
@@ -176,7 +178,7 @@ def train_reference(
     if method == "scalora":
         from ds_scalora import ScaLoRA, ScaLoRAConfig
 
-        scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup))
+        scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup, restart=restart))
     elalora = None
     if method == "elalora":
         from ds_scalora.methods import ElaLoRA
@@ -314,6 +316,7 @@ def main(argv=None) -> None:
         interval=a.interval,
         scalora_warmup=a.scalora_warmup,
         bf16_style=a.bf16_style,
+        restart=a.restart,
     )
     torch.save(result, a.out)
     print(f"losses {['%.6f' % x for x in result['losses']]} -> {a.out}")

@@ -41,9 +41,11 @@ def train(ranks, out, *sets, expect_ok=True):
     return proc
 
 
-@pytest.mark.parametrize("ranks,method", [(2, "scalora"), (1, "scalora"), (2, "lora"), (1, "rslora"), (1, "full")])
+@pytest.mark.parametrize("ranks,method", [(2, "scalora"), (1, "scalora"), (2, "lora"), (1, "rslora"), (1, "full"),
+                                          (1, "relora")])
 def test_every_method_runs(ranks, method, tmp_path):
-    s = train(ranks, tmp_path / "run", f"method.name={method}", "train.max_steps=6", "eval.every=6")
+    s = train(ranks, tmp_path / "run", f"method.name={method}", "train.max_steps=6", "eval.every=6",
+              "method.relora.interval=2", "method.relora.warmup_steps=2", "method.relora.rewarm_steps=2")
     assert s["steps"] == 6 and s["world_size"] == ranks and s["method"] == method
     assert {"eval_loss", "eval_ppl", "eval_exact_match"} <= set(s["eval"])
     assert all(h["loss"] == h["loss"] for h in s["history"])  # finite
@@ -59,6 +61,10 @@ def test_every_method_runs(ranks, method, tmp_path):
         assert {"scalora/accumulated_rank_mean", "scalora/merged_norm", "scalora/scalar_fraction", "loss",
                 "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= set(tags["scalars"]), tags
         assert {"scalora/alpha_beta", "scalora/accumulated_rank_per_layer"} <= set(tags["histograms"]), tags
+    elif method == "relora":  # restarts at steps 2 and 4 (ReLoRA defaults overridden in tiny.yaml's run)
+        assert s["scalora_totals"]["solver/restart"] == 2 * 14
+        lrs = [h["lr"] for h in s["history"]]  # history[i]["lr"]: the rate of step i+1 (0-based), constant schedule
+        assert lrs[1] == lrs[3] == 0.5 * lrs[2] == 0.5 * lrs[4]  # re-warmed over 2 steps after each restart
     else:
         assert s["scalora_totals"] is None
 
@@ -168,7 +174,8 @@ def test_elalora_at_zero3_resumes_exactly_and_exports_a_peft_adapter(tmp_path):
     assert full["elalora_budget"] == budget and full["elalora_total_rank"] == budget
     assert sum(full["elalora_rank_pattern"].values()) == budget and len(set(full["elalora_rank_pattern"].values())) > 1
     # rounds at t = 4, 6, 8 (2 < t < 12 - 2, every 2); b_t = round(4 (1 - p^3)), p = (t-2)/8: 3.94, 3.5, 2.31
-    assert full["elalora_rounds"][1:] == [{"step": 4, "moves": 4}, {"step": 6, "moves": 4}, {"step": 8, "moves": 2}]
+    assert [(r["step"], r["moves"]) for r in full["elalora_rounds"]] == [(0, 0), (4, 4), (6, 4), (8, 2)]
+    assert all(sum(r["ranks"]) == budget for r in full["elalora_rounds"])
     out = tmp_path / "full"
     assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -1,0 +1,178 @@
+"""Which checkpoint, which run, which base model: everything a converter needs before reading weights.
+
+A user points the tools at whatever they have: a run's output directory, its ``checkpoints/`` directory,
+one ``stepNNNNNNNN/`` tag, or a plain DeepSpeed directory with a ``latest`` file. The run configuration
+(model, method, dtype) comes from the checkpoint's client state when it holds one, else from the run's
+``summary.json``, else from a file given with ``--config``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..zero.checkpoint_files import ZeroCheckpoint
+
+MARKER = "COMPLETE"  # written by ds_scalora.train.checkpoints once every rank has saved
+PEFT_PREFIX = "base_model.model."
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class ExportError(ValueError):
+    """A checkpoint or option that cannot be converted; the message says which and what to do."""
+
+
+def _is_tag(path: str) -> bool:
+    return os.path.isdir(path) and any(f.endswith("_optim_states.pt") for f in os.listdir(path))
+
+
+def _step_tags(root: str) -> tuple[list[str], list[str]]:
+    tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
+    done = [t for t in tags if os.path.isfile(os.path.join(root, t, MARKER))]
+    return done, [t for t in tags if t not in done]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The tag directory to read: the newest complete one under a run or ``checkpoints/`` directory."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ExportError(f"{path} is not a directory: pass a run's output dir, its checkpoints/ dir or one step tag")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if _is_tag(path):
+        parent = os.path.dirname(path)
+        if os.path.basename(path).startswith("step") and not os.path.isfile(os.path.join(path, MARKER)):
+            raise ExportError(f"{path} is an incomplete checkpoint (no {MARKER} marker: its save was interrupted); "
+                              f"use an older complete one from {parent}")
+        return path
+    done, partial = _step_tags(path)
+    if done:
+        return os.path.join(path, done[-1])
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag = os.path.join(path, f.read().strip())
+        if _is_tag(tag):
+            return tag
+        raise ExportError(f"{latest} names {tag}, which holds no DeepSpeed checkpoint")
+    if partial:
+        raise ExportError(f"{path} holds only incomplete checkpoints ({', '.join(partial)}: no {MARKER} marker)")
+    raise ExportError(f"no checkpoint found in {path}: expected step*/ tags with a {MARKER} marker or a 'latest' file")
+
+
+def _find_config(tag_dir: str, client: dict, config_path: str | None) -> dict:
+    if config_path is not None:
+        from ..train.config import load_config
+
+        return load_config(config_path).to_dict()
+    if isinstance(client.get("config"), dict):
+        return client["config"]
+    here = tag_dir
+    for _ in range(3):  # tag -> checkpoints -> output dir
+        summary = os.path.join(here, "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as f:
+                data = json.load(f)
+            if isinstance(data.get("config"), dict):
+                return data["config"]
+        here = os.path.dirname(here)
+    raise ExportError(f"cannot tell which model and method {tag_dir} was trained with: its client state has no "
+                      "'config' and no summary.json was found above it; pass the run's config with --config FILE")
+
+
+def hf_name(ckpt_name: str) -> str | None:
+    """The Hugging Face parameter name of a checkpoint parameter, or None for adapter-only tensors."""
+    if ".lora_" in ckpt_name or ".ranknum" in ckpt_name:
+        return None
+    name = ckpt_name.removeprefix(PEFT_PREFIX)
+    return name.replace(".base_layer.", ".")
+
+
+class RunSource:
+    """A checkpoint tag plus the run configuration and base model behind it."""
+
+    def __init__(self, path: str, config_path: str | None = None):
+        self.tag_dir = resolve_checkpoint(path)
+        self.ckpt = ZeroCheckpoint(self.tag_dir)
+        self.client = self.ckpt.client_state()
+        self.config = _find_config(self.tag_dir, self.client, config_path)
+        self.model_cfg = self.config["model"]
+        self.method = self.config["method"]
+        self.dtype = DTYPES[self.model_cfg.get("dtype", "bf16")]
+        self._base_path = None
+        self._random_base = None
+
+    @property
+    def step(self) -> int:
+        return int(self.client.get("step", self.ckpt.model(0).get("global_steps", 0)))
+
+    # -- the base model -------------------------------------------------------------------------
+
+    def base_path(self) -> str | None:
+        """The local HF directory of the base model (None for ``model.random_init``)."""
+        if self._base_path is None and self.model_cfg.get("path"):
+            from ..train.packaged_models import is_packaged, materialize
+
+            path = self.model_cfg["path"]
+            self._base_path = materialize(path) if is_packaged(path) else path
+            if not os.path.isdir(self._base_path):
+                raise ExportError(f"the run's base model {self._base_path} (model.path) is not a directory here")
+        return self._base_path
+
+    def hf_config(self):
+        from transformers import AutoConfig, LlamaConfig
+
+        if self.base_path():
+            return AutoConfig.from_pretrained(self.base_path())
+        return LlamaConfig(vocab_size=len(self.tokenizer()), **self.model_cfg["random_init"])
+
+    def tokenizer(self):
+        if self.base_path():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.base_path())
+        else:
+            from ..train.model import byte_tokenizer
+
+            tok = byte_tokenizer()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        if self.base_path() and os.path.isfile(os.path.join(self.base_path(), "generation_config.json")):
+            return GenerationConfig.from_pretrained(self.base_path())
+        return GenerationConfig.from_model_config(self.hf_config())
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """A parameter of the untrained base model (HF name), as stored (the reference of an update).
+
+        From the model directory's safetensors, one tensor at a time; a ``random_init`` model (tiny by
+        design) is rebuilt in memory exactly as the run built it (same seed, same dtype)."""
+        if self.base_path():
+            return self._safetensors_index()[name].get_tensor(name)
+        if self._random_base is None:
+            from transformers import LlamaForCausalLM
+
+            torch.manual_seed(int(self.config["train"]["seed"]))
+            model = LlamaForCausalLM(self.hf_config()).to(self.dtype)
+            self._random_base = {k: v.detach() for k, v in model.state_dict().items()}
+        return self._random_base[name]
+
+    def _safetensors_index(self) -> dict:
+        if not hasattr(self, "_st"):
+            from safetensors import safe_open
+
+            files = [f for f in sorted(os.listdir(self.base_path())) if f.endswith(".safetensors")]
+            if not files:
+                raise ExportError(f"{self.base_path()} holds no .safetensors weights (needed as the base of the update)")
+            self._st = {}
+            for f in files:
+                handle = safe_open(os.path.join(self.base_path(), f), framework="pt")
+                for key in handle.keys():
+                    self._st[key] = handle
+        return self._st

@@ -68,7 +68,9 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, hooks=None) -> dict:
+    """Train as ``cfg`` says; returns the summary. ``hooks`` (benchmarks): an object whose optional
+    ``after_setup(engine, model)`` and ``before_summary(engine, model, summary)`` are called on every rank."""
     import deepspeed
     from tqdm import tqdm
 
@@ -101,6 +103,8 @@ def run(cfg: RunConfig) -> dict:
     elif cfg.method.name == "elalora":
         controller = attach_elalora(engine, model, elalora_config(cfg))
     scalora = controller if cfg.method.name in ("scalora", "relora") else None
+    if hooks is not None and hasattr(hooks, "after_setup"):
+        hooks.after_setup(engine, model)
     elalora = controller if cfg.method.name == "elalora" else None
 
     start, history = 0, []
@@ -126,7 +130,7 @@ def run(cfg: RunConfig) -> dict:
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro * gas * world
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    tokens, t0, last_tps = 0, time.perf_counter(), None
+    tokens, t0, last_tps, last_logged = 0, time.perf_counter(), None, start
     for step in range(start, cfg.train.max_steps):
         rows = _global_rows(step, global_batch, len(train), cfg.train.seed)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -158,6 +162,8 @@ def run(cfg: RunConfig) -> dict:
         if (step + 1) % cfg.logging.every == 0 or done:
             elapsed = time.perf_counter() - t0
             record["tokens_per_s"] = float(stats[1]) / max(elapsed, 1e-9)
+            record["step_time_s"] = elapsed / (step + 1 - last_logged)
+            last_logged = step + 1
             record["peak_memory_gib"] = _peak_memory_gib()
             tokens, t0 = 0, time.perf_counter()
             if writer is not None:
@@ -189,6 +195,8 @@ def run(cfg: RunConfig) -> dict:
     if elalora is not None:
         _finish_elalora(cfg, elalora, rank)
     summary = _summary(cfg, history, controller, world)
+    if hooks is not None and hasattr(hooks, "before_summary"):
+        hooks.before_summary(engine, model, summary)
     if rank == 0:
         with open(os.path.join(cfg.train.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,0 +1,192 @@
+"""From benchmark results to ``docs/benchmarks.md`` and its plots: learning rate chosen per method,
+mean and spread over seeds, steps to reach plain LoRA's final metric, the accumulated rank, cost
+ratios to LoRA measured in the same run, and the targets of issue 7 with how far each one is missed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections import defaultdict
+
+TARGETS = {"scalora-I_step_ratio_cpu": 1.10, "scalora-I_step_ratio_gpu": 1.03, "scalora_step_ratio_gpu": 1.15,
+           "steps_fraction": 0.7, "gap_closed": 0.5}  # fmt: skip
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(mean, sd, digits=3):
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd else f"{mean:.{digits}f}"
+
+
+def curve(run: dict, metric: str) -> list[tuple[int, float]]:
+    return [(h["step"], h[metric]) for h in run["history"] if metric in h]
+
+
+def mean_curve(runs: list[dict], metric: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) over seeds at the eval steps every run has."""
+    by_step = defaultdict(list)
+    for run in runs:
+        for step, value in curve(run, metric):
+            by_step[step].append(value)
+    return [(s, statistics.fmean(v), min(v), max(v)) for s, v in sorted(by_step.items()) if len(v) == len(runs)]
+
+
+def choose_lr(runs: list[dict], metric: str) -> float:
+    """The learning rate with the best mean final metric over seeds; ties go to the lower eval loss."""
+    by_lr = defaultdict(list)
+    for run in runs:
+        by_lr[run["lr"]].append(run)
+
+    def key(lr):
+        m, _ = _mean_sd([r["final"].get(metric) for r in by_lr[lr]])
+        loss, _ = _mean_sd([r["final"].get("eval_loss") for r in by_lr[lr]])
+        return (m if m is not None else -math.inf, -(loss if loss is not None else math.inf))
+
+    return max(by_lr, key=key)
+
+
+def steps_to_reach(points, target: float):
+    for step, mean, _, _ in points:
+        if mean >= target - 1e-12:
+            return step
+    return None
+
+
+def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) -> tuple[list[str], dict]:
+    """Markdown rows for one task, and the chosen runs per method (for plots and targets)."""
+    metric = task.metric
+    chosen, rows = {}, []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        if mine:
+            lr = choose_lr(mine, metric)
+            chosen[method] = [r for r in mine if r["lr"] == lr]
+    lora_points = mean_curve(chosen["lora"], metric) if "lora" in chosen else []
+    lora_final = lora_points[-1][1] if lora_points else None
+    lora_steps = steps_to_reach(lora_points, lora_final) if lora_final is not None else None
+    header = ("| method | lr (swept) | final " + metric.removeprefix("eval_") + " | final eval loss | steps to LoRA's final "
+              "| vs LoRA | accumulated rank | step time vs LoRA | tokens/s vs LoRA | peak memory vs LoRA | MFU |")
+    rows += [header, "|---" * (header.count("|") - 1) + "|"]
+    for method, sel in chosen.items():
+        m, sd = _mean_sd([r["final"].get(metric) for r in sel])
+        loss, loss_sd = _mean_sd([r["final"].get("eval_loss") for r in sel])
+        reach = steps_to_reach(mean_curve(sel, metric), lora_final) if lora_final is not None else None
+        ratio = f"{reach / lora_steps:.2f}" if reach is not None and lora_steps else ("never" if reach is None else "n/a")
+        rank, rank_sd = _mean_sd([r.get("update_rank_mean") for r in sel])
+        lrs = sorted({r["lr"] for r in runs if r["method"] == method})
+        c = (cost or {}).get(method)
+        base = (cost or {}).get("lora")
+        rel = (lambda k, inv=False: f"{(base[k] / c[k]) if inv else (c[k] / base[k]):.3f}") if c and base else None
+        rows.append(
+            f"| {method} | {sel[0]['lr']:g} ({', '.join(f'{x:g}' for x in lrs)}) | {_fmt(m, sd)} (n={len(sel)}) | "
+            f"{_fmt(loss, loss_sd, 4)} | {reach if reach is not None else 'never'} | {ratio} | {_fmt(rank, rank_sd, 1)} | "
+            f"{rel('step_time_s') if rel else 'n/a'} | {rel('tokens_per_s') if rel else 'n/a'} | "
+            f"{rel('peak_memory_gib') if rel else 'n/a'} | {format(c['mfu'], '.1%') if c and c.get('mfu') else 'n/a'} |"
+        )
+    return rows, chosen
+
+
+def plot_task(task, chosen: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, sel in chosen.items():
+        for ax, metric in zip(axes, (task.metric, "eval_loss")):
+            pts = mean_curve(sel, metric)
+            if not pts:
+                continue
+            steps, mean, lo, hi = zip(*pts)
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{method} (lr {sel[0]['lr']:g})")
+            ax.fill_between(steps, lo, hi, alpha=0.15)
+    axes[0].set_ylabel(task.metric)
+    axes[1].set_ylabel("eval loss")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{task.name}: mean over seeds at each method's chosen learning rate (band: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def targets_section(per_task: dict, cost: dict | None, device: str) -> list[str]:
+    lines = ["## Targets", ""]
+    if cost and "lora" in cost:
+        for method, key in (("scalora-I", "scalora-I_step_ratio_cpu" if device == "cpu" else "scalora-I_step_ratio_gpu"),
+                            ("scalora", None if device == "cpu" else "scalora_step_ratio_gpu")):  # fmt: skip
+            if method in cost and key:
+                ratio = cost[method]["step_time_s"] / cost["lora"]["step_time_s"]
+                lines.append(_verdict(f"{method} step time / LoRA ({device})", ratio, TARGETS[key], lower_is_better=True))
+    for name, (task, chosen) in per_task.items():
+        metric = task.metric
+        if "lora" not in chosen or "scalora" not in chosen:
+            continue
+        lora_pts = mean_curve(chosen["lora"], metric)
+        lora_final = lora_pts[-1][1]
+        lora_steps = steps_to_reach(lora_pts, lora_final)
+        reach = steps_to_reach(mean_curve(chosen["scalora"], metric), lora_final)
+        if name != "facts" and lora_steps:
+            frac = reach / lora_steps if reach is not None else math.inf
+            lines.append(_verdict(f"{name}: ScaLoRA steps to LoRA's final {metric} / LoRA's", frac,
+                                  TARGETS["steps_fraction"], lower_is_better=True))  # fmt: skip
+        if name == "facts" and "full" in chosen:
+            get = lambda m: statistics.fmean(r["final"][metric] for r in chosen[m])  # noqa: E731
+            gap = get("full") - get("lora")
+            closed = (get("scalora") - get("lora")) / gap if gap > 0 else math.nan
+            lines.append(_verdict(f"{name}: share of the rank-4 LoRA → full fine-tuning gap closed by ScaLoRA", closed,
+                                  TARGETS["gap_closed"], lower_is_better=False))  # fmt: skip
+    return lines + [""]
+
+
+def _verdict(what: str, value: float, target: float, lower_is_better: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"- {what}: not measurable in this run (target {target})"
+    ok = value <= target + 1e-9 if lower_is_better else value >= target - 1e-9  # not missed by rounding
+    how = "met" if ok else f"**missed** by {abs(value - target):.3f}"
+    return f"- {what}: {value:.3f} (target {'≤' if lower_is_better else '≥'} {target}): {how}"
+
+
+def write_report(out_dir: str, preset, tasks_runs: dict, cost: dict | None, meta: dict, scaling_md: str | None) -> str:
+    """Write ``benchmarks.md`` and the plots into ``out_dir``; returns the markdown's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["# Benchmarks", "", f"Generated by `{meta['command']}` (preset `{preset.name}`) on {meta['device']}, "
+             f"{meta['date']}, in {meta['seconds'] / 60:.1f} min. Do not edit by hand: rerun the command.", "",
+             f"Steps per run: {preset.steps}; seeds: {preset.seeds}; the learning rate of every method is the best of its "
+             "grid by mean final metric on the evaluation set (the same set the table reports: an optimistic "
+             "choice, the same for every method). Accumulated rank: the numerical rank (singular values above "
+             "1e-3 of the largest) of each adapted matrix's total update W_final − W_initial, averaged over "
+             "matrices, for every method alike. Cost: a separate run per method in a fresh process, same "
+             f"DeepSpeed configuration, {preset.cost_steps} steps, median step time after 2 warm-up steps, the "
+             f"fastest of {preset.cost_repeats} interleaved rounds; "
+             f"MFU against the measured matmul peak ({meta.get('peak', 'n/a')}).", ""]  # fmt: skip
+    per_task = {}
+    for task, runs in tasks_runs:
+        rows, chosen = task_table(task, runs, cost if task is tasks_runs[0][0] else None, preset.methods)
+        per_task[task.name] = (task, chosen)
+        png = f"benchmark_{task.name}.png"
+        plot_task(task, chosen, os.path.join(out_dir, png))
+        lines += [f"## {task.name}", "", task.what + ".", "", *rows, "", f"![{task.name}]({png})", ""]
+    if cost:
+        lines += ["Cost columns are measured on the first task's configuration only.", ""]
+    lines += targets_section(per_task, cost, meta["device_kind"])
+    if scaling_md:
+        lines += ["## Scaling of one refresh", "", scaling_md, ""]
+    path = os.path.join(out_dir, "benchmarks.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path

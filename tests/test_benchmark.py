@@ -1,0 +1,54 @@
+"""The benchmark harness: its bookkeeping on synthetic results, and ``--preset quick`` end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_scalora.bench import report
+from ds_scalora.bench.grid import PRESETS, Task
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = Task("facts", "ds_configs/tiny.yaml", {}, "eval_exact_match", "synthetic")
+
+
+def run(method, lr, seed, curve, loss=1.0, rank=4.0):
+    history = [{"step": s, "eval_exact_match": v, "eval_loss": loss} for s, v in curve]
+    return {"method": method, "lr": lr, "seed": seed, "history": history, "final": history[-1],
+            "update_rank_mean": rank}  # fmt: skip
+
+
+def test_learning_rate_choice_steps_to_reach_and_targets():
+    runs = [
+        run("lora", 1e-3, 0, [(10, 0.1), (20, 0.3), (30, 0.5)]), run("lora", 1e-3, 1, [(10, 0.1), (20, 0.3), (30, 0.5)]),
+        run("lora", 2e-3, 0, [(10, 0.2), (20, 0.2), (30, 0.2)]), run("lora", 2e-3, 1, [(10, 0.2), (20, 0.2), (30, 0.2)]),
+        run("scalora", 1e-3, 0, [(10, 0.2), (20, 0.6), (30, 0.7)]), run("scalora", 1e-3, 1, [(10, 0.2), (20, 0.4), (30, 0.7)]),
+        run("full", 1e-4, 0, [(10, 0.5), (20, 0.8), (30, 0.9)], rank=32.0),
+    ]  # fmt: skip
+    rows, chosen = report.task_table(TASK, runs, None, ["lora", "scalora", "full"])
+    assert {r["lr"] for r in chosen["lora"]} == {1e-3}  # mean final 0.5 beats 0.2
+    # LoRA's final mean 0.5 is first reached at step 30; ScaLoRA's mean curve (0.2, 0.5, 0.7) at step 20
+    line = next(r for r in rows if r.startswith("| scalora "))
+    assert "| 20 | 0.67 |" in line and "0.700 (n=2)" in line
+    lines = report.targets_section({"facts": (TASK, chosen)}, None, "cpu")
+    # gap closed: (0.7 - 0.5) / (0.9 - 0.5) = 0.5 -> met
+    assert any("gap closed by ScaLoRA: 0.500" in x and "met" in x for x in lines), lines
+
+
+@pytest.mark.skipif(os.environ.get("DS_SCALORA_SKIP_BENCH") == "1", reason="asked to skip")
+def test_quick_preset_writes_the_report(tmp_path):
+    out, work = tmp_path / "docs", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),
+                           "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (out / "benchmarks.md").read_text()
+    for method in PRESETS["quick"].methods:
+        assert f"| {method} | " in text, method
+    assert "## Targets" in text and "python tools/benchmark.py --preset quick" in text
+    assert (out / "benchmark_lookup.png").read_bytes()[:4] == b"\x89PNG"
+    table = [line for line in text.splitlines() if line.startswith("| lora | ")][0]
+    assert table.count("1.000") >= 3  # LoRA's own cost ratios

@@ -158,6 +158,11 @@ class RunSource:
         if self._random_base is None:
             from transformers import LlamaForCausalLM
 
+            if self.ckpt.stage == 3:  # zero.Init skips HF's weight init: the run's initial weights differ
+                raise ExportError("the base weights of a model.random_init run at ZeRO-3 cannot be rebuilt "
+                                  "(deepspeed.zero.Init initialises them differently); the update relative to the "
+                                  "base needs a model.path run, or a random_init run at ZeRO-0/1/2")
+
             torch.manual_seed(int(self.config["train"]["seed"]))
             model = LlamaForCausalLM(self.hf_config()).to(self.dtype)
             self._random_base = {k: v.detach() for k, v in model.state_dict().items()}
@@ -173,6 +178,6 @@ class RunSource:
             self._st = {}
             for f in files:
                 handle = safe_open(os.path.join(self.base_path(), f), framework="pt")
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     self._st[key] = handle
         return self._st

@@ -190,7 +190,7 @@ def run(cfg: RunConfig, hooks=None) -> dict:
         bar.update(1)
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
             checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
-                             {"step": step + 1, "history": history}, cfg.checkpoint.keep_last)  # fmt: skip
+                             {"step": step + 1, "history": history, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)  # fmt: skip
     bar.close()
     if elalora is not None:
         _finish_elalora(cfg, elalora, rank)

@@ -1,0 +1,253 @@
+"""Reading DeepSpeed's checkpoint *files* (not a live engine): the only module that knows their layout.
+
+Tested against deepspeed==0.19.8 (the pinned version; ``ds_version`` of every file is checked). It reads
+one tag directory written by ``engine.save_checkpoint`` (plus ds_scalora's per-rank merge-state shards)
+tensor by tensor, so that a converter never holds more than one parameter's worth of data at a time:
+
+* files are opened with ``torch.load(mmap=True, weights_only=True)``: nothing pickled is executed (a
+  few plain DeepSpeed value classes are allow-listed, see :data:`SAFE_GLOBALS`) and tensors are paged
+  in from disk only when touched;
+* :meth:`ZeroCheckpoint.frozen` gives a frozen weight in its stored dtype: ZeRO-1/2 from
+  ``module`` of ``mp_rank_00_model_states.pt`` (``zero_to_fp32`` leaves them out at stage 1), ZeRO-3
+  from the ``frozen_param_fragments`` of every rank's model-states file;
+* :meth:`ZeroCheckpoint.master` gives a trainable parameter's fp32 master (and :meth:`moment` its Adam
+  moments) from the per-rank optimizer files, following ``deepspeed/utils/zero_to_fp32.py``'s layouts
+  (ZeRO-1/2: one flat partition per rank and group, parameters laid end to end with alignment
+  padding; ZeRO-3: every parameter split in ``ceil(numel / N)`` pieces, piece k in rank k's flat group).
+
+Damaged files (truncated, another world size, a missing rank) raise :class:`CheckpointFileError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+
+import torch
+
+TESTED_DEEPSPEED = "0.19.8"
+SHARD_PATTERN = re.compile(r"ds_scalora_rank(\d{5})_of(\d{5})\.pt$")
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is missing, truncated or does not match the others; names the file."""
+
+
+def _safe_globals() -> list:
+    """DeepSpeed value classes found in optimizer files (plain attribute bags, no code on load)."""
+    out = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+SAFE_GLOBALS = _safe_globals()
+
+
+def load(path: str, mmap: bool = True) -> dict:
+    """``torch.load`` without executing pickled code, memory-mapped; errors name the file."""
+    if not os.path.isfile(path):
+        raise CheckpointFileError(f"missing checkpoint file {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zipfile, pickle and torch raise many kinds on damaged files
+        raise CheckpointFileError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                  "the file is truncated, damaged or not a DeepSpeed checkpoint file") from None
+
+
+def _natural(text: str):
+    return [int(c) if c.isdigit() else c for c in re.split(r"(\d+)", text)]
+
+
+def _files(tag_dir: str, pattern: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(tag_dir, pattern)), key=_natural)
+
+
+def _narrow_across(parts: list[torch.Tensor], offset: int, length: int) -> torch.Tensor:
+    """Elements ``[offset, offset + length)`` of the concatenation of ``parts`` (copies only those)."""
+    out, pos = [], 0
+    for t in parts:
+        n = t.numel()
+        lo, hi = max(offset, pos), min(offset + length, pos + n)
+        if lo < hi:
+            out.append(t.view(-1)[lo - pos : hi - pos])
+        pos += n
+    got = sum(t.numel() for t in out)
+    if got != length:
+        raise CheckpointFileError(f"flat partitions hold {pos} elements, {offset + length} needed: files do not match")
+    return out[0].clone() if len(out) == 1 else torch.cat(out)
+
+
+class ZeroCheckpoint:
+    """One DeepSpeed checkpoint tag directory, read lazily."""
+
+    def __init__(self, tag_dir: str):
+        self.dir = tag_dir
+        optim = _files(tag_dir, "*zero_pp_rank_*_optim_states.pt")
+        if not optim:
+            raise CheckpointFileError(f"{tag_dir} holds no '*_optim_states.pt' file: not a DeepSpeed ZeRO checkpoint")
+        self.optim_files = optim
+        self._optim = [None] * len(optim)
+        first = self.optim(0)
+        osd = first["optimizer_state_dict"]
+        self.stage = int(osd["zero_stage"])
+        pc = osd["partition_count"]
+        self.world = max(pc) if isinstance(pc, list) else int(pc)
+        if self.world != len(optim):
+            raise CheckpointFileError(f"{optim[0]} says {self.world} data-parallel ranks but {tag_dir} holds "
+                                      f"{len(optim)} optimizer files: a rank's file is missing or left over")
+        if self.stage == 3:
+            self.model_files = [os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(self.world)]
+        else:
+            self.model_files = [os.path.join(tag_dir, "mp_rank_00_model_states.pt")]
+        self._model = [None] * len(self.model_files)
+        ms = self.model(0)
+        version = ms.get("ds_version")
+        if version != TESTED_DEEPSPEED:
+            import warnings
+
+            warnings.warn(f"{self.model_files[0]} was written by deepspeed=={version}; this reader is tested "
+                          f"against {TESTED_DEEPSPEED}", stacklevel=2)
+        self.param_shapes = [dict(g) for g in ms["param_shapes"]]  # trainable, per optimizer group
+        self.frozen_shapes = dict(ms.get("frozen_param_shapes") or {})
+        if self.stage <= 2 and not self.frozen_shapes:  # ZeRO-1 does not write them: take ``module``
+            trainable = {n for g in self.param_shapes for n in g}
+            self.frozen_shapes = {n: t.shape for n, t in ms["module"].items()
+                                  if n not in trainable and n not in set(ms.get("buffer_names", []))}  # fmt: skip
+        self.shared = dict(ms.get("shared_params") or {})
+        self._locate_trainable()
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def optim(self, rank: int) -> dict:
+        if self._optim[rank] is None:
+            self._optim[rank] = load(self.optim_files[rank])
+        return self._optim[rank]
+
+    def model(self, rank: int = 0) -> dict:
+        if self._model[rank] is None:
+            self._model[rank] = load(self.model_files[rank])
+        return self._model[rank]
+
+    def client_state(self) -> dict:
+        """What the training loop passed as ``client_state`` (the non-DeepSpeed top-level keys)."""
+        ds_keys = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+                   "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+                   "checkpoint_parallel_dimensions", "ds_config", "ds_version"}  # fmt: skip
+        return {k: v for k, v in self.model(0).items() if k not in ds_keys}
+
+    def scalora_shards(self) -> list[str]:
+        """Paths of the ScaLoRA merge-state shards, one per rank (empty for other methods)."""
+        found = {}
+        for path in glob.glob(os.path.join(self.dir, "ds_scalora_rank*_of*.pt")):
+            m = SHARD_PATTERN.search(os.path.basename(path))
+            if m:
+                found[int(m.group(1))] = (int(m.group(2)), path)
+        if not found:
+            return []
+        worlds = {w for w, _ in found.values()}
+        if worlds != {self.world}:
+            raise CheckpointFileError(f"{self.dir}: ScaLoRA shards written for {sorted(worlds)} ranks, DeepSpeed "
+                                      f"files for {self.world}")
+        missing = [r for r in range(self.world) if r not in found]
+        if missing:
+            raise CheckpointFileError(f"{self.dir}: missing ScaLoRA shard "
+                                      f"ds_scalora_rank{missing[0]:05d}_of{self.world:05d}.pt")
+        return [found[r][1] for r in range(self.world)]
+
+    # -- frozen weights ---------------------------------------------------------------------------
+
+    def frozen(self, name: str) -> torch.Tensor:
+        """A frozen parameter, whole, in the dtype it was stored in."""
+        shape = torch.Size(self.frozen_shapes[name])
+        if self.stage <= 2:
+            return self.model(0)["module"][name].view(shape)
+        parts = []
+        for r in range(self.world):
+            frags = self.model(r).get("frozen_param_fragments")
+            if frags is None or name not in frags:
+                raise CheckpointFileError(f"{self.model_files[r]} has no frozen fragment of {name}")
+            parts.append(frags[name].view(-1))
+        return _narrow_across(parts, 0, shape.numel()).view(shape)
+
+    # -- trainable parameters ---------------------------------------------------------------------
+
+    def _locate_trainable(self) -> None:
+        """Where each trainable parameter starts in its group's flat space (ZeRO-1/2) or partitions (ZeRO-3)."""
+        self.where: dict[str, tuple[int, int, torch.Size]] = {}
+        osd = self.optim(0)["optimizer_state_dict"]
+        if self.stage <= 2:
+            paddings = osd.get("param_alignment_paddings")
+            for g, shapes in enumerate(self.param_shapes):
+                offset = 0
+                for i, (name, shape) in enumerate(shapes.items()):
+                    self.where[name] = (g, offset, torch.Size(shape))
+                    offset += math.prod(shape)
+                    if paddings is not None:
+                        offset += paddings[g][i]
+        else:
+            offset = 0
+            for shapes in self.param_shapes:
+                for name, shape in shapes.items():
+                    self.where[name] = (0, offset, torch.Size(shape))
+                    offset += math.ceil(math.prod(shape) / self.world)
+
+    def trainable_names(self) -> list[str]:
+        return list(self.where)
+
+    def _flat(self, rank: int, group: int, state: str | None) -> list[torch.Tensor]:
+        """Rank ``rank``'s flat fp32 tensors (masters, or an optimizer moment) of one group."""
+        osd = self.optim(rank)["optimizer_state_dict"]
+        if self.stage <= 2:
+            if state is None:
+                return [osd["single_partition_of_fp32_groups"][group]]
+            return [osd["base_optimizer_state"]["state"][group][state]]
+        if state is None:
+            return list(osd["fp32_flat_groups"])
+        inner = osd["optimizer_state_dict"]["state"]
+        return [inner[k][state] for k in sorted(inner)]
+
+    def master(self, name: str) -> torch.Tensor:
+        """The fp32 master of a trainable parameter, whole."""
+        return self._gather(name, None)
+
+    def moment(self, name: str, state: str) -> torch.Tensor:
+        """An optimizer state tensor (``exp_avg``, ``exp_avg_sq``) of a trainable parameter, whole."""
+        return self._gather(name, state)
+
+    def _gather(self, name: str, state: str | None) -> torch.Tensor:
+        group, offset, shape = self.where[name]
+        numel = shape.numel()
+        if self.stage <= 2:
+            parts = []
+            for r in range(self.world):
+                flat = self._flat(r, group, state)[0]
+                parts.append(flat)
+            if state is not None:  # the inner optimizer's flats keep the partition padding: strip it
+                sizes = [self._flat(r, group, None)[0].numel() for r in range(self.world)]
+                parts = [p.view(-1)[:s] for p, s in zip(parts, sizes)]
+            return _narrow_across(parts, offset, numel).view(shape)
+        n = math.ceil(numel / self.world)
+        parts = [_narrow_across(self._flat(r, group, state), offset, n) for r in range(self.world)]
+        return torch.cat(parts)[:numel].view(shape)

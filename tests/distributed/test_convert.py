@@ -1,0 +1,235 @@
+"""``tools/convert.py`` on real ``launch/train.py`` checkpoints (2 ranks, ScaLoRA, tiny random Llama).
+
+Three runs (ZeRO-1 fp32, ZeRO-2 bf16, ZeRO-3 bf16; 6 steps, refreshes at steps 2 and 4, so merges are in
+the frozen weights and, in bf16, in the fp32 residual shards), each followed by
+``export_worker.py``, which loads the checkpoint into an engine and dumps its logits on a fixed batch,
+its controller's full merged weights and the factors' fp32 masters: the references, taken from the
+running engine and not from the files the converter reads. 6 launches, ~3 min on 2 cores.
+
+Tolerances: an exported fp32 weight vs the engine's float64 ``merged + s·B A``: 1e-6 relative (one fp32
+rounding). Logits of the exported model (float64) vs the engine's: 1e-4 of max |logit| for the fp32 run;
+for bf16 runs the engine computes in bf16 (unit roundoff 2^-8), so 3e-2 of max |logit|; dropping the
+adapter's delta moves the logits by more than that, which the test checks too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+from launch import _env, free_port, run_deepspeed  # noqa: E402
+
+pytestmark = pytest.mark.dist
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "ds_configs" / "tiny.yaml")
+WORKER = Path(__file__).resolve().parent / "export_worker.py"
+sys.path.insert(0, str(REPO / "tools"))
+import convert  # noqa: E402
+
+RUNS = {1: "fp32", 2: "bf16", 3: "bf16"}
+
+
+def _sets(out, stage, dtype):
+    return [f"train.output_dir={out}", "train.max_steps=6", "checkpoint.every=6", "eval.every=0",
+            "eval.at_start=false", f"deepspeed.zero_optimization.stage={stage}", f"model.dtype={dtype}"]  # fmt: skip
+
+
+class _Runs(dict):
+    """stage -> (run dir, engine reference dict), launched on first use and shared by the module."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, stage):
+        run = self.root / f"z{stage}"
+        sets = _sets(run, stage, RUNS[stage])
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        tag = run / "checkpoints" / "step00000006"
+        ref = run_deepspeed(2, ["--config", TINY, "--set", *sets, "--checkpoint", tag], self.root, name=f"ref{stage}",
+                            worker=WORKER)  # fmt: skip
+        self[stage] = (run, ref)
+        return self[stage]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _Runs(tmp_path_factory.mktemp("convert"))
+
+
+def _convert(*args):
+    assert convert.main([*map(str, args), "--quiet"]) == 0
+
+
+def _logits(model_dir, ids, dtype=torch.float64):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_merged_export_reproduces_the_engine(runs, stage, tmp_path):
+    from safetensors.torch import load_file
+
+    run, ref = runs[stage]
+    out = tmp_path / "merged"
+    _convert("merged", run, out, "--dtype", "fp32")  # the run dir: the newest complete tag is found
+    saved = {}
+    for f in out.glob("*.safetensors"):
+        saved.update(load_file(f))
+    assert len(ref["layers"]) == 14
+    for name, d in ref["layers"].items():
+        want = d["merged_frozen"] + d["scale"] * d["lora_B"] @ d["lora_A"]
+        got = saved[name].double()
+        assert (got - want).norm() <= 1e-6 * want.norm(), name
+    ids, engine = ref["input_ids"], ref["logits"]
+    got = _logits(out, ids)
+    tol = (1e-4 if RUNS[stage] == "fp32" else 3e-2) * engine.abs().max()
+    assert (got - engine).abs().max() <= tol, float((got - engine).abs().max() / engine.abs().max())
+    # the comparison can fail: the same model without the adapter's delta is far off
+    for name, d in ref["layers"].items():
+        saved[name] = d["merged_frozen"].float()
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    from safetensors.torch import save_file
+
+    for f in bare.glob("*.safetensors"):
+        save_file({k: saved[k] for k in load_file(f)}, f, metadata={"format": "pt"})
+    assert (_logits(bare, ids) - engine).abs().max() > 3 * tol
+    # default dtype: the run's own
+    _convert("merged", run, tmp_path / "default")
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert config["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[RUNS[stage]]
+    assert (tmp_path / "default" / "tokenizer.json").is_file() and (tmp_path / "default" / "generation_config.json").is_file()
+
+
+def _reference_updates(ref, base_dir):
+    """float64 ``ΔW = merged + s·B A − W_base`` from the engine's dump and the exported base model."""
+    from safetensors.torch import load_file
+
+    base = {}
+    for f in Path(base_dir).glob("*.safetensors"):
+        base.update(load_file(f))
+    return {name.removesuffix(".weight"): d["merged_frozen"] + d["scale"] * d["lora_B"] @ d["lora_A"] - base[name].double()
+            for name, d in ref["layers"].items()}  # fmt: skip
+
+
+def _peft_weights(adapter_dir):
+    """Per module, the float64 weight of base + adapter as stock PEFT computes it (merge_and_unload)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float64)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return {k.removesuffix(".weight"): v for k, v in model.state_dict().items()}, base
+
+
+def test_peft_full_rank_reproduces_the_merged_model_and_low_rank_reports_its_tail(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    run, ref = runs[2]  # ZeRO-2 bf16: merges live partly in the fp32 residual shards
+    full = tmp_path / "full"
+    _convert("peft", run, full, "--rank", "64")
+    base_dir = full / "base_model"
+    updates = _reference_updates(ref, base_dir)
+    merged, _ = _peft_weights(full)
+    base_sd = {k.removesuffix(".weight"): v.double() for k, v in load_file(next(base_dir.glob("*.safetensors"))).items()}
+    for module, dW in updates.items():
+        got = merged[module] - base_sd[module]
+        assert (got - dW).norm() <= 1e-6 * dW.norm(), module  # fp32 factors of an exact factorization
+    report = json.loads((full / "peft_export_report.json").read_text())
+    assert report["overall_relative_error"] < 1e-12
+
+    low = tmp_path / "low"
+    _convert("peft", run, low, "--rank", "2")
+    report = json.loads((low / "peft_export_report.json").read_text())
+    merged, _ = _peft_weights(low)
+    tail2 = total2 = 0.0
+    for module, dW in updates.items():
+        s = torch.linalg.svdvals(dW)
+        want = math.sqrt(float((s[2:] ** 2).sum() / (s**2).sum()))
+        actual = float((merged[module] - base_sd[module] - dW).norm() / dW.norm())
+        assert report["modules"][module]["rank"] == 2
+        assert abs(report["modules"][module]["relative_error"] - want) < 1e-6, module
+        assert abs(actual - want) < 1e-5, module  # what PEFT computes is the reported tail
+        assert want > 1e-3  # the cut is real
+        tail2, total2 = tail2 + float((s[2:] ** 2).sum()), total2 + float((s**2).sum())
+    assert abs(report["overall_relative_error"] - math.sqrt(tail2 / total2)) < 1e-6
+    # default: 99% energy
+    _convert("peft", run, tmp_path / "energy")
+    report = json.loads((tmp_path / "energy" / "peft_export_report.json").read_text())
+    assert all(m["relative_error"] <= math.sqrt(0.01) + 1e-9 for m in report["modules"].values())
+
+
+def test_inspect_ranks_and_files(runs, tmp_path, capsys):
+    run, ref = runs[1]
+    _convert("peft", run, tmp_path / "p", "--rank", "1")  # only to get the base model written
+    updates = _reference_updates(ref, tmp_path / "p" / "base_model")
+    out = tmp_path / "inspect"
+    _convert("inspect", run / "checkpoints", out)
+    printed = capsys.readouterr().out
+    result = json.loads((out / "inspect.json").read_text())
+    for module, dW in updates.items():
+        s = torch.linalg.svdvals(dW)
+        assert result["modules"][module]["numerical_rank"] == int((s > 1e-3 * s[0]).sum()), module
+        assert torch.allclose(torch.tensor(result["modules"][module]["singular_values"], dtype=torch.float64), s,
+                              rtol=1e-6, atol=1e-9 * float(s[0]))  # fmt: skip
+    # two refreshes merged rank-4 increments: the update outgrows the LoRA rank
+    assert max(m["numerical_rank"] for m in result["modules"].values()) > 4
+    png = (out / "rank_vs_depth.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "numerical rank" in printed and "q_proj" in printed
+    assert len((out / "summary.txt").read_text().splitlines()) < 25
+
+
+def test_safety(runs, tmp_path, capsys):
+    run, _ = runs[2]
+    work = tmp_path / "run"
+    shutil.copytree(run, work, ignore=shutil.ignore_patterns("tensorboard"))
+    ckpts = work / "checkpoints"
+    # an interrupted later save is skipped; pointing at it is refused
+    partial = ckpts / "step00000009"
+    shutil.copytree(ckpts / "step00000006", partial)
+    (partial / "COMPLETE").unlink()
+    assert convert.main(["merged", str(partial), str(tmp_path / "x"), "--quiet"]) == 2
+    assert "incomplete checkpoint" in capsys.readouterr().err
+    _convert("merged", work, tmp_path / "ok")
+    assert json.loads((tmp_path / "ok" / "ds_scalora_export.json").read_text())["step"] == 6
+    # an existing OUT is never overwritten without --overwrite
+    assert convert.main(["merged", str(work), str(tmp_path / "ok"), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    _convert("merged", work, tmp_path / "ok", "--overwrite")
+    # a truncated file is named; nothing is left behind
+    victim = next((ckpts / "step00000006").glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert convert.main(["merged", str(work), str(tmp_path / "bad"), "--quiet"]) == 2
+    assert str(victim) in capsys.readouterr().err
+    victim.unlink()
+    assert convert.main(["merged", str(work), str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "optimizer files" in capsys.readouterr().err
+    shard = ckpts / "step00000006" / "ds_scalora_rank00001_of00002.pt"
+    shutil.copy(run / "checkpoints" / "step00000006" / victim.name, victim)
+    shard.unlink()
+    assert convert.main(["merged", str(work), str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "ds_scalora_rank00001_of00002.pt" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp-*"))
+    # a plain DeepSpeed directory with a 'latest' file
+    plain = tmp_path / "plain"
+    shutil.copytree(run / "checkpoints" / "step00000006", plain / "global_step6")
+    (plain / "latest").write_text("global_step6")
+    assert convert.main(["merged", str(plain), str(tmp_path / "p"), "--quiet", "--config", TINY]) == 0
+    assert (tmp_path / "p" / "config.json").is_file()

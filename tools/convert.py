@@ -1,0 +1,89 @@
+"""Convert a ds_scalora / DeepSpeed checkpoint: a merged HF model, a PEFT adapter, a look inside.
+
+    python tools/convert.py merged  RUN_OR_CHECKPOINT [OUT] [--dtype bf16|fp32|fp16] [--max-shard-size 2GB]
+    python tools/convert.py peft    RUN_OR_CHECKPOINT [OUT] [--rank R | --energy 0.99]
+    python tools/convert.py inspect RUN_OR_CHECKPOINT [OUT] [--rtol 1e-3]
+
+CHECKPOINT_DIR is a run's output dir, its checkpoints/ dir, one step tag, or a DeepSpeed dir with a
+'latest' file; the newest complete tag is used. OUT defaults to <run>/exports/<command>-stepNNNNNNNN.
+The logic lives in ds_scalora.export; this file is only the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds_scalora.export import ExportError, RunSource  # noqa: E402
+from ds_scalora.zero.checkpoint_files import CheckpointFileError  # noqa: E402
+
+
+def default_out(source: RunSource, command: str) -> str:
+    tag = source.tag_dir
+    run = os.path.dirname(os.path.dirname(tag))
+    return os.path.join(run, "exports", f"{command}-{os.path.basename(tag)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(name, help_text):
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("checkpoint", help="run output dir, its checkpoints/ dir, a step tag, or a DeepSpeed dir")
+        s.add_argument("out", nargs="?", default=None, help="output directory (default: <run>/exports/<command>-<tag>)")
+        s.add_argument("--config", default=None, help="the run's config file, if the checkpoint does not say")
+        s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+        return s
+
+    m = common("merged", "a Hugging Face model with the adapter and every merge folded in")
+    m.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="default: the run's model.dtype")
+    m.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    e = common("peft", "a PEFT LoRA adapter from a truncated SVD of the total update")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=int, default=None, help="keep this rank in every module")
+    g.add_argument("--energy", type=float, default=0.99, help="keep this fraction of each update's squared norm (default 0.99)")
+    e.add_argument("--adapter-dtype", choices=["bf16", "fp32", "fp16"], default="fp32")
+    i = common("inspect", "spectrum and numerical rank of the accumulated update, per module")
+    i.add_argument("--rtol", type=float, default=1e-3, help="rank counts singular values above rtol x the largest")
+    i.add_argument("--energy", type=float, default=0.99)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        source = RunSource(a.checkpoint, a.config)
+        out = a.out or default_out(source, a.command)
+        progress = not a.quiet
+        if a.command == "merged":
+            from ds_scalora.export.merged import export_merged
+
+            info = export_merged(source, out, a.dtype, a.max_shard_size, a.overwrite, progress)
+            print(json.dumps(info, indent=1))
+        elif a.command == "peft":
+            from ds_scalora.export.peft_export import REPORT, export_peft, format_report
+
+            report = export_peft(source, out, a.rank, a.energy, a.adapter_dtype, a.overwrite, progress)
+            print(format_report(report))
+            print(f"report: {os.path.join(out, REPORT)}")
+        else:
+            from ds_scalora.export.inspect import inspect_updates, write_inspection
+
+            text = write_inspection(inspect_updates(source, a.rtol, a.energy, progress), out, a.overwrite)
+            print(text)
+        print(f"written: {os.path.abspath(out)}")
+        return 0
+    except (ExportError, CheckpointFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

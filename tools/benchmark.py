@@ -1,7 +1,7 @@
 """Side-by-side benchmark of LoRA, rsLoRA, ScaLoRA (I=1), ScaLoRA-I (I=10), ElaLoRA, a ReLoRA-style
 restart baseline and full fine-tuning; writes docs/benchmarks.md and its plots.
 
-    python tools/benchmark.py --preset quick              # the harness end to end, ~2 min (CI runs it)
+    python tools/benchmark.py --preset quick              # the harness end to end, ~2 min (CI runs it; writes under runs/)
     python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 CPU cores: about 10 h)
     python tools/benchmark.py --preset cpu --tasks dates --seeds 0 --single-lr   # a reduced run, ~40 min
 
@@ -68,7 +68,11 @@ def cost_runs(preset, task, methods, work) -> dict:
             path = os.path.join(work, f"cost_{preset.name}_{task.name}_{method}_{round_}.json")
             argv = [os.path.abspath(__file__), "--cost-worker", "--preset", preset.name, "--tasks", task.name,
                     "--methods", method, "--work", work, "--out", path]  # fmt: skip
-            result = measure.cost_in_subprocess(argv)
+            if os.path.isfile(path):  # cached from an earlier invocation
+                with open(path) as f:
+                    result = json.load(f)
+            else:
+                result = measure.cost_in_subprocess(argv)
             result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak
             print(f"  cost {method} (round {round_ + 1}): {result['step_time_s'] * 1e3:.0f} ms/step, "
                   f"{result['tokens_per_s']:.0f} tok/s, peak {result['peak_memory_gib']:.2f} GiB, MFU {result['mfu']:.1%}",
@@ -129,7 +133,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     p.add_argument("--preset", choices=sorted(grid.PRESETS), default="quick")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs"), help="where benchmarks.md goes")
+    p.add_argument("--out", default=None, help="where benchmarks.md goes (default: docs/; for --preset quick, "
+                   "runs/benchmark_quick/docs, so that a harness check never overwrites the report)")
     p.add_argument("--work", default=None, help="run outputs and the cache (default: <out>/../runs/benchmark_<preset>)")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the preset's tasks")
     p.add_argument("--methods", nargs="+", default=None, choices=list(grid.METHODS))
@@ -150,6 +155,8 @@ def main(argv=None) -> None:
     if "lora" not in methods:
         p.error("--methods must include lora: every figure is a ratio to it")
     work = a.work or os.path.join(os.path.dirname(HERE), "runs", f"benchmark_{preset.name}")
+    if a.out is None:
+        a.out = os.path.join(work, "docs") if preset.name == "quick" else os.path.join(os.path.dirname(HERE), "docs")
     os.makedirs(work, exist_ok=True)
     t0 = time.perf_counter()
     import torch

@@ -122,8 +122,19 @@ def run_config(task: Task, method: str, lr: float, seed: int, steps: int, eval_e
             **(extra or {})}  # fmt: skip
     if task.make_data:
         sets.update(make_facts(data_dir, int(task.make_data.removeprefix("facts"))))
-    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
+    overrides = [f"{k}={_yaml_value(v)}" for k, v in sets.items()]
     return load_config(os.path.join(REPO, task.config), overrides)
+
+
+def _yaml_value(v) -> str:
+    """A ``--set`` value that YAML reads back as the same type: YAML 1.1 reads ``5e-05`` as a string,
+    so a float in exponent form gets its decimal point (``5.0e-05``)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float):
+        text = repr(v)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    return json.dumps(v)
 
 
 def ensure_process_group() -> None:

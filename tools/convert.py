@@ -3,6 +3,7 @@
     python tools/convert.py merged  RUN_OR_CHECKPOINT [OUT] [--dtype bf16|fp32|fp16] [--max-shard-size 2GB]
     python tools/convert.py peft    RUN_OR_CHECKPOINT [OUT] [--rank R | --energy 0.99]
     python tools/convert.py inspect RUN_OR_CHECKPOINT [OUT] [--rtol 1e-3]
+    python tools/convert.py reshard RUN_OR_CHECKPOINT [OUT] --world M   (ZeRO-1/2; resume with train.resume=OUT)
 
 CHECKPOINT_DIR is a run's output dir, its checkpoints/ dir, one step tag, or a DeepSpeed dir with a
 'latest' file; the newest complete tag is used. OUT defaults to <run>/exports/<command>-stepNNNNNNNN.
@@ -22,9 +23,11 @@ from ds_scalora.export import ExportError, RunSource  # noqa: E402
 from ds_scalora.zero.checkpoint_files import CheckpointFileError  # noqa: E402
 
 
-def default_out(source: RunSource, command: str) -> str:
+def default_out(source: RunSource, command: str, world: int | None = None) -> str:
     tag = source.tag_dir
     run = os.path.dirname(os.path.dirname(tag))
+    if command == "reshard":  # a run-like tree, so that train.output_dir=<...>/world{M} resumes it with 'auto'
+        return os.path.join(run, "exports", f"world{world}", "checkpoints", os.path.basename(tag))
     return os.path.join(run, "exports", f"{command}-{os.path.basename(tag)}")
 
 
@@ -53,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     i = common("inspect", "spectrum and numerical rank of the accumulated update, per module")
     i.add_argument("--rtol", type=float, default=1e-3, help="rank counts singular values above rtol x the largest")
     i.add_argument("--energy", type=float, default=0.99)
+    r = common("reshard", "the checkpoint rewritten for another data-parallel world size (ZeRO-1/2)")
+    r.add_argument("--world", type=int, required=True, help="number of data-parallel ranks to resume at")
     return p
 
 
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     try:
         source = RunSource(a.checkpoint, a.config)
-        out = a.out or default_out(source, a.command)
+        out = a.out or default_out(source, a.command, getattr(a, "world", None))
         progress = not a.quiet
         if a.command == "merged":
             from ds_scalora.export.merged import export_merged
@@ -73,6 +78,10 @@ def main(argv=None) -> int:
             report = export_peft(source, out, a.rank, a.energy, a.adapter_dtype, a.overwrite, progress)
             print(format_report(report))
             print(f"report: {os.path.join(out, REPORT)}")
+        elif a.command == "reshard":
+            from ds_scalora.export.reshard import reshard
+
+            print(json.dumps(reshard(source, out, a.world, a.overwrite), indent=1))
         else:
             from ds_scalora.export.inspect import inspect_updates, write_inspection
 

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import TARGETS, VOCAB, fixed_batch, tiny_elastic_model
+from tiny_models import fixed_batch, tiny_elastic_model
 
 from ds_scalora import elastic
 from ds_scalora.methods import ElaLoRA, ElaLoRAConfig, lora_adapter_tensors
@@ -274,4 +274,3 @@ def test_bad_configs_are_refused():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(ValueError, match="max_rank"):
         ElaLoRA(model, opt, ElaLoRAConfig(total_steps=10, init_rank=2, max_rank=6, init_warmup=1, final_warmup=1))
-    assert VOCAB and TARGETS  # the tiny model adapts every linear layer of the blocks

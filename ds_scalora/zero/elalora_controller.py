@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..methods.elalora import ElaLoRAConfig, ElasticRanks, RoundReport, lora_adapter_tensors
 from ..methods.svd_layers import find_svd_layers
+from .controller import _latest_tag
 from .state_access import ZeroAccess
 from .step_hook import install_step_hook
 
@@ -74,9 +75,7 @@ class ZeroElaLoRA:
 
     def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
         """``engine.load_checkpoint`` plus the masks, history and this rank's averages."""
-        if tag is None:
-            with open(os.path.join(load_dir, "latest")) as f:
-                tag = f.read().strip()
+        tag = tag if tag is not None else _latest_tag(load_dir)
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             return path, client_state
@@ -111,7 +110,7 @@ class ZeroElaLoRA:
         tensors, rank_pattern = {}, {}
         for layer, f, active, scale in zip(self.layers, full, self.core.active, self.core.scales):
             A, B = lora_adapter_tensors(f["P"], f["lam"], f["Q"], active, scale)
-            key = _peft_key(layer.name)
+            key = layer.name  # PEFT saves adapter keys under the PeftModel's module names
             tensors[f"{key}.lora_A.weight"] = A.contiguous()
             tensors[f"{key}.lora_B.weight"] = B.contiguous()
             rank_pattern[key.removeprefix("base_model.model.")] = int(active.sum())
@@ -134,11 +133,6 @@ class ZeroElaLoRA:
         if dist.is_initialized():
             dist.barrier()
         return rank_pattern
-
-
-def _peft_key(module_name: str) -> str:
-    """PEFT's saved key prefix of a module: the PeftModel's module name (``base_model.model....``)."""
-    return module_name
 
 
 def attach_elalora(engine, model: torch.nn.Module | None = None, config: ElaLoRAConfig | None = None,

@@ -3,7 +3,7 @@
     python tools/convert.py merged  RUN_OR_CHECKPOINT [OUT] [--dtype bf16|fp32|fp16] [--max-shard-size 2GB]
     python tools/convert.py peft    RUN_OR_CHECKPOINT [OUT] [--rank R | --energy 0.99]
     python tools/convert.py inspect RUN_OR_CHECKPOINT [OUT] [--rtol 1e-3]
-    python tools/convert.py reshard RUN_OR_CHECKPOINT [OUT] --world M   (ZeRO-1/2; resume with train.resume=OUT)
+    python tools/convert.py reshard RUN_OR_CHECKPOINT [OUT] --world M   (ZeRO-1/2/3; resume with train.resume=OUT)
 
 CHECKPOINT_DIR is a run's output dir, its checkpoints/ dir, one step tag, or a DeepSpeed dir with a
 'latest' file; the newest complete tag is used. OUT defaults to <run>/exports/<command>-stepNNNNNNNN.
@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     i = common("inspect", "spectrum and numerical rank of the accumulated update, per module")
     i.add_argument("--rtol", type=float, default=1e-3, help="rank counts singular values above rtol x the largest")
     i.add_argument("--energy", type=float, default=0.99)
-    r = common("reshard", "the checkpoint rewritten for another data-parallel world size (ZeRO-1/2)")
+    r = common("reshard", "the checkpoint rewritten for another data-parallel world size (ZeRO-1/2/3, ScaLoRA and ElaLoRA state included)")
     r.add_argument("--world", type=int, required=True, help="number of data-parallel ranks to resume at")
     return p
 

@@ -1,8 +1,9 @@
 """``convert.py reshard``: a checkpoint written at N data-parallel ranks, rewritten to resume at M.
 
-The new tag directory holds DeepSpeed's files for M ranks (ZeRO-1/2: the model states with the merged
-frozen weights unchanged, M optimizer files with the fp32 masters, Adam moments and step re-cut) and
-ScaLoRA's M merge-state shards; the learning-rate scheduler, global step, sample count and the loop's
+The new tag directory holds DeepSpeed's files for M ranks (the merged frozen weights: ZeRO-1/2 one
+model-states file unchanged, ZeRO-3 M files with the fragments re-cut; M optimizer files with the fp32
+masters, Adam moments and step re-cut) and ScaLoRA's M merge-state shards or ElaLoRA's M importance
+shards; the learning-rate scheduler, global step, sample count and the loop's
 client state (step, history, config) are carried over as they are. It is written to a temporary
 directory beside OUT, moved into place, and marked ``COMPLETE``, so ``train.resume=OUT`` takes it.
 
@@ -25,6 +26,17 @@ from .output import atomic_dir
 from .source import MARKER, ExportError, RunSource
 
 
+def _elalora_shards(ckpt) -> list[str]:
+    """Paths of ElaLoRA's importance shards, one per rank (empty for other methods)."""
+    paths = [os.path.join(ckpt.dir, reshard_files.shard_name(r, ckpt.world, "elalora")) for r in range(ckpt.world)]
+    present = [p for p in paths if os.path.isfile(p)]
+    found = glob.glob(os.path.join(ckpt.dir, "ds_elalora_rank*_of*.pt"))
+    if found and len(present) != ckpt.world:
+        raise ExportError(f"{ckpt.dir}: ElaLoRA shards for {ckpt.world} ranks expected, found "
+                          f"{sorted(os.path.basename(f) for f in found)}: the checkpoint is incomplete")
+    return present
+
+
 def reshard(source: RunSource, out: str, world: int, overwrite: bool = False) -> dict:
     """Write ``source``'s checkpoint for ``world`` ranks into ``out`` (a tag directory); returns a summary."""
     if world < 1:
@@ -34,23 +46,27 @@ def reshard(source: RunSource, out: str, world: int, overwrite: bool = False) ->
         reshard_files.check_supported(ckpt)
     except CheckpointFileError as e:
         raise ExportError(str(e)) from None
-    if glob.glob(os.path.join(ckpt.dir, "ds_elalora_rank*_of*.pt")):
-        raise ExportError(f"{ckpt.dir} is an ElaLoRA checkpoint; changing the world size of ElaLoRA's importance "
-                          "shards is not supported yet")
     scalora = ckpt.scalora_shards()
+    elalora = _elalora_shards(ckpt)
     names = [os.path.basename(p) for p in ckpt.optim_files]
     prefix = names[0][: names[0].index("zero_pp_rank_")]  # '' or 'bf16_'
     with atomic_dir(out, overwrite) as tmp:
-        torch.save(reshard_files.model_states(ckpt, world), os.path.join(tmp, os.path.basename(ckpt.model_files[0])))
+        for name, states in reshard_files.model_state_files(ckpt, world):
+            torch.save(states, os.path.join(tmp, name))
         for k, sd in enumerate(reshard_files.optimizer_files(ckpt, world)):
             torch.save(sd, os.path.join(tmp, f"{prefix}zero_pp_rank_{k}_mp_rank_00_optim_states.pt"))
         if scalora:
             for k, shard in enumerate(reshard_files.scalora_shards(scalora, world)):
                 torch.save(shard, os.path.join(tmp, reshard_files.shard_name(k, world)))
+        if elalora:
+            adapter = (ckpt.client_state().get("ds_elalora") or {}).get("config", {}).get("adapter", "default")
+            for k, shard in enumerate(reshard_files.elalora_shards(ckpt, elalora, world, adapter)):
+                torch.save(shard, os.path.join(tmp, reshard_files.shard_name(k, world, "elalora")))
         for extra in ("zero_to_fp32.py",):
             if os.path.isfile(os.path.join(ckpt.dir, extra)):
                 shutil.copy2(os.path.join(ckpt.dir, extra), tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"{source.step}\n")
     return {"from": ckpt.dir, "to": os.path.abspath(out), "step": source.step, "stage": ckpt.stage,
-            "world": {"from": ckpt.world, "to": world}, "scalora_shards": len(scalora) > 0}  # fmt: skip
+            "world": {"from": ckpt.world, "to": world}, "scalora_shards": len(scalora) > 0,
+            "elalora_shards": len(elalora) > 0}  # fmt: skip

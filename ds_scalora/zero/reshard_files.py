@@ -16,23 +16,35 @@ padding (``base_optimizer_state``: ``exp_avg``, ``exp_avg_sq`` of the padded siz
 ``param_slice_mappings`` (each parameter's fragment in the partition). Concatenating the unpadded
 parts over the N ranks gives the L elements back; they are cut again for M ranks the same way.
 
+ZeRO-3 (``deepspeed/runtime/zero/stage3.py``, ``_rigid_state_dict``): every parameter, trainable or
+frozen, is padded to a multiple of N and rank k holds piece k of ``ceil(numel/N)`` elements. Each rank
+has its own model-states file (``zero_pp_rank_k_mp_rank_00_model_states.pt``) whose
+``frozen_param_fragments`` are its pieces of the frozen weights (the merged ones included); its optimizer
+file holds ``fp32_flat_groups`` (per *sub-group*: its pieces of the trainable parameters laid end to
+end, no other padding) and the torch optimizer's ``state_dict`` with one state entry per sub-group. The
+sub-groups are cut by ``_create_fp16_sub_groups`` from the piece sizes and ``sub_group_size``; they are
+recomputed for M.
+
 ScaLoRA's shards (``ds_scalora_rankNNNNN_ofNNNNN.pt``): ``merge_state[j]`` is the precision policy's
 state for rank k's slice ``[k·ceil(numel/N), ...)`` of layer j's flattened frozen weight (or None);
-``sketches`` holds layer i's sketch on rank ``i mod N``. Both are re-cut for M.
+``sketches`` holds layer i's sketch on rank ``i mod N``. Both are re-cut for M. ElaLoRA's shards
+(``ds_elalora_rankNNNNN_ofNNNNN.pt``): ``ema["i/F"]`` is the (importance, uncertainty) pair of rank k's
+piece of layer i's factor F, wherever ZeRO put that piece; the pieces are joined and cut again along the
+new layout.
 
-Not supported (refused with :class:`ReshardError`): ZeRO-3 (per-rank model states and
-``fp32_flat_groups`` in another layout), ZeRO-0 / BF16_Optimizer files, checkpoints written with
-``elastic_checkpoint`` or the unpadded legacy layout, MoE groups, and ElaLoRA's importance shards.
+Not supported (refused with :class:`ReshardError`): ZeRO-0 / BF16_Optimizer files, checkpoints written
+with ``elastic_checkpoint`` or the unpadded legacy layout, MoE / expert groups.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 
 import torch
 
-from .checkpoint_files import CheckpointFileError, ZeroCheckpoint, load
+from .checkpoint_files import CheckpointFileError, ZeroCheckpoint, _narrow_across, load
 
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: "4-byte alignment/sizeof(fp16) = 2"
 
@@ -48,9 +60,12 @@ def _fragment_address(numel: int, start: int):
 
 
 def check_supported(ckpt: ZeroCheckpoint) -> None:
-    if ckpt.stage not in (1, 2):
+    if ckpt.stage not in (1, 2, 3):
         raise ReshardError(f"{ckpt.dir} is a ZeRO-{ckpt.stage} checkpoint; changing the world size is supported "
-                           "for ZeRO-1 and ZeRO-2 only")
+                           "for ZeRO-1, ZeRO-2 and ZeRO-3 only")
+    if ckpt.stage == 3:
+        _check_zero3(ckpt)
+        return
     for r in range(ckpt.world):
         osd = ckpt.optim(r)["optimizer_state_dict"]
         base = osd.get("base_optimizer_state")
@@ -86,8 +101,10 @@ def _cut(total: int, world: int) -> int:
 
 
 def optimizer_files(ckpt: ZeroCheckpoint, world: int) -> list[dict]:
-    """The M per-rank ``*_optim_states.pt`` dictionaries of a ZeRO-1/2 checkpoint re-cut for ``world`` ranks."""
+    """The M per-rank ``*_optim_states.pt`` dictionaries of a checkpoint re-cut for ``world`` ranks."""
     check_supported(ckpt)
+    if ckpt.stage == 3:
+        return _zero3_optimizer_files(ckpt, world)
     first = ckpt.optim(0)
     osd0 = first["optimizer_state_dict"]
     n_groups = len(osd0["single_partition_of_fp32_groups"])
@@ -152,15 +169,147 @@ def optimizer_files(ckpt: ZeroCheckpoint, world: int) -> list[dict]:
     return out
 
 
-def model_states(ckpt: ZeroCheckpoint, world: int) -> dict:
-    """``mp_rank_00_model_states.pt`` for ``world`` ranks (ZeRO-1/2: only ``dp_world_size`` and our own
-    client state's world size change; the frozen weights in ``module`` are whole replicas)."""
-    check_supported(ckpt)
-    ms = dict(load(ckpt.model_files[0]))  # memory-mapped: torch.save pages the frozen weights through
+def _with_world(ms: dict, world: int) -> dict:
+    ms = dict(ms)
     ms["dp_world_size"] = world
-    if isinstance(ms.get("ds_scalora"), dict):
-        ms["ds_scalora"] = {**ms["ds_scalora"], "world": world}
+    for key in ("ds_scalora", "ds_elalora"):
+        if isinstance(ms.get(key), dict):
+            ms[key] = {**ms[key], "world": world}
     return ms
+
+
+def model_state_files(ckpt: ZeroCheckpoint, world: int):
+    """Yield (file name, dictionary) of every model-states file for ``world`` ranks, one at a time.
+
+    ZeRO-1/2: one ``mp_rank_00_model_states.pt``; only ``dp_world_size`` and our client state's world
+    size change (the frozen weights in ``module`` are whole replicas, paged through from the
+    memory-mapped source). ZeRO-3: one file per rank, its ``frozen_param_fragments`` re-cut; memory is
+    one new rank's share of the frozen weights.
+    """
+    check_supported(ckpt)
+    if ckpt.stage != 3:
+        yield os.path.basename(ckpt.model_files[0]), _with_world(load(ckpt.model_files[0]), world)
+        return
+    first = ckpt.model(0)
+    for k in range(world):
+        fragments = OrderedDict()
+        for name, shape in first["frozen_param_shapes"].items():
+            numel = math.prod(shape)
+            old = [ckpt.model(r)["frozen_param_fragments"][name].reshape(-1) for r in range(ckpt.world)]
+            fragments[name] = _piece(old, numel, world, k)
+        ms = _with_world(first, world)
+        ms["frozen_param_fragments"] = fragments
+        yield f"zero_pp_rank_{k}_mp_rank_00_model_states.pt", ms
+
+
+def _piece(parts: list, numel: int, world: int, k: int) -> torch.Tensor:
+    """ZeRO-3's piece k (``ceil(numel/world)`` elements, zero padded) of the tensor whose first ``numel``
+    elements are the concatenation of ``parts``."""
+    c = -(-numel // world)
+    lo, hi = min(k * c, numel), min((k + 1) * c, numel)
+    out = torch.zeros(c, dtype=parts[0].dtype)
+    if hi > lo:
+        out[: hi - lo] = _narrow_across(parts, lo, hi - lo)
+    return out
+
+
+# -- ZeRO-3 -----------------------------------------------------------------------------------------
+
+
+def _check_zero3(ckpt: ZeroCheckpoint) -> None:
+    for r in range(ckpt.world):
+        osd = ckpt.optim(r)["optimizer_state_dict"]
+        if "fp32_flat_groups" not in osd or "optimizer_state_dict" not in osd:
+            raise ReshardError(f"{ckpt.optim_files[r]} lacks fp32_flat_groups: written by another DeepSpeed "
+                               "version than the pinned 0.19.8, or with optimizer offload")
+        if osd.get("ds_zero_partition_groups") is not None:
+            raise ReshardError(f"{ckpt.optim_files[r]} uses expert (AutoEP) partition groups, which are not supported")
+        if int(osd["partition_count"]) != ckpt.world:
+            raise ReshardError(f"{ckpt.optim_files[r]}: partition_count {osd['partition_count']} differs from the "
+                               f"data-parallel world size {ckpt.world}")
+    for r in range(ckpt.world):
+        if "frozen_param_fragments" not in ckpt.model(r):
+            raise ReshardError(f"{ckpt.model_files[r]} holds no frozen_param_fragments (saved with "
+                               "exclude_frozen_parameters): the merged weights are not in this checkpoint")
+
+
+def _sub_groups(numels: list[int], world: int, sub_group_size: int) -> list[list[int]]:
+    """Indices of a group's parameters per sub-group at ``world`` ranks (``_create_fp16_sub_groups``)."""
+    sizes = [-(-n // world) for n in numels]
+    if sub_group_size >= sum(sizes):
+        return [list(range(len(numels)))]
+    out, current, size = [], [], 0
+    for i, s in enumerate(sizes):
+        current.append(i)
+        size += s
+        if size >= sub_group_size or i == len(sizes) - 1:
+            out.append(current)
+            current, size = [], 0
+    return out
+
+
+def _zero3_optimizer_files(ckpt: ZeroCheckpoint, world: int) -> list[dict]:
+    first = ckpt.optim(0)
+    osd0 = first["optimizer_state_dict"]
+    inner0 = osd0["optimizer_state_dict"]
+    zc = (first.get("ds_config") or {}).get("zero_optimization") or {}
+    sub_group_size = int(float(zc.get("sub_group_size", 1_000_000_000)))
+    entry0 = inner0["state"][min(inner0["state"])] if inner0["state"] else {}
+    flat0 = osd0["fp32_flat_groups"][0].numel() if osd0["fp32_flat_groups"] else -1
+    moment_keys = [key for key, v in entry0.items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() == flat0]
+    scalars = {key: v for key, v in entry0.items() if key not in moment_keys}
+    groups = [list(shapes) for shapes in ckpt.param_shapes]
+    whole = {name: {None: ckpt.master(name).reshape(-1), **{key: ckpt.moment(name, key).reshape(-1) for key in moment_keys}}
+             for names in groups for name in names}  # fmt: skip
+    cut = [_sub_groups([whole[n][None].numel() for n in names], world, sub_group_size) for names in groups]
+    out = []
+    for k in range(world):
+        flats, state, param_groups, s = [], {}, [], 0
+        for g, names in enumerate(groups):
+            pg = {key: v for key, v in inner0["param_groups"][g].items() if key != "params"}
+            pg["params"] = []
+            for members in cut[g]:
+                chosen = [names[i] for i in members]
+                flats.append(torch.cat([_piece([whole[n][None]], whole[n][None].numel(), world, k) for n in chosen]))
+                st = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in scalars.items()}
+                for key in moment_keys:
+                    st[key] = torch.cat([_piece([whole[n][key]], whole[n][key].numel(), world, k) for n in chosen])
+                state[s] = {key: st[key] for key in entry0}
+                pg["params"].append(s)
+                s += 1
+            param_groups.append(pg)
+        osd = dict(osd0)
+        osd["partition_count"] = world
+        osd["optimizer_state_dict"] = {"state": state, "param_groups": param_groups}
+        osd["fp32_flat_groups"] = flats
+        out.append({**first, "optimizer_state_dict": osd})
+    return out
+
+
+# -- where each rank's piece of a trainable parameter lies, at any world size ------------------------
+
+
+def piece_ranges(ckpt: ZeroCheckpoint, world: int) -> dict[str, list[tuple[int, int]]]:
+    """name -> [(start, numel)] of rank k's piece of each trainable parameter (elements of the flattened
+    parameter) at ``world`` ranks, in this checkpoint's ZeRO layout; numel 0 where a rank holds none."""
+    out = {}
+    if ckpt.stage == 3:
+        for shapes in ckpt.param_shapes:
+            for name, shape in shapes.items():
+                n = math.prod(shape)
+                c = -(-n // world)
+                out[name] = [(min(k * c, n), max(0, min(c, n - k * c))) for k in range(world)]
+        return out
+    for g in range(len(ckpt.param_shapes)):
+        total, entries = _group_layout(ckpt, g)
+        size = _cut(total, world)
+        for name, offset, n in entries:
+            ranges = []
+            for k in range(world):
+                a, b = max(offset, k * size), min(offset + n, (k + 1) * size)
+                ranges.append((a - offset, b - a) if a < b else (0, 0))
+            out[name] = ranges
+    return out
 
 
 def _split_slices(parts: list, world: int, what: str):
@@ -200,5 +349,46 @@ def scalora_shards(paths: list[str], world: int) -> list[dict]:
     return out
 
 
-def shard_name(rank: int, world: int) -> str:
-    return f"ds_scalora_rank{rank:05d}_of{world:05d}.pt"
+ELALORA_PARAMS = {"Q": "lora_A", "lam": "lora_E", "P": "lora_B"}  # methods.svd_layers.FACTORS -> PEFT names
+
+
+def elalora_shards(ckpt: ZeroCheckpoint, paths: list[str], world: int, adapter: str = "default") -> list[dict]:
+    """ElaLoRA's per-rank importance shards, re-cut for ``world`` ranks along the new ZeRO layout."""
+    saved = [load(p, mmap=False) for p in paths]
+    layers = saved[0]["layers"]
+    for p, s in zip(paths, saved):
+        if s["layers"] != layers:
+            raise CheckpointFileError(f"{p} was written for other adapted layers than {paths[0]}")
+    old, new = piece_ranges(ckpt, ckpt.world), piece_ranges(ckpt, world)
+    keys = sorted({key for s in saved for key in s["ema"]}, key=_natural_key)
+    out = [{"layers": layers, "ema": {}} for _ in range(world)]
+    for key in keys:
+        i, factor = key.split("/")
+        name = f"{layers[int(i)]}.{ELALORA_PARAMS[factor]}.{adapter}"
+        if name not in old:
+            raise CheckpointFileError(f"{paths[0]}: importance entry {key} names {name}, which is not a trainable "
+                                      "parameter of this checkpoint")
+        numel = sum(n for _, n in old[name])
+        whole = torch.zeros(2, numel)
+        for r, s in enumerate(saved):
+            start, n = old[name][r]
+            if n == 0:
+                continue
+            if key not in s["ema"] or s["ema"][key].shape[-1] != n:
+                raise CheckpointFileError(f"{paths[r]}: importance entry {key} is missing or has another size than "
+                                          f"this rank's piece of {name} ({n} elements)")
+            whole[:, start : start + n] = s["ema"][key].reshape(2, n)
+        for k in range(world):
+            start, n = new[name][k]
+            if n:
+                out[k]["ema"][key] = whole[:, start : start + n].clone()
+    return out
+
+
+def _natural_key(key: str):
+    i, factor = key.split("/")
+    return int(i), factor
+
+
+def shard_name(rank: int, world: int, kind: str = "scalora") -> str:
+    return f"ds_{kind}_rank{rank:05d}_of{world:05d}.pt"

@@ -65,3 +65,14 @@ def test_quick_preset_writes_the_report(tmp_path):
     assert (out / "benchmark_lookup.png").read_bytes()[:4] == b"\x89PNG"
     table = [line for line in text.splitlines() if line.startswith("| lora | ")][0]
     assert table.count("1.000") >= 3  # LoRA's own cost ratios
+
+    # --cost-only: the cost table on its own (the cost runs above are cached in --work, so this is quick)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),
+                           "--work", str(work), "--cost-only"], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cost = (out / "benchmarks_cost.md").read_text()
+    for method in PRESETS["quick"].methods:
+        assert f"| {method} | " in cost, method
+    lora = [line for line in cost.splitlines() if line.startswith("| lora | ")][0]
+    assert lora.count("| 1.000 |") == 3
+    assert "scalora-I step time / LoRA (cpu)" in cost

@@ -141,6 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
     p.add_argument("--single-lr", action="store_true", help="only the middle of each method's grid (no sweep)")
     p.add_argument("--no-cost", action="store_true", help="skip the per-method cost runs")
+    p.add_argument("--cost-only", action="store_true", help="only the cost runs (first task), written to "
+                   "<out>/benchmarks_cost.md; run it on an otherwise idle machine")
     p.add_argument("--scaling", action="store_true", help="add tools/bench_zero.py's refresh scaling at 1, 2, 4 ranks")
     p.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -162,6 +164,15 @@ def main(argv=None) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    if a.cost_only:
+        if a.no_cost:
+            p.error("--cost-only and --no-cost exclude each other")
+        cost = cost_runs(preset, tasks[0], methods, work)
+        meta = {"command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "device": device, "device_kind": "gpu" if torch.cuda.is_available() else "cpu",
+                "date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - t0, "peak": cost.pop("_peak")}  # fmt: skip
+        print(f"wrote {report.write_cost_report(a.out, preset, tasks[0], cost, meta)}")
+        return
     tasks_runs = []
     for task in tasks:
         print(f"task {task.name}", flush=True)

@@ -35,7 +35,7 @@ def inspect_updates(source: RunSource, rtol: float = 1e-3, energy: float = 0.99,
     weights = EffectiveWeights(source)
     modules = {}
     for name in tqdm(weights.adapted(), desc="spectra", unit="module", disable=not progress):
-        update = weights.update(name)
+        update = weights.update_out_in(name)
         s = singular_values(update)
         depth, kind = depth_and_kind(name.removesuffix(".weight"))
         modules[name.removesuffix(".weight")] = {

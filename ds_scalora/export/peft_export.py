@@ -64,7 +64,7 @@ def export_peft(source: RunSource, out: str, rank: int | None = None, energy: fl
     tail, total = 0.0, 0.0
     for name in tqdm(weights.adapted(), desc="svd", unit="module", disable=not progress):
         module = name.removesuffix(".weight")
-        A, B, err, t2, s2 = factorize(weights.update(name), rank, energy)
+        A, B, err, t2, s2 = factorize(weights.update_out_in(name), rank, energy)
         tensors[f"base_model.model.{module}.lora_A.weight"] = A.to(DTYPES[dtype]).contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = B.to(DTYPES[dtype]).contiguous()
         rank_pattern[module] = A.shape[0]
@@ -81,7 +81,7 @@ def export_peft(source: RunSource, out: str, rank: int | None = None, energy: fl
         r = max(rank_pattern.values())
         config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(rank_pattern), rank_pattern=rank_pattern,
                             alpha_pattern=dict(rank_pattern), task_type="CAUSAL_LM",
-                            base_model_name_or_path=base)  # fmt: skip
+                            fan_in_fan_out=bool(weights.transposed), base_model_name_or_path=base)  # fmt: skip
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, REPORT), "w") as f:

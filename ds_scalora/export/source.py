@@ -128,6 +128,19 @@ class RunSource:
             return AutoConfig.from_pretrained(self.base_path())
         return LlamaConfig(vocab_size=len(self.tokenizer()), **self.model_cfg["random_init"])
 
+    def transposed_modules(self) -> set[str]:
+        """HF names of the modules that store their weight as d_in x d_out (transformers' ``Conv1D``, as
+        in GPT-2): PEFT adapts them with ``fan_in_fan_out``, so their update is ``(B A)ᵀ``. Found by
+        building the architecture on the meta device (no memory, no weights)."""
+        if not hasattr(self, "_transposed"):
+            from transformers import AutoModelForCausalLM
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(self.hf_config())
+            self._transposed = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+        return self._transposed
+
     def tokenizer(self):
         if self.base_path():
             from transformers import AutoTokenizer

@@ -39,6 +39,8 @@ class EffectiveWeights:
             if weight not in self.origin:
                 raise CheckpointFileError(f"{ck.dir}: adapter on {module} but no base weight {module}.base_layer.weight")
         self.module_of = {hf_name(m + ".base_layer.weight"): m for m in self.adapter}
+        transposed = source.transposed_modules() if self.adapter else set()
+        self.transposed = {n for n in self.module_of if n.removesuffix(".weight") in transposed}
         self._shards = None
 
     # -- what there is --------------------------------------------------------------------------
@@ -72,7 +74,13 @@ class EffectiveWeights:
         module = self.module_of[name]
         ck = self.src.ckpt
         tensors = {s: (ck.master(c) if c in ck.where else ck.frozen(c)) for s, c in self.adapter[module].items()}
-        return self.merged_frozen(name) + adapter_delta(tensors, self.src.method)
+        delta = adapter_delta(tensors, self.src.method)  # d_out x d_in
+        return self.merged_frozen(name) + (delta.T if name in self.transposed else delta)
+
+    def update_out_in(self, name: str) -> torch.Tensor:
+        """:meth:`update` as d_out x d_in (the layout of LoRA's ``B A``), whatever the layer stores."""
+        update = self.update(name)
+        return update.T if name in self.transposed else update
 
     def update(self, name: str) -> torch.Tensor:
         """Effective minus the base model's weight, float64: everything training changed in a layer."""

@@ -233,3 +233,69 @@ def test_safety(runs, tmp_path, capsys):
     (plain / "latest").write_text("global_step6")
     assert convert.main(["merged", str(plain), str(tmp_path / "p"), "--quiet", "--config", TINY]) == 0
     assert (tmp_path / "p" / "config.json").is_file()
+
+
+def test_gpt2_conv1d_layers_export_in_their_own_layout(tmp_path):
+    """GPT-2 stores its projections as ``Conv1D`` (d_in x d_out), which PEFT adapts with fan_in_fan_out.
+
+    A tiny random GPT-2 (saved to a local dir, the byte tokenizer beside it) trained with ScaLoRA at one
+    rank, ZeRO-2 fp32, 5 steps with refreshes at 2 and 4 (c_proj is square, so a missing transpose
+    would not even fail on shapes). Reference: the engine's own held-out loss at step 5, printed in
+    summary.json by the training loop. The merged export must give the same loss on the same eval rows
+    (1e-5 relative: fp32 forward in another order), and the full-rank PEFT export (stock PEFT applying
+    ``(B A)ᵀ`` itself) the merged model's logits (1e-5 of max |logit|).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from ds_scalora.train.config import load_config
+    from ds_scalora.train.data import collate
+    from ds_scalora.train.loop import _datasets
+    from ds_scalora.train.model import byte_tokenizer
+
+    base = tmp_path / "gpt2"
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)  # fmt: skip
+    tok.save_pretrained(base)
+    run = tmp_path / "run"
+    sets = [f"train.output_dir={run}", f"model.path={base}", "model.random_init=null", "model.dtype=fp32",
+            'method.target_modules=["c_attn","c_proj","c_fc"]', "train.max_steps=5", "eval.every=5",
+            "checkpoint.every=5", "eval.exact_match=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["scalora_totals"]["refreshes"] == 2
+
+    _convert("merged", run, tmp_path / "merged", "--dtype", "fp32")
+    _convert("peft", run, tmp_path / "peft", "--energy", "1.0")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+    cfg = load_config(TINY, sets)
+    _, held_out = _datasets(cfg, tok, 0)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    rows = list(range(len(held_out)))[: cfg.eval.max_batches * cfg.train.micro_batch_size]
+    loss_sum, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), cfg.train.micro_batch_size):
+            idx = rows[i : i + cfg.train.micro_batch_size]
+            batch = collate([held_out.input_ids[j] for j in idx], [held_out.labels[j] for j in idx], tok.pad_token_id)
+            n = float((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(merged(**batch).loss) * n
+            tokens += n
+    engine_loss = summary["eval"]["eval_loss"]
+    print(f"GPT-2 Conv1D: engine eval loss {engine_loss:.7f}, merged export {loss_sum / tokens:.7f}")
+    assert abs(loss_sum / tokens - engine_loss) <= 1e-5 * abs(engine_loss)
+
+    ids = torch.tensor([held_out.input_ids[0]])
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        want = merged(input_ids=ids).logits
+        plain = base_model(input_ids=ids).logits  # the base alone is far away: the update matters
+        got = PeftModel.from_pretrained(base_model, tmp_path / "peft")(input_ids=ids).logits  # wraps base_model
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-5 * scale
+    assert float((plain - want).abs().max()) > 1e-3 * scale

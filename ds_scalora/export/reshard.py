@@ -49,7 +49,7 @@ def reshard(source: RunSource, out: str, world: int, overwrite: bool = False) ->
     scalora = ckpt.scalora_shards()
     elalora = _elalora_shards(ckpt)
     names = [os.path.basename(p) for p in ckpt.optim_files]
-    prefix = names[0][: names[0].index("zero_pp_rank_")]  # '' or 'bf16_'
+    prefix = names[0][: names[0].index("zero_pp_rank_")] if names else ""  # "" or "bf16_"; ZeRO-0 has none
     with atomic_dir(out, overwrite) as tmp:
         for name, states in reshard_files.model_state_files(ckpt, world):
             torch.save(states, os.path.join(tmp, name))

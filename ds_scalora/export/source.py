@@ -25,7 +25,9 @@ class ExportError(ValueError):
 
 
 def _is_tag(path: str) -> bool:
-    return os.path.isdir(path) and any(f.endswith("_optim_states.pt") for f in os.listdir(path))
+    # ZeRO-1/2/3 write per-rank optimizer files; ZeRO-0 only mp_rank_00_model_states.pt
+    return os.path.isdir(path) and any(f.endswith("_optim_states.pt") or f == "mp_rank_00_model_states.pt"
+                                       for f in os.listdir(path))  # fmt: skip
 
 
 def _step_tags(root: str) -> tuple[list[str], list[str]]:

@@ -10,6 +10,8 @@ tensor by tensor, so that a converter never holds more than one parameter's wort
 * :meth:`ZeroCheckpoint.frozen` gives a frozen weight in its stored dtype: ZeRO-1/2 from
   ``module`` of ``mp_rank_00_model_states.pt`` (``zero_to_fp32`` leaves them out at stage 1), ZeRO-3
   from the ``frozen_param_fragments`` of every rank's model-states file;
+* ZeRO-0 (fp32 only: ScaLoRA refuses ZeRO-0 in bf16/fp16) writes one ``mp_rank_00_model_states.pt``
+  with every parameter in ``module`` and the torch optimizer's state in ``optimizer``;
 * :meth:`ZeroCheckpoint.master` gives a trainable parameter's fp32 master (and :meth:`moment` its Adam
   moments) from the per-rank optimizer files, following ``deepspeed/utils/zero_to_fp32.py``'s layouts
   (ZeRO-1/2: one flat partition per rank and group, parameters laid end to end with alignment
@@ -105,7 +107,12 @@ class ZeroCheckpoint:
         self.dir = tag_dir
         optim = _files(tag_dir, "*zero_pp_rank_*_optim_states.pt")
         if not optim:
-            raise CheckpointFileError(f"{tag_dir} holds no '*_optim_states.pt' file: not a DeepSpeed ZeRO checkpoint")
+            single = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+            if not os.path.isfile(single):
+                raise CheckpointFileError(f"{tag_dir} holds neither '*_optim_states.pt' files nor "
+                                          "mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+            self._init_stage0(single)
+            return
         self.optim_files = optim
         self._optim = [None] * len(optim)
         first = self.optim(0)
@@ -122,12 +129,7 @@ class ZeroCheckpoint:
             self.model_files = [os.path.join(tag_dir, "mp_rank_00_model_states.pt")]
         self._model = [None] * len(self.model_files)
         ms = self.model(0)
-        version = ms.get("ds_version")
-        if version != TESTED_DEEPSPEED:
-            import warnings
-
-            warnings.warn(f"{self.model_files[0]} was written by deepspeed=={version}; this reader is tested "
-                          f"against {TESTED_DEEPSPEED}", stacklevel=2)
+        self._check_version(ms)
         self.param_shapes = [dict(g) for g in ms["param_shapes"]]  # trainable, per optimizer group
         self.frozen_shapes = dict(ms.get("frozen_param_shapes") or {})
         if self.stage <= 2 and not self.frozen_shapes:  # ZeRO-1 does not write them: take ``module``
@@ -136,6 +138,40 @@ class ZeroCheckpoint:
                                   if n not in trainable and n not in set(ms.get("buffer_names", []))}  # fmt: skip
         self.shared = dict(ms.get("shared_params") or {})
         self._locate_trainable()
+
+    def _check_version(self, ms: dict) -> None:
+        version = ms.get("ds_version")
+        if version != TESTED_DEEPSPEED:
+            import warnings
+
+            warnings.warn(f"{self.model_files[0]} was written by deepspeed=={version}; this reader is tested "
+                          f"against {TESTED_DEEPSPEED}", stacklevel=3)
+
+    def _init_stage0(self, path: str) -> None:
+        """ZeRO-0 in fp32: one file, ``module`` holds every parameter (the trainable ones are their own
+        fp32 masters) and ``optimizer`` the torch optimizer's state, indexed in the order of its groups;
+        the trainable parameters are the adapter's (``.lora_`` names) or, for full fine-tuning, all."""
+        self.stage, self.optim_files, self.model_files, self._model, self._optim = 0, [], [path], [None], []
+        ms = self.model(0)
+        self._check_version(ms)
+        self.world = int(ms.get("dp_world_size") or 1)
+        osd = ms.get("optimizer")
+        if not isinstance(osd, dict) or "state" not in osd or "param_groups" not in osd:
+            raise CheckpointFileError(f"{path} holds no optimizer state: a ZeRO-0 checkpoint saved without it "
+                                      "(or another kind of file) cannot be converted")
+        module, buffers = ms["module"], set(ms.get("buffer_names") or [])
+        names = [n for n in module if n not in buffers]
+        indices = [i for g in osd["param_groups"] for i in g["params"]]
+        adapters = [n for n in names if ".lora_" in n]
+        trainable = adapters if len(adapters) == len(indices) else names if len(names) == len(indices) else None
+        if trainable is None:
+            raise CheckpointFileError(f"{path}: the optimizer holds {len(indices)} parameters, which are neither the "
+                                      f"{len(adapters)} adapter tensors nor all {len(names)} parameters")
+        self._stage0_index = dict(zip(trainable, indices))
+        self.param_shapes = [{n: module[n].shape for n in trainable}]
+        self.frozen_shapes = {n: module[n].shape for n in names if n not in self._stage0_index}
+        self.shared = {}
+        self.where = {n: (0, 0, module[n].shape) for n in trainable}
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -181,7 +217,7 @@ class ZeroCheckpoint:
     def frozen(self, name: str) -> torch.Tensor:
         """A frozen parameter, whole, in the dtype it was stored in."""
         shape = torch.Size(self.frozen_shapes[name])
-        if self.stage <= 2:
+        if self.stage <= 2:  # ZeRO-0 too: whole tensors in ``module``
             return self.model(0)["module"][name].view(shape)
         parts = []
         for r in range(self.world):
@@ -237,6 +273,10 @@ class ZeroCheckpoint:
         return self._gather(name, state)
 
     def _gather(self, name: str, state: str | None) -> torch.Tensor:
+        if self.stage == 0:
+            if state is None:
+                return self.model(0)["module"][name]
+            return self.model(0)["optimizer"]["state"][self._stage0_index[name]][state]
         group, offset, shape = self.where[name]
         numel = shape.numel()
         if self.stage <= 2:

@@ -32,8 +32,12 @@ state for rank k's slice ``[k·ceil(numel/N), ...)`` of layer j's flattened froz
 piece of layer i's factor F, wherever ZeRO put that piece; the pieces are joined and cut again along the
 new layout.
 
-Not supported (refused with :class:`ReshardError`): ZeRO-0 / BF16_Optimizer files, checkpoints written
-with ``elastic_checkpoint`` or the unpadded legacy layout, MoE / expert groups.
+ZeRO-0 (fp32; the only ZeRO-0 form ScaLoRA trains) keeps everything in one replicated file: only the
+world size recorded in it and our shards change.
+
+Not supported (refused with :class:`ReshardError`): BF16_Optimizer files (ZeRO-0 in bf16, which the
+training entry point refuses), checkpoints written with ``elastic_checkpoint`` or the unpadded legacy
+layout, MoE / expert groups.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ def _fragment_address(numel: int, start: int):
 
 
 def check_supported(ckpt: ZeroCheckpoint) -> None:
-    if ckpt.stage not in (1, 2, 3):
+    if ckpt.stage not in (0, 1, 2, 3):
         raise ReshardError(f"{ckpt.dir} is a ZeRO-{ckpt.stage} checkpoint; changing the world size is supported "
-                           "for ZeRO-1, ZeRO-2 and ZeRO-3 only")
+                           "for ZeRO-0 (fp32), ZeRO-1, ZeRO-2 and ZeRO-3 only")
+    if ckpt.stage == 0:
+        return  # one replicated file; nothing per rank but our own shards
     if ckpt.stage == 3:
         _check_zero3(ckpt)
         return
@@ -103,6 +109,8 @@ def _cut(total: int, world: int) -> int:
 def optimizer_files(ckpt: ZeroCheckpoint, world: int) -> list[dict]:
     """The M per-rank ``*_optim_states.pt`` dictionaries of a checkpoint re-cut for ``world`` ranks."""
     check_supported(ckpt)
+    if ckpt.stage == 0:
+        return []  # the optimizer state is in the (replicated) model-states file
     if ckpt.stage == 3:
         return _zero3_optimizer_files(ckpt, world)
     first = ckpt.optim(0)
@@ -181,7 +189,7 @@ def _with_world(ms: dict, world: int) -> dict:
 def model_state_files(ckpt: ZeroCheckpoint, world: int):
     """Yield (file name, dictionary) of every model-states file for ``world`` ranks, one at a time.
 
-    ZeRO-1/2: one ``mp_rank_00_model_states.pt``; only ``dp_world_size`` and our client state's world
+    ZeRO-0/1/2: one ``mp_rank_00_model_states.pt``; only ``dp_world_size`` and our client state's world
     size change (the frozen weights in ``module`` are whole replicas, paged through from the
     memory-mapped source). ZeRO-3: one file per rank, its ``frozen_param_fragments`` re-cut; memory is
     one new rank's share of the frozen weights.
@@ -293,6 +301,8 @@ def piece_ranges(ckpt: ZeroCheckpoint, world: int) -> dict[str, list[tuple[int, 
     """name -> [(start, numel)] of rank k's piece of each trainable parameter (elements of the flattened
     parameter) at ``world`` ranks, in this checkpoint's ZeRO layout; numel 0 where a rank holds none."""
     out = {}
+    if ckpt.stage == 0:  # every rank holds every parameter whole
+        return {name: [(0, math.prod(shape))] * world for shapes in ckpt.param_shapes for name, shape in shapes.items()}
     if ckpt.stage == 3:
         for shapes in ckpt.param_shapes:
             for name, shape in shapes.items():

@@ -235,6 +235,74 @@ def test_safety(runs, tmp_path, capsys):
     assert (tmp_path / "p" / "config.json").is_file()
 
 
+def _eval_loss(model, sets, tokenizer):
+    """The training loop's held-out loss (``loop.evaluate`` at one rank: the first max_batches x micro rows,
+    token-weighted) computed with a plain HF model; returns (loss, held-out set)."""
+    from ds_scalora.train.config import load_config
+    from ds_scalora.train.data import collate
+    from ds_scalora.train.loop import _datasets
+
+    cfg = load_config(TINY, sets)
+    _, held_out = _datasets(cfg, tokenizer, 0)
+    micro = cfg.train.micro_batch_size
+    rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro]
+    loss_sum, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), micro):
+            idx = rows[i : i + micro]
+            batch = collate([held_out.input_ids[j] for j in idx], [held_out.labels[j] for j in idx], tokenizer.pad_token_id)
+            n = float((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(model(**batch).loss) * n
+            tokens += n
+    return loss_sum / tokens, held_out
+
+
+def test_zero0_checkpoint_exports_and_changes_world_size(tmp_path):
+    """ZeRO-0 (fp32; everything in one replicated mp_rank_00_model_states.pt, optimizer included).
+
+    ScaLoRA at 2 ranks, 5 steps (refreshes at 2 and 4), checkpoints at 3 and 5, trained at one rank's
+    global batch so that the engine's held-out loss at step 5 (summary.json) is computed on the rows
+    ``_eval_loss`` replays: the merged export of step 5 must give it within 1e-5 relative. The step-3
+    checkpoint resharded to 1 rank resumes with the original losses of steps 4-5 (1e-5 relative,
+    reduction order)."""
+    from ds_scalora.train.model import byte_tokenizer
+
+    run = tmp_path / "run"
+    sets = [f"train.output_dir={run}", "deepspeed.zero_optimization.stage=0", "model.dtype=fp32",
+            "train.max_steps=5", "eval.every=5", "checkpoint.every=3", "checkpoint.keep_last=3",
+            "eval.exact_match=false", "eval.max_batches=2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["scalora_totals"]["refreshes"] == 2
+
+    _convert("merged", run / "checkpoints" / "step00000005", tmp_path / "merged", "--dtype", "fp32")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    # at 2 ranks the loop evaluates max_batches x micro rows per rank: replay 2 x that at one rank
+    loss, _ = _eval_loss(merged, [*sets, "eval.max_batches=4"], byte_tokenizer())
+    engine_loss = summary["eval"]["eval_loss"]
+    print(f"ZeRO-0: engine eval loss {engine_loss:.7f}, merged export {loss:.7f}")
+    assert abs(loss - engine_loss) <= 1e-5 * abs(engine_loss)
+
+    tag = tmp_path / "w1" / "checkpoints" / "step00000003"
+    _convert("reshard", run / "checkpoints" / "step00000003", tag, "--world", 1)
+    resumed = [f"train.output_dir={tmp_path / 'w1'}", *sets[1:], "train.gradient_accumulation_steps=4",
+               f"train.resume={tag}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *resumed]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "w1" / "summary.json").read_text())
+    want = {h["step"]: h["loss"] for h in summary["history"] if h["step"] > 3}
+    got = {h["step"]: h["loss"] for h in again["history"] if h["step"] > 3}
+    assert sorted(got) == sorted(want) == [4, 5]
+    assert all(abs(got[k] - want[k]) <= 1e-5 * abs(want[k]) for k in want), (got, want)
+
+
 def test_gpt2_conv1d_layers_export_in_their_own_layout(tmp_path):
     """GPT-2 stores its projections as ``Conv1D`` (d_in x d_out), which PEFT adapts with fan_in_fan_out.
 
@@ -248,9 +316,6 @@ def test_gpt2_conv1d_layers_export_in_their_own_layout(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from ds_scalora.train.config import load_config
-    from ds_scalora.train.data import collate
-    from ds_scalora.train.loop import _datasets
     from ds_scalora.train.model import byte_tokenizer
 
     base = tmp_path / "gpt2"
@@ -274,21 +339,11 @@ def test_gpt2_conv1d_layers_export_in_their_own_layout(tmp_path):
     _convert("peft", run, tmp_path / "peft", "--energy", "1.0")
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
-    cfg = load_config(TINY, sets)
-    _, held_out = _datasets(cfg, tok, 0)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    rows = list(range(len(held_out)))[: cfg.eval.max_batches * cfg.train.micro_batch_size]
-    loss_sum, tokens = 0.0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(rows), cfg.train.micro_batch_size):
-            idx = rows[i : i + cfg.train.micro_batch_size]
-            batch = collate([held_out.input_ids[j] for j in idx], [held_out.labels[j] for j in idx], tok.pad_token_id)
-            n = float((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(merged(**batch).loss) * n
-            tokens += n
+    loss, held_out = _eval_loss(merged, sets, tok)
     engine_loss = summary["eval"]["eval_loss"]
-    print(f"GPT-2 Conv1D: engine eval loss {engine_loss:.7f}, merged export {loss_sum / tokens:.7f}")
-    assert abs(loss_sum / tokens - engine_loss) <= 1e-5 * abs(engine_loss)
+    print(f"GPT-2 Conv1D: engine eval loss {engine_loss:.7f}, merged export {loss:.7f}")
+    assert abs(loss - engine_loss) <= 1e-5 * abs(engine_loss)
 
     ids = torch.tensor([held_out.input_ids[0]])
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

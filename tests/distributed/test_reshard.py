@@ -106,8 +106,10 @@ def test_reshard_refuses_bad_requests(tmp_path):
 
     proc = convert("reshard", tmp_path, tmp_path / "out", "--world", 1)
     assert proc.returncode == 2 and "no checkpoint found" in proc.stderr
-    with pytest.raises(ReshardError, match="ZeRO-1, ZeRO-2 and ZeRO-3 only"):
-        check_supported(SimpleNamespace(stage=0, dir=str(tmp_path), world=2))
+    no_flat = {"optimizer_state_dict": {"partition_count": 2}}
+    fake3 = SimpleNamespace(stage=3, dir=str(tmp_path), world=2, optim=lambda r: no_flat, optim_files=["f0", "f1"])
+    with pytest.raises(ReshardError, match="f0 lacks fp32_flat_groups"):
+        check_supported(fake3)
     elastic = {"optimizer_state_dict": {"base_optimizer_state": [{}], "partition_count": [2]}}
     fake = SimpleNamespace(stage=2, dir=str(tmp_path), world=1, optim=lambda r: elastic, optim_files=["f"])
     with pytest.raises(ReshardError, match="elastic_checkpoint"):

@@ -40,16 +40,16 @@ def test_learning_rate_choice_steps_to_reach_and_targets():
 
 
 def test_every_preset_learning_rate_reaches_the_config_as_a_float(tmp_path):
-    from ds_scalora.bench.grid import run_config
+    from ds_scalora.bench.grid import run_config, task_lrs, task_schedule
 
     for preset in PRESETS.values():
-        task = preset.tasks[0]
-        for method, lrs in preset.lrs.items():
-            for lr in lrs:  # 5e-05 once arrived as the string '5e-05' (YAML 1.1 wants a decimal point)
-                if task.make_data:
-                    continue
-                cfg = run_config(task, method, lr, 0, preset.steps, preset.eval_every, str(tmp_path / "o"), str(tmp_path))
-                assert cfg.train.learning_rate == lr and isinstance(cfg.train.learning_rate, float)
+        for task in preset.tasks:
+            steps, every = task_schedule(preset, task)
+            for method in preset.methods:
+                for lr in task_lrs(preset, task, method):  # 5e-05 once arrived as the string '5e-05' (YAML 1.1)
+                    cfg = run_config(task, method, lr, 0, steps, every, str(tmp_path / "o"), str(tmp_path))
+                    assert cfg.train.learning_rate == lr and isinstance(cfg.train.learning_rate, float)
+                    assert cfg.train.max_steps == steps
 
 
 @pytest.mark.skipif(os.environ.get("DS_SCALORA_SKIP_BENCH") == "1", reason="asked to skip")

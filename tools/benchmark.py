@@ -32,7 +32,8 @@ from ds_scalora.bench import grid, measure, report  # noqa: E402
 def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
     runs = []
     for method in methods:
-        lrs = preset.lrs[method]
+        lrs = grid.task_lrs(preset, task, method)
+        steps, eval_every = grid.task_schedule(preset, task)
         for lr in ([lrs[len(lrs) // 2]] if single_lr else lrs):
             for seed in seeds:
                 key = f"{preset.name}_{task.name}_{method}_lr{lr:g}_s{seed}"
@@ -42,7 +43,7 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
                         runs.append(json.load(f))
                     continue
                 t0 = time.perf_counter()
-                cfg = grid.run_config(task, method, lr, seed, preset.steps, preset.eval_every,
+                cfg = grid.run_config(task, method, lr, seed, steps, eval_every,
                                       os.path.join(work, key), os.path.join(work, "data"))  # fmt: skip
                 hooks = measure.UpdateRank(cfg.method.target_modules)
                 summary = grid.train_once(cfg, hooks, log_path=os.path.join(work, key + ".log"))
@@ -88,7 +89,7 @@ def cost_worker(a) -> None:
     preset = grid.PRESETS[a.preset]
     task = next(t for t in preset.tasks if t.name == a.tasks[0])
     method = a.methods[0]
-    lrs = preset.lrs[method]
+    lrs = grid.task_lrs(preset, task, method)
     cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, preset.cost_steps, 0,
                           os.path.join(a.work, f"costrun_{method}"), os.path.join(a.work, "data"),
                           extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1})  # fmt: skip

@@ -39,6 +39,18 @@ class Task:
     metric: str  # the eval metric reported (higher is better)
     what: str  # one line for the report
     make_data: str | None = None  # name of a generator in this module, writing the task's files
+    steps: int | None = None  # overrides the preset's steps and eval interval for this task
+    eval_every: int | None = None
+    lrs: dict | None = None  # per-method learning-rate grids overriding the preset's for this task
+
+
+def task_schedule(preset: "Preset", task: Task) -> tuple[int, int]:
+    """(steps, eval interval) of ``task`` under ``preset``."""
+    return task.steps or preset.steps, task.eval_every or preset.eval_every
+
+
+def task_lrs(preset: "Preset", task: Task, method: str) -> list:
+    return (task.lrs or {}).get(method, preset.lrs[method])
 
 
 @dataclass
@@ -74,7 +86,7 @@ def make_facts(out_dir: str, n: int) -> dict:
     rows = facts_rows(n)
     paths = {"data.train": os.path.join(out_dir, f"facts{n}_train.jsonl"),
              "data.eval": os.path.join(out_dir, f"facts{n}_eval.jsonl")}  # fmt: skip
-    for key, subset in (("data.train", rows), ("data.eval", rows[: min(n, 96)])):
+    for key, subset in (("data.train", rows), ("data.eval", rows[: min(n, 128)])):
         with open(paths[key], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in subset)
     return paths
@@ -92,10 +104,18 @@ PRESETS = {
     "cpu": Preset("cpu", [
         Task("dates", "ds_configs/demo.yaml", {"method.r": 8, "eval.at_start": True}, "eval_exact_match",
              "SmolLM2-135M-Instruct, ISO date -> DD/MM/YYYY (the demo task), exact match on 24 held-out dates"),
+        # sized by pilot runs on 2 cores (see the README's Benchmarks section): full fine-tuning stores all 128
+        # facts in ~100 steps (EM 0.93 at step 80), rank-4 LoRA needs ~150 (EM 0.01 at 80, 0.98 at 120 at a
+        # 160-step schedule): at 100 steps the budget, not the rank, separates them
         Task("facts", "ds_configs/demo.yaml", {"method.r": 4, "data.max_length": 32, "eval.max_new_tokens": 8,
-                                               "eval.max_batches": 12, "data.format": "prompt_completion"},
-             "eval_exact_match", "SmolLM2-135M-Instruct, memorise 512 random 6-letter -> 6-digit codes, rank 4",
-             make_data="facts512"),
+                                               "eval.max_batches": 4, "data.format": "prompt_completion",
+                                               "train.micro_batch_size": 16, "eval.at_start": True},
+             "eval_exact_match", "SmolLM2-135M-Instruct, memorise 128 random 6-letter -> 6-digit codes (exact match "
+             "on the first 64), rank 4 on every linear layer, 100 steps of 16 (12.5 epochs)", make_data="facts128",
+             steps=100, eval_every=20,
+             lrs={"lora": [2e-3, 4e-3, 8e-3], "rslora": [1e-3, 2e-3, 4e-3], "scalora": [2e-3, 4e-3, 8e-3],
+                  "scalora-I": [2e-3, 4e-3, 8e-3], "elalora": [5e-3, 1e-2, 2e-2], "relora": [2e-3, 4e-3, 8e-3],
+                  "full": [5e-5, 1e-4, 2e-4]}),
     ], steps=40, eval_every=10, seeds=[0, 1],
         lrs={"lora": LR_ADAPTER, "rslora": [5e-4, 1e-3, 2e-3], "scalora": LR_ADAPTER, "scalora-I": LR_ADAPTER,
              "elalora": [2e-3, 5e-3, 1e-2], "relora": LR_ADAPTER, "full": [2e-5, 5e-5, 1e-4]}),  # fmt: skip

@@ -167,7 +167,8 @@ def write_report(out_dir: str, preset, tasks_runs: dict, cost: dict | None, meta
              f"{meta['date']}, in {meta['seconds'] / 60:.1f} min of runs. Do not edit by hand: rerun the command." + (
              " **A reduced run**: fewer seeds, learning rates, tasks or methods than the preset; its figures are "
              "single measurements, not the tuned comparison the preset makes." if meta.get("reduced") else ""), "",
-             f"Steps per run: {preset.steps}; seeds: {meta.get('seeds', preset.seeds)}; "
+             "Steps per run: " + ", ".join(f"{t.name} {t.steps or preset.steps}" for t, _ in tasks_runs)
+             + f"; seeds: {meta.get('seeds', preset.seeds)}; "
              + ("learning rates: the middle of each method's grid only (no sweep: `--single-lr`). " if meta.get("single_lr")
                 else "the learning rate of every method is the best of its grid by mean final metric on the evaluation "
                      "set (the same set the table reports: an optimistic choice, the same for every method). ")

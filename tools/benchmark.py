@@ -63,7 +63,7 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
 
 def cost_runs(preset, task, methods, work) -> dict:
     peak, peak_what = measure.matmul_peak_flops()
-    out = {}
+    out, rounds = {}, {}
     for round_ in range(preset.cost_repeats):  # interleaved, so that a slow spell of the machine hits every method
         for method in methods:
             path = os.path.join(work, f"cost_{preset.name}_{task.name}_{method}_{round_}.json")
@@ -78,8 +78,11 @@ def cost_runs(preset, task, methods, work) -> dict:
             print(f"  cost {method} (round {round_ + 1}): {result['step_time_s'] * 1e3:.0f} ms/step, "
                   f"{result['tokens_per_s']:.0f} tok/s, peak {result['peak_memory_gib']:.2f} GiB, MFU {result['mfu']:.1%}",
                   flush=True)  # fmt: skip
+            rounds.setdefault(method, []).append(result["step_time_s"])
             if method not in out or result["step_time_s"] < out[method]["step_time_s"]:
                 out[method] = result
+    for method, times in rounds.items():
+        out[method]["rounds_s"] = times
     out["_peak"] = f"{peak / 1e9:.1f} GFLOP/s ({peak_what})"
     return out
 
@@ -90,9 +93,13 @@ def cost_worker(a) -> None:
     task = next(t for t in preset.tasks if t.name == a.tasks[0])
     method = a.methods[0]
     lrs = grid.task_lrs(preset, task, method)
-    cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, preset.cost_steps, 0,
+    # the method's schedule (ReLoRA's restart interval, ElaLoRA's rounds) as in the quality runs; only
+    # max_steps is cut to the cost run's length
+    steps, _ = grid.task_schedule(preset, task)
+    cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, steps, 0,
                           os.path.join(a.work, f"costrun_{method}"), os.path.join(a.work, "data"),
-                          extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1})  # fmt: skip
+                          extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1,
+                                 "train.max_steps": preset.cost_steps})  # fmt: skip
 
     class Count:
         def after_setup(self, engine, model):

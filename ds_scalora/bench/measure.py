@@ -97,11 +97,15 @@ def cost_in_subprocess(argv: list[str], timeout: float = 3600) -> dict:
 
 
 def cost_summary(summary: dict, skip_first: int = 2) -> dict:
-    """Median step time, tokens/s and peak memory from a run's per-step history (logging.every = 1);
-    the first steps (allocation, optimizer-state creation) and the last (final eval) are left out."""
+    """Amortised step time (the mean, so that periodic work such as a refresh every I steps counts
+    1/I per step; the median would hide it), tokens/s over the same steps, the median step time for
+    reference, and peak memory, from a run's per-step history (logging.every = 1); the first steps
+    (allocation, optimizer-state creation) and the last (final eval) are left out."""
     hist = [h for h in summary["history"] if "step_time_s" in h][skip_first:-1]
     if not hist:
         raise ValueError("the cost run is too short: raise --cost-steps")
-    return {"step_time_s": statistics.median(h["step_time_s"] for h in hist),
-            "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
+    seconds = sum(h["step_time_s"] for h in hist)
+    tokens = sum(h["tokens_per_s"] * h["step_time_s"] for h in hist)
+    return {"step_time_s": seconds / len(hist), "tokens_per_s": tokens / seconds,
+            "step_time_median_s": statistics.median(h["step_time_s"] for h in hist), "steps_measured": len(hist),
             "peak_memory_gib": max(h["peak_memory_gib"] for h in summary["history"] if "peak_memory_gib" in h)}  # fmt: skip

@@ -93,8 +93,8 @@ def cost_worker(a) -> None:
     task = next(t for t in preset.tasks if t.name == a.tasks[0])
     method = a.methods[0]
     lrs = grid.task_lrs(preset, task, method)
-    # the method's schedule (ReLoRA's restart interval, ElaLoRA's rounds) as in the quality runs; only
-    # max_steps is cut to the cost run's length
+    # ReLoRA's restart interval as in the quality runs (it is derived from their steps); only max_steps
+    # is cut to the cost run's length
     steps, _ = grid.task_schedule(preset, task)
     cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, steps, 0,
                           os.path.join(a.work, f"costrun_{method}"), os.path.join(a.work, "data"),

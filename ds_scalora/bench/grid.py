@@ -107,8 +107,7 @@ PRESETS = {
         Task("dates", "ds_configs/demo.yaml", {"method.r": 8, "eval.at_start": True}, "eval_exact_match",
              "SmolLM2-135M-Instruct, ISO date -> DD/MM/YYYY (the demo task), exact match on 24 held-out dates"),
         # sized so that full fine-tuning stores the facts within the budget and rank-4 LoRA does not yet
-        # (docs/benchmarks_facts: 0.97 vs 0.13 exact match at 100 steps); given 1.6x the steps LoRA stores
-        # them too (a pilot, issue 7 notes), so at this size the budget, not the rank, separates them
+        # (docs/benchmarks_facts: 0.97 vs 0.13 exact match at 100 steps)
         Task("facts", "ds_configs/demo.yaml", {"method.r": 4, "data.max_length": 32, "eval.max_new_tokens": 8,
                                                "eval.max_batches": 4, "data.format": "prompt_completion",
                                                "train.micro_batch_size": 16, "eval.at_start": True},

@@ -107,5 +107,5 @@ def cost_summary(summary: dict, skip_first: int = 2) -> dict:
     seconds = sum(h["step_time_s"] for h in hist)
     tokens = sum(h["tokens_per_s"] * h["step_time_s"] for h in hist)
     return {"step_time_s": seconds / len(hist), "tokens_per_s": tokens / seconds,
-            "step_time_median_s": statistics.median(h["step_time_s"] for h in hist), "steps_measured": len(hist),
+            "step_time_median_s": statistics.median(h["step_time_s"] for h in hist),
             "peak_memory_gib": max(h["peak_memory_gib"] for h in summary["history"] if "peak_memory_gib" in h)}  # fmt: skip

@@ -15,6 +15,7 @@ from peft.tuners.adalora.layer import AdaLoraLayer, SVDLinear
 
 # (attribute, slot axis): the slot index of an element runs along this axis of the row-major tensor
 FACTORS = (("Q", 0), ("lam", 0), ("P", 1))
+PEFT_NAMES = {"Q": "lora_A", "lam": "lora_E", "P": "lora_B"}  # the ParameterDict each factor lives in
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,15 @@ class SVDAdapted:
 
     @property
     def Q(self) -> torch.nn.Parameter:  # R x d_in
-        return self.module.lora_A[self.adapter]
+        return getattr(self.module, PEFT_NAMES["Q"])[self.adapter]
 
     @property
     def lam(self) -> torch.nn.Parameter:  # R x 1
-        return self.module.lora_E[self.adapter]
+        return getattr(self.module, PEFT_NAMES["lam"])[self.adapter]
 
     @property
     def P(self) -> torch.nn.Parameter:  # d_out x R
-        return self.module.lora_B[self.adapter]
+        return getattr(self.module, PEFT_NAMES["P"])[self.adapter]
 
     def factors(self) -> list[tuple[str, torch.nn.Parameter, int]]:
         """(name, parameter, slot axis) of Q, λ and P."""

@@ -48,6 +48,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..methods.svd_layers import PEFT_NAMES
 from .checkpoint_files import CheckpointFileError, ZeroCheckpoint, _narrow_across, load
 
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: "4-byte alignment/sizeof(fp16) = 2"
@@ -359,9 +360,6 @@ def scalora_shards(paths: list[str], world: int) -> list[dict]:
     return out
 
 
-ELALORA_PARAMS = {"Q": "lora_A", "lam": "lora_E", "P": "lora_B"}  # methods.svd_layers.FACTORS -> PEFT names
-
-
 def elalora_shards(ckpt: ZeroCheckpoint, paths: list[str], world: int, adapter: str = "default") -> list[dict]:
     """ElaLoRA's per-rank importance shards, re-cut for ``world`` ranks along the new ZeRO layout."""
     saved = [load(p, mmap=False) for p in paths]
@@ -374,11 +372,11 @@ def elalora_shards(ckpt: ZeroCheckpoint, paths: list[str], world: int, adapter: 
     out = [{"layers": layers, "ema": {}} for _ in range(world)]
     for key in keys:
         i, factor = key.split("/")
-        name = f"{layers[int(i)]}.{ELALORA_PARAMS[factor]}.{adapter}"
+        name = f"{layers[int(i)]}.{PEFT_NAMES[factor]}.{adapter}"
         if name not in old:
             raise CheckpointFileError(f"{paths[0]}: importance entry {key} names {name}, which is not a trainable "
                                       "parameter of this checkpoint")
-        numel = sum(n for _, n in old[name])
+        numel = ckpt.where[name][2].numel()  # not the pieces' sum: ZeRO-0 pieces are whole replicas
         whole = torch.zeros(2, numel)
         for r, s in enumerate(saved):
             start, n = old[name][r]

@@ -33,6 +33,7 @@ TINY = str(REPO / "ds_configs" / "tiny.yaml")
 WORKER = Path(__file__).resolve().parent / "export_worker.py"
 sys.path.insert(0, str(REPO / "tools"))
 import convert  # noqa: E402
+from test_train_entry import train  # noqa: E402
 
 RUNS = {1: "fp32", 2: "bf16", 3: "bf16"}
 
@@ -268,14 +269,9 @@ def test_zero0_checkpoint_exports_and_changes_world_size(tmp_path):
     from ds_scalora.train.model import byte_tokenizer
 
     run = tmp_path / "run"
-    sets = [f"train.output_dir={run}", "deepspeed.zero_optimization.stage=0", "model.dtype=fp32",
-            "train.max_steps=5", "eval.every=5", "checkpoint.every=3", "checkpoint.keep_last=3",
-            "eval.exact_match=false", "eval.max_batches=2"]  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+    sets = ["deepspeed.zero_optimization.stage=0", "model.dtype=fp32", "train.max_steps=5", "eval.every=5",
+            "checkpoint.every=3", "checkpoint.keep_last=3", "eval.exact_match=false", "eval.max_batches=2"]  # fmt: skip
+    summary = train(2, run, *sets)
     assert summary["scalora_totals"]["refreshes"] == 2
 
     _convert("merged", run / "checkpoints" / "step00000005", tmp_path / "merged", "--dtype", "fp32")
@@ -290,13 +286,7 @@ def test_zero0_checkpoint_exports_and_changes_world_size(tmp_path):
 
     tag = tmp_path / "w1" / "checkpoints" / "step00000003"
     _convert("reshard", run / "checkpoints" / "step00000003", tag, "--world", 1)
-    resumed = [f"train.output_dir={tmp_path / 'w1'}", *sets[1:], "train.gradient_accumulation_steps=4",
-               f"train.resume={tag}"]  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *resumed]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    again = json.loads((tmp_path / "w1" / "summary.json").read_text())
+    again = train(1, tmp_path / "w1", *sets, "train.gradient_accumulation_steps=4", f"train.resume={tag}")
     want = {h["step"]: h["loss"] for h in summary["history"] if h["step"] > 3}
     got = {h["step"]: h["loss"] for h in again["history"] if h["step"] > 3}
     assert sorted(got) == sorted(want) == [4, 5]
@@ -325,14 +315,10 @@ def test_gpt2_conv1d_layers_export_in_their_own_layout(tmp_path):
                                bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)  # fmt: skip
     tok.save_pretrained(base)
     run = tmp_path / "run"
-    sets = [f"train.output_dir={run}", f"model.path={base}", "model.random_init=null", "model.dtype=fp32",
+    sets = [f"model.path={base}", "model.random_init=null", "model.dtype=fp32",
             'method.target_modules=["c_attn","c_proj","c_fc"]', "train.max_steps=5", "eval.every=5",
             "checkpoint.every=5", "eval.exact_match=false"]  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = train(1, run, *sets)
     assert summary["scalora_totals"]["refreshes"] == 2
 
     _convert("merged", run, tmp_path / "merged", "--dtype", "fp32")

@@ -142,7 +142,7 @@ class RoundReport:
 class ElasticRanks:
     """ElaLoRA's state and its per-step work, on this rank's pieces (see the module docstring).
 
-    ``access`` provides ``piece(p)``, ``full_shape(p)`` and ``all_reduce(t)``: a
+    ``access`` provides ``piece(p)``, ``full_shape(p)``, ``join_pieces(buffer)`` and ``all_reduce(t)``: a
     :class:`~ds_scalora.pieces.LocalAccess` in one process, a ``ZeroAccess`` inside DeepSpeed.
     ``on_step`` is collective: every data-parallel rank calls it at every optimizer step.
     """
@@ -232,7 +232,9 @@ class ElasticRanks:
                     buffer[at + piece.start : at + piece.start + piece.numel] = piece.master
                 at += math.prod(self.shapes[i][name])
         buffer[-1] = float(local_bad)
-        self.access.all_reduce(buffer)
+        self.access.join_pieces(buffer)
+        if self.access.pieces_are_replicas:  # the flag is a true sum over ranks (replicated or not)
+            buffer[-1] = float(self.access.all_reduce(buffer[-1:].clone())[0])
         if float(buffer[-1]) != 0:
             return None, False
         full = []
@@ -267,7 +269,7 @@ class ElasticRanks:
                     ipt, unc = self.ema[(i, name)]
                     S += elastic.slot_score_part(ipt, unc, piece.start, self.shapes[i][name], axis, cfg.max_rank).to(S.device)
             parts.append(S)
-        scores = self.access.all_reduce(torch.cat(parts)).cpu().view(len(self.layers), cfg.max_rank)
+        scores = self.access.join_pieces(torch.cat(parts)).cpu().view(len(self.layers), cfg.max_rank)
         prune, grow = elastic.plan_moves(list(scores), self.active, cfg.per_matrix, moves)
         for i, j in prune:
             self._write_slot(i, j, pieces[i], None)
@@ -330,7 +332,7 @@ class ElasticRanks:
                 piece = self.access.piece(p, grad=False)
                 if piece is not None:
                     buf[piece.start : piece.start + piece.numel] = piece.master.float()
-                entry[name] = self.access.all_reduce(buf).view(shape).cpu()
+                entry[name] = self.access.join_pieces(buf).view(shape).cpu()
             out.append(entry)
         return out
 

@@ -123,7 +123,7 @@ class ZeroScaLoRA:
         return report
 
     def _gather_factors_and_grads(self):
-        """Full (A, B, grad_A, grad_B) of every layer, paper orientation, fp32: one all-reduce."""
+        """Full (A, B, grad_A, grad_B) of every layer, paper orientation, fp32: one all-reduce (none at ZeRO-0)."""
         sizes = [math.prod(self.access.full_shape(p)) for layer in self.layers for p in (layer.lora_B, layer.lora_A)]
         offsets = [0]
         for n in sizes * 2:
@@ -141,7 +141,7 @@ class ZeroScaLoRA:
                 if piece.grad is not None:
                     g = total_params + at
                     buffer[g : g + piece.numel] = piece.grad.float()
-        self.access.all_reduce(buffer)
+        self.access.join_pieces(buffer)
         full = []
         for i, layer in enumerate(self.layers):
             shapes = (self.access.full_shape(layer.lora_B), self.access.full_shape(layer.lora_A))

@@ -9,7 +9,9 @@ surface, in the spirit of ``deepspeed/utils/tensor_fragment.py``:
 * :meth:`ZeroAccess.weight_slice` — the slice of a frozen weight this rank merges into: its ZeRO-3
   partition, or (ZeRO-0/1/2, where every rank holds a full replica) an equal 1/N share, after which
   :meth:`ZeroAccess.share_replica_slices` all-gathers the shares so every replica ends bit-identical.
-* :meth:`ZeroAccess.all_reduce` over the data-parallel group.
+* :meth:`ZeroAccess.join_pieces` — full tensors from every rank's pieces written into a zero-filled
+  buffer (a summing all-reduce when the pieces tile the parameter, nothing at ZeRO-0 where each piece
+  is a whole replica), and :meth:`ZeroAccess.all_reduce` over the data-parallel group for true sums.
 
 Layouts handled: DeepSpeed's ZeRO-1/2 optimizer and ``BF16_Optimizer`` (flat fp32 partitions linked to
 parameters through ``param._hp_mapping``), ZeRO-3 (``param.ds_tensor`` shards and flat fp32
@@ -192,6 +194,20 @@ class ZeroAccess:
             offset += chunk
 
     # -- communication --------------------------------------------------------------------------
+
+    @property
+    def pieces_are_replicas(self) -> bool:
+        """Whether every rank's piece is the whole parameter (ZeRO-0: replicated masters, gradients
+        already averaged by the engine) rather than a share of a partition."""
+        return self.kind == "plain"
+
+    def join_pieces(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Full tensors from pieces: each rank wrote its pieces at their offsets into a zero-filled
+        ``buffer``. Partitioned pieces are summed over ranks; replicas are already whole on every rank
+        (summing them would multiply the tensors by the world size)."""
+        if not self.pieces_are_replicas:
+            self.all_reduce(buffer)
+        return buffer
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

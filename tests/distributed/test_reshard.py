@@ -129,10 +129,10 @@ def _whole_ema(tag: Path) -> dict:
     return elalora_shards(ck, [str(tag / f"ds_elalora_rank{r:05d}_of{ck.world:05d}.pt") for r in range(ck.world)], 1)[0]["ema"]
 
 
-@pytest.mark.parametrize("stage,world", [(3, 4), (2, 1)])
+@pytest.mark.parametrize("stage,world", [(3, 4), (2, 1), (0, 1)])
 def test_reshard_elalora_resumes_with_the_same_losses_and_ranks(tmp_path, stage, world):
     """ElaLoRA at ZeRO-3 (every parameter cut in pieces, frozen fragments per rank) 2 -> 4 ranks and at
-    ZeRO-2 2 -> 1: the importance averages follow the new pieces, the step-4 round moves the same ranks,
+    ZeRO-2 2 -> 1 and ZeRO-0 (whole replicas as pieces) 2 -> 1: the importance averages follow the new pieces, the step-4 round moves the same ranks,
     and steps 4-6 give the original losses; the averages at step 6 agree (they decay by 0.85 per step, so
     a wrong re-cut at step 3 would still show)."""
     sets = (*SETS, f"deepspeed.zero_optimization.stage={stage}", *ELALORA)

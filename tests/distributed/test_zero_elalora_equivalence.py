@@ -1,9 +1,11 @@
-"""ElaLoRA under DeepSpeed (2 CPU ranks, gloo, ZeRO-2 and ZeRO-3) against the single-process reference.
+"""ElaLoRA under DeepSpeed (2 CPU ranks, gloo, ZeRO-0, ZeRO-2 and ZeRO-3) against the single-process reference.
 
 Tiny SVD-adapted Llama (14 matrices, 2 of 4 slots active each), 8 optimizer steps, global batch 8 =
 2 ranks x GAS 2 x micro-batch 2, AdamW, clipping at 0.15, orthogonality regulariser 0.1, rounds at
 steps 3 (3 moves) and 5 (2 moves: the cubic decay). Under ZeRO-3 every factor is partitioned, so the
-slot scores, the regulariser's gradient and the grown directions are assembled from pieces.
+slot scores, the regulariser's gradient and the grown directions are assembled from pieces; under
+ZeRO-0 every rank's piece is the whole replica and must not be summed (before this was handled, the
+ZeRO-0 case moved different ranks at step 3).
 
 Measured (this machine, fp32): identical rounds and masks; factors within 6e-7 relative overall and
 1.5e-5 for the worst tensor (a λ vector whose entries are ~lr-sized, where Adam's 1/sqrt(v) amplifies
@@ -34,7 +36,7 @@ def reference():
                            method="elalora")  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_match_single_process(stage, reference, tmp_path):
     got = run_deepspeed(2, ["--stage", stage, "--dtype", "fp32", "--steps", STEPS, "--gas", GAS, "--micro-batch",
                             MICRO, "--clip", CLIP, "--method", "elalora"], tmp_path)  # fmt: skip

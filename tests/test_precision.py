@@ -260,3 +260,16 @@ def test_stochastic_rounding_is_unbiased(dtype, sign, frac):
     # sqrt(frac(1-frac)/n) <= 1.2e-3; 6 sigma => 7e-3 tolerance, in ulps.
     mean_ulps = ((w.double() - sign).abs().mean() / ulp).item()
     assert abs(mean_ulps - frac) < 6 * math.sqrt(frac * (1 - frac) / n)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 50_000, 99_999])
+def test_non_finite_entry_anywhere_in_a_large_delta_is_rejected(bad, where):
+    """The check reads the extremes (one vectorised pass): a single bad entry at any position of a
+    tensor large enough for the vectorised kernels must still be caught."""
+    w = torch.zeros(100_000, dtype=torch.float32)
+    delta = torch.full_like(w, 1e-3)
+    delta[where] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        get_policy("naive", torch.float32).merge_(w, delta, None)
+    assert torch.equal(w, torch.zeros_like(w))

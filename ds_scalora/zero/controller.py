@@ -61,6 +61,7 @@ class ZeroScaLoRA:
             policy.init_state(self.access.weight_slice(layer.weight)[0])
             for policy, layer in zip(self.policies, self.layers)
         ]
+        self.access.own_writable_copies([layer.weight for layer in self.layers])
         # the accumulated-rank sketch of layer i lives on the rank that solves it (i mod N)
         k = config.rank_sketch
         self.sketches = {

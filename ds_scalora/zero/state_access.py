@@ -150,6 +150,21 @@ class ZeroAccess:
         """Whether every rank holds a full replica of the frozen weights (ZeRO-0/1/2)."""
         return self.kind != "zero3"
 
+    def own_writable_copies(self, weights: list) -> None:
+        """Rewrite, bit for bit, the part of each frozen weight this rank's merges will write.
+
+        On the CPU, weights loaded from safetensors are copy-on-write pages of the file's mapping: the
+        first merge would fault every page at the first refresh (measured on SmolLM2-135M, 210 adapted
+        matrices, 2 cores: that refresh took 2.7 s against 0.8 s for the later ones). Doing it once at
+        start-up keeps refreshes uniform. Replicas are rewritten whole (the shares' all-gather writes
+        all of them); a ZeRO-3 partition is already a private copy. Accelerator memory is skipped.
+        """
+        if not self.replicated_weights:
+            return
+        for W in weights:
+            if W.device.type == "cpu" and W.numel():
+                W.data.copy_(W.data.clone())
+
     def share_replica_slices(self, weights: list, max_bytes: int = 256 << 20) -> None:
         """All-gather each rank's merged 1/N share of every replica, in chunks of at most ``max_bytes``.
 

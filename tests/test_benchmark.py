@@ -76,3 +76,37 @@ def test_quick_preset_writes_the_report(tmp_path):
     lora = [line for line in cost.splitlines() if line.startswith("| lora | ")][0]
     assert lora.count("| 1.000 |") == 3
     assert "scalora-I step time / LoRA (cpu)" in cost
+
+
+def test_a_cached_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    """The cache is keyed by method, lr and seed in the file name; a run cached under other method or task
+    settings (e.g. another ScaLoRA warm-up) must be set aside and re-run, not silently reported."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trained = []
+
+    def fake_train_once(cfg, hooks=None, log_path=None):
+        trained.append(cfg)
+        return {"history": [], "eval": {"eval_loss": 1.0}}
+
+    monkeypatch.setattr(bench.grid, "train_once", fake_train_once)
+    preset = PRESETS["quick"]
+    task = preset.tasks[0]
+
+    def runs():
+        return bench.quality_runs(preset, task, ["scalora"], [0], True, str(tmp_path))
+
+    runs()
+    runs()
+    assert len(trained) == 1  # the second call came from the cache
+    (cached,) = tmp_path.glob("*_scalora_*.json")
+    run = json.loads(cached.read_text())
+    assert run["settings"]["method"] == {"method.name": "scalora", "method.scalora.interval": 1}
+    run["settings"]["method"]["method.scalora.warmup_steps"] = 2  # as cached before the warm-up changed
+    cached.write_text(json.dumps(run))
+    runs()
+    assert len(trained) == 2 and len(list(tmp_path.glob("*.stale.json"))) == 1

@@ -4,13 +4,16 @@ restart baseline and full fine-tuning; writes docs/benchmarks.md and its plots.
     python tools/benchmark.py --preset quick              # the harness end to end, ~2 min (CI runs it; writes under runs/)
     python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 CPU cores: about 10 h)
     python tools/benchmark.py --preset cpu --tasks dates --seeds 0 --single-lr   # a reduced run, ~40 min
+    python tools/benchmark.py --preset cpu --tasks dates --cost-only   # docs/benchmarks_cost.md (idle machine)
+    python tools/benchmark.py --preset cpu --scaling-only              # docs/benchmarks_scaling.md (idle machine)
 
 Every run is the training entry point (``ds_scalora.train.loop.run``) at one rank, in this process,
 with each method's learning rate swept (``ds_scalora.bench.grid.PRESETS``) over several seeds. Cost is
 measured per method in a fresh process (so that its peak memory is its own) and reported as ratios to
 LoRA from the same invocation. ``--scaling`` adds tools/bench_zero.py's measurement of one refresh at 1,
 2 and 4 data-parallel ranks and the communication model for 8 to 64 GPUs on a 12B model. Finished runs
-are cached in ``--work`` (a rerun skips them), so a long preset can be resumed after an interruption.
+are cached in ``--work`` with their settings (a rerun skips them; a cached run whose method or task
+settings changed is set aside and re-run), so a long preset can be resumed after an interruption.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ds_scalora.bench import grid, measure, report  # noqa: E402
 
 
+def run_settings(task, method, steps, eval_every) -> dict:
+    """What a cached run must match besides its file name (method, lr, seed): the method's and the
+    task's overrides and the schedule. Runs cached before this was recorded carry none and are reused."""
+    return {"method": grid.method_overrides(method, steps), "task": task.overrides, "steps": steps,
+            "eval_every": eval_every}
+
+
 def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
     runs = []
     for method in methods:
@@ -38,10 +48,16 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
             for seed in seeds:
                 key = f"{preset.name}_{task.name}_{method}_lr{lr:g}_s{seed}"
                 cached = os.path.join(work, key + ".json")
+                settings = run_settings(task, method, steps, eval_every)
                 if os.path.isfile(cached):
                     with open(cached) as f:
-                        runs.append(json.load(f))
-                    continue
+                        run = json.load(f)
+                    if run.get("settings", settings) == settings:
+                        runs.append(run)
+                        continue
+                    stale = cached.replace(".json", ".stale.json")
+                    os.replace(cached, stale)
+                    print(f"  {key}: cached run had other settings ({run['settings']}); kept as {stale}, re-running")
                 t0 = time.perf_counter()
                 cfg = grid.run_config(task, method, lr, seed, steps, eval_every,
                                       os.path.join(work, key), os.path.join(work, "data"))  # fmt: skip
@@ -51,7 +67,7 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
                        "final": summary["eval"], "update_rank_mean": summary.get("update_rank_mean"),
                        "scalora_accumulated_rank": summary.get("scalora_accumulated_rank"),
                        "elalora_rank_pattern": summary.get("elalora_rank_pattern"),
-                       "seconds": time.perf_counter() - t0}  # fmt: skip
+                       "seconds": time.perf_counter() - t0, "settings": settings}  # fmt: skip
                 with open(cached + ".tmp", "w") as f:
                     json.dump(run, f)
                 os.replace(cached + ".tmp", cached)
@@ -87,6 +103,12 @@ def cost_runs(preset, task, methods, work) -> dict:
     return out
 
 
+# A cost run measures the steady state: ScaLoRA's first refresh at step 2, so that the measured steps
+# (3 to cost_steps - 1) hold the steady share of refreshes (every step for I = 1, two in 21 for I = 10)
+# rather than the quality runs' warm-up.
+STEADY_STATE = {m: {"method.scalora.warmup_steps": 2} for m in ("scalora", "scalora-I")}
+
+
 def cost_worker(a) -> None:
     """One cost run (``--cost-worker``): the method on the task's config, no eval, JSON to --out."""
     preset = grid.PRESETS[a.preset]
@@ -99,7 +121,7 @@ def cost_worker(a) -> None:
     cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, steps, 0,
                           os.path.join(a.work, f"costrun_{method}"), os.path.join(a.work, "data"),
                           extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1,
-                                 "train.max_steps": preset.cost_steps})  # fmt: skip
+                                 "train.max_steps": preset.cost_steps, **STEADY_STATE.get(method, {})})  # fmt: skip
 
     class Count:
         def after_setup(self, engine, model):
@@ -152,6 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--cost-only", action="store_true", help="only the cost runs (first task), written to "
                    "<out>/benchmarks_cost.md; run it on an otherwise idle machine")
     p.add_argument("--scaling", action="store_true", help="add tools/bench_zero.py's refresh scaling at 1, 2, 4 ranks")
+    p.add_argument("--scaling-only", action="store_true", help="only the refresh scaling, written to "
+                   "<out>/benchmarks_scaling.md; run it on an otherwise idle machine")
     p.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.cost_worker:  # --out is then the JSON result of one cost run
@@ -172,13 +196,18 @@ def main(argv=None) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    meta = {"command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": device, "device_kind": "gpu" if torch.cuda.is_available() else "cpu",
+            "date": datetime.date.today().isoformat()}  # fmt: skip
+    if a.scaling_only:
+        body = scaling_section(quick=preset.name == "quick")
+        print(f"wrote {report.write_scaling_report(a.out, body, meta | {'seconds': time.perf_counter() - t0})}")
+        return
     if a.cost_only:
         if a.no_cost:
             p.error("--cost-only and --no-cost exclude each other")
         cost = cost_runs(preset, tasks[0], methods, work)
-        meta = {"command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "device": device, "device_kind": "gpu" if torch.cuda.is_available() else "cpu",
-                "date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - t0, "peak": cost.pop("_peak")}  # fmt: skip
+        meta |= {"seconds": time.perf_counter() - t0, "peak": cost.pop("_peak")}
         print(f"wrote {report.write_cost_report(a.out, preset, tasks[0], cost, meta)}")
         return
     tasks_runs = []

@@ -261,18 +261,17 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int)
         sums[0] += float(loss) * n
         sums[1] += n
     if cfg.eval.exact_match:
-        for i in range(per_rank):
-            j = mine[i] if i < len(mine) else rows[0]
-            prompt = held_out.prompts[j]
-            if prompt is None:
+        synced = engine.zero_optimization_stage() == 3
+        for i in range(0, per_rank, micro):  # the same number of generate calls on every rank (ZeRO-3)
+            idx = [mine[k] if k < len(mine) else rows[0] for k in range(i, min(i + micro, per_rank))]
+            if held_out.prompts[idx[0]] is None:
                 continue
-            out = engine.module.generate(torch.tensor([prompt], device=engine.device), max_new_tokens=cfg.eval.max_new_tokens,
-                                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                         synced_gpus=engine.zero_optimization_stage() == 3)  # fmt: skip
-            text = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
-            if i < len(mine):
-                sums[2] += float(text == held_out.answers[j])
-                sums[3] += 1
+            texts = greedy_answers(engine.module, tokenizer, [held_out.prompts[j] for j in idx],
+                                   cfg.eval.max_new_tokens, synced)  # fmt: skip
+            for k, (j, text) in enumerate(zip(idx, texts)):
+                if i + k < len(mine):
+                    sums[2] += float(text == held_out.answers[j])
+                    sums[3] += 1
     dist.all_reduce(sums)
     engine.train()
     result = {}
@@ -282,6 +281,27 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int)
     if sums[3] > 0:
         result["eval_exact_match"] = float(sums[2] / sums[3])
     return result
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, synced_gpus: bool = False) -> list[str]:
+    """Greedy completions of token-id ``prompts``, generated as one left-padded batch (one call instead
+    of one per prompt); each is cut at its first end-of-sequence token, where one-prompt-at-a-time
+    generation stops, and decoded."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad, synced_gpus=synced_gpus)  # fmt: skip
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    texts = []
+    for row in out[:, width:].tolist():
+        end = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return texts
 
 
 def _scalora_stats(report) -> dict:

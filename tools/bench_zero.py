@@ -122,10 +122,13 @@ def worker(a) -> None:
         engine.step()
         ctl.config.warmup_steps = 1
     payload = sum(b for _, b in counted)
-    ring = {"all_reduce": 2 * (world - 1) / world, "all_gather_into_tensor": (world - 1) / world, "broadcast": 1.0}
+    # bytes each rank sends in a ring, per byte of its local input: an all-reduce sends 2(N-1)/N of its
+    # buffer; an all-gather forwards the N-1 other ranks' chunks, each the size of its own input
+    ring = {"all_reduce": 2 * (world - 1) / world, "all_gather_into_tensor": world - 1, "broadcast": 1.0}
     wire = sum(b * ring[n] for n, b in counted) if world > 1 else 0.0
     adapter_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for l in ctl.layers for p in (l.lora_A, l.lora_B)) * 4
     adapted_params = sum(ctl.access.weight_numel(l.weight) for l in ctl.layers)
+    weight_bytes = sum(ctl.access.weight_numel(l.weight) * l.weight.element_size() for l in ctl.layers)
     state_bytes = sum(0 if s is None else s.numel() * s.element_size() for s in ctl.merge_state)
 
     # -- step times, interleaved blocks ---------------------------------------------------------
@@ -147,7 +150,8 @@ def worker(a) -> None:
     if rank == 0:
         out = {"world": world, "collectives": len(counted), "payload_bytes": payload, "wire_bytes": wire,
                "refresh_s": statistics.median(refresh_times), "adapter_bytes": adapter_bytes,
-               "adapted_params_total": adapted_params, "state_bytes_rank": state_bytes,
+               "adapted_params_total": adapted_params, "adapted_weight_bytes": weight_bytes,
+               "state_bytes_rank": state_bytes, "stage": a.stage,
                "gather_buffer_bytes": 2 * adapter_bytes, "step_s": med, "peak_bytes": peaks,
                "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
         with open(a.out, "w") as f:
@@ -179,12 +183,13 @@ def driver(a) -> None:
     print(f"\nshape: hidden {a.hidden}, {a.layers} layers, r={a.r}, ZeRO-{a.stage}, {a.dtype}, micro-batch {a.micro_batch} x seq {a.seq}; "
           f"device: {r0['device']}")
     print(f"adapters: {r0['adapter_bytes'] / 2**20:.2f} MiB fp32; adapted frozen weights: {r0['adapted_params_total'] / 1e6:.1f} M params\n")
-    print("| ranks | collectives/refresh | payload MiB/rank | sent MiB/rank (ring) | sent / adapter size | refresh ms "
-          "| LoRA step ms | ScaLoRA-I (I=10) / LoRA | ScaLoRA (I=1) / LoRA | merge state B/adapted param/rank |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| ranks | collectives/refresh | payload MiB/rank | sent MiB/rank (ring) | model: sent MiB/rank | sent / adapter size "
+          "| refresh ms | LoRA step ms | ScaLoRA-I (I=10) / LoRA | ScaLoRA (I=1) / LoRA | merge state B/adapted param/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["step_s"]
-        print(f"| {r['world']} | {r['collectives']} | {r['payload_bytes'] / 2**20:.2f} | {r['wire_bytes'] / 2**20:.2f} "
+        print(f"| {r['world']} | {r['collectives']} | {r['payload_bytes'] / 2**20:.3f} | {r['wire_bytes'] / 2**20:.3f} "
+              f"| {modelled_sent_bytes(r) / 2**20:.3f} "
               f"| {r['wire_bytes'] / r['adapter_bytes']:.2f} | {1e3 * r['refresh_s']:.1f} | {1e3 * s['lora']:.1f} "
               f"| {s['scalora_i10'] / s['lora']:.3f} | {s['scalora_i1'] / s['lora']:.3f} "
               f"| {r['state_bytes_rank'] / r['adapted_params_total']:.2f} |")
@@ -204,6 +209,17 @@ def driver(a) -> None:
     print("\nmerge state: the precision policy's accumulator, sharded over ranks (fp32_residual: 4 B per adapted "
           f"parameter for bf16 weights, divided by the number of ranks); transient: the gather buffer, "
           f"{r0['gather_buffer_bytes'] / 2**20:.2f} MiB (2 x the adapters in fp32), and at most 256 MiB of replica shares.")
+
+
+def modelled_sent_bytes(r: dict) -> float:
+    """The communication model's bytes sent per rank and refresh (what ``--scaling`` states for 8 to 64
+    GPUs): a ring all-reduce of the fp32 factors and gradients, 2(N-1)/N x 2 x adapter bytes, plus under
+    ZeRO-0/1/2 the all-gather of the merged weights, (N-1)/N x their bytes; the α, β packet is left out."""
+    n = r["world"]
+    if n == 1:
+        return 0.0
+    gather = (n - 1) / n * r["adapted_weight_bytes"] if r["stage"] < 3 else 0.0
+    return 2 * (n - 1) / n * 2 * r["adapter_bytes"] + gather
 
 
 WORKER_ARGS = ("stage", "dtype", "hidden", "layers", "r", "seq", "micro_batch", "steps", "blocks", "repeats")

@@ -148,7 +148,9 @@ factors 2(N−1)/N·228 MB ≈ 0.40–0.45 GB for N = 8–64, and under ZeRO-2 t
 ≈ 0.4 s (ZeRO-2) or ≈ 0.01 s (ZeRO-3) per refresh, independent of N beyond 8; amortised over I = 10 steps
 of a 12B step (seconds), a few percent at ZeRO-2 and well under one percent at ZeRO-3. These bandwidths are
 assumptions, not measurements: the measured rows above are CPU/gloo figures for the structure (bytes
-and collectives per refresh), which the formula reproduces."""
+and collectives per refresh). Their "model" column is this formula's bytes at the measured shape, next to
+the bytes counted by wrapping the collectives (they differ by the α, β packet and the all-gather's
+padding to a multiple of N). The CPU times say little about GPUs: 4 ranks share 2 cores."""
 
 
 def scaling_section(quick: bool) -> str:

@@ -78,6 +78,9 @@ def main():
             scalora.save_checkpoint(args.ckpt)  # ScaLoRA: engine.save_checkpoint + the merge-state shard
     if rank == 0:
         print("totals:", dict(scalora.totals))
+    # an orderly teardown: left to interpreter exit, gloo's threads were once torn down mid-exit
+    # ("terminate called without an active exception", exit code 250) after a run that had finished
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,12 +34,23 @@ def main(argv=None) -> int:
             run(cfg)
         except (DataError, UnsupportedConfig, CheckpointError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
+        finally:
+            _tear_down_process_group()
     except ConfigError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"error: {e}\n(config: {args.config}; see README.md, 'Run configs')", file=sys.stderr)
         return 2
     return 0
+
+
+def _tear_down_process_group() -> None:
+    """Destroy the process group before interpreter exit, so that gloo's threads stop in order (left to
+    exit, they once aborted a finished run with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,8 +42,6 @@ class LocalAccess:
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         return p.shape
 
-    pieces_are_replicas = True
-
     def join_pieces(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer
 

@@ -110,3 +110,8 @@ def test_a_cached_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatc
     cached.write_text(json.dumps(run))
     runs()
     assert len(trained) == 2 and len(list(tmp_path.glob("*.stale.json"))) == 1
+    run = json.loads(cached.read_text())
+    del run["settings"]  # cached before settings were recorded: unknown, so not trusted
+    cached.write_text(json.dumps(run))
+    runs()
+    assert len(trained) == 3

@@ -28,4 +28,8 @@ def test_batched_answers_equal_one_at_a_time():
     single = [greedy_answers(model, tok, [p], 6)[0] for p in prompts]
     batched = greedy_answers(model, tok, prompts, 6)
     assert batched == single
-    assert len({len(p) for p in prompts}) > 1 and any(len(a) < 6 for a in single)  # padding and an early EOS
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    uncut = greedy_answers(model, tok, prompts[:1], 6)[0]
+    model.generation_config.eos_token_id = eos
+    assert len({len(p) for p in prompts}) > 1  # padding happens
+    assert len(single[0]) < len(uncut) and uncut.startswith(single[0])  # the first answer ended at EOS

@@ -34,7 +34,7 @@ from ds_scalora.bench import grid, measure, report  # noqa: E402
 
 def run_settings(task, method, steps, eval_every) -> dict:
     """What a cached run must match besides its file name (method, lr, seed): the method's and the
-    task's overrides and the schedule. Runs cached before this was recorded carry none and are reused."""
+    task's overrides and the schedule. A run cached without them (before 2026-11-23) is re-run."""
     return {"method": grid.method_overrides(method, steps), "task": task.overrides, "steps": steps,
             "eval_every": eval_every}
 
@@ -52,12 +52,12 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
                 if os.path.isfile(cached):
                     with open(cached) as f:
                         run = json.load(f)
-                    if run.get("settings", settings) == settings:
+                    if run.get("settings") == settings:
                         runs.append(run)
                         continue
                     stale = cached.replace(".json", ".stale.json")
                     os.replace(cached, stale)
-                    print(f"  {key}: cached run had other settings ({run['settings']}); kept as {stale}, re-running")
+                    print(f"  {key}: cached run had other settings ({run.get('settings')}); kept as {stale}, re-running")
                 t0 = time.perf_counter()
                 cfg = grid.run_config(task, method, lr, seed, steps, eval_every,
                                       os.path.join(work, key), os.path.join(work, "data"))  # fmt: skip

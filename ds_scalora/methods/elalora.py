@@ -231,10 +231,8 @@ class ElasticRanks:
                 if piece is not None:
                     buffer[at + piece.start : at + piece.start + piece.numel] = piece.master
                 at += math.prod(self.shapes[i][name])
-        buffer[-1] = float(local_bad)
+        buffer[-1] = float(local_bad)  # joined like a piece: summed over shards; at ZeRO-0 the same on every rank
         self.access.join_pieces(buffer)
-        if self.access.pieces_are_replicas:  # the flag is a true sum over ranks (replicated or not)
-            buffer[-1] = float(self.access.all_reduce(buffer[-1:].clone())[0])
         if float(buffer[-1]) != 0:
             return None, False
         full = []

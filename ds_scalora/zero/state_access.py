@@ -210,17 +210,12 @@ class ZeroAccess:
 
     # -- communication --------------------------------------------------------------------------
 
-    @property
-    def pieces_are_replicas(self) -> bool:
-        """Whether every rank's piece is the whole parameter (ZeRO-0: replicated masters, gradients
-        already averaged by the engine) rather than a share of a partition."""
-        return self.kind == "plain"
-
     def join_pieces(self, buffer: torch.Tensor) -> torch.Tensor:
         """Full tensors from pieces: each rank wrote its pieces at their offsets into a zero-filled
-        ``buffer``. Partitioned pieces are summed over ranks; replicas are already whole on every rank
-        (summing them would multiply the tensors by the world size)."""
-        if not self.pieces_are_replicas:
+        ``buffer``. Partitioned pieces are summed over ranks. At ZeRO-0 ("plain") every rank's piece is
+        the whole replica, identical on all ranks (the engine averages the gradients before the step),
+        so the buffer is already the result; summing it would multiply it by the world size."""
+        if self.kind != "plain":
             self.all_reduce(buffer)
         return buffer
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ds_scalora import ScaLoRAConfig
-from ds_scalora.zero import attach, disable_cpu_shm_comm  # ScaLoRA
+from ds_scalora.zero import attach, disable_cpu_shm_comm, end_distributed  # ScaLoRA
 from plain_pytorch import batches, make_model
 
 
@@ -78,9 +78,7 @@ def main():
             scalora.save_checkpoint(args.ckpt)  # ScaLoRA: engine.save_checkpoint + the merge-state shard
     if rank == 0:
         print("totals:", dict(scalora.totals))
-    # an orderly teardown: left to interpreter exit, gloo's threads were once torn down mid-exit
-    # ("terminate called without an active exception", exit code 250) after a run that had finished
-    dist.destroy_process_group()
+    end_distributed()  # barrier + destroy_process_group (on gloo, see ds_scalora/zero/teardown.py)
 
 
 if __name__ == "__main__":

@@ -28,29 +28,20 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         from ds_scalora.train.checkpoints import CheckpointError
         from ds_scalora.train.loop import run
-        from ds_scalora.zero import UnsupportedConfig
+        from ds_scalora.zero import UnsupportedConfig, end_distributed
 
         try:
             run(cfg)
         except (DataError, UnsupportedConfig, CheckpointError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
-        finally:
-            _tear_down_process_group()
+        # only after a run that finished: after a failure the barrier would wait for ranks that never come
+        end_distributed()
     except ConfigError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"error: {e}\n(config: {args.config}; see README.md, 'Run configs')", file=sys.stderr)
         return 2
     return 0
-
-
-def _tear_down_process_group() -> None:
-    """Destroy the process group before interpreter exit, so that gloo's threads stop in order (left to
-    exit, they once aborted a finished run with "terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

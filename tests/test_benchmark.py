@@ -34,6 +34,9 @@ def test_learning_rate_choice_steps_to_reach_and_targets():
     # LoRA's final mean 0.5 is first reached at step 30; ScaLoRA's mean curve (0.2, 0.5, 0.7) at step 20
     line = next(r for r in rows if r.startswith("| scalora "))
     assert "| 20 | 0.67 |" in line and "0.700 (n=2)" in line
+    # LoRA's best rate is the lower end of its two-rate grid: flagged; ScaLoRA swept one rate: not flagged
+    assert "| lora | 0.001 † (0.001, 0.002) |" in rows[2] and "†" not in line
+    assert any(r.startswith("† best at the edge of its swept grid (lora)") for r in rows), rows
     lines = report.targets_section({"facts": (TASK, chosen)}, None, "cpu")
     # gap closed: (0.7 - 0.5) / (0.9 - 0.5) = 0.5 -> met
     assert any("gap closed by ScaLoRA: 0.500" in x and "met" in x for x in lines), lines

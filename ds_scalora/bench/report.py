@@ -76,6 +76,7 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
     header = ("| method | lr (swept) | final " + metric.removeprefix("eval_") + " | final eval loss | steps to LoRA's final "
               "| vs LoRA | accumulated rank | step time vs LoRA | tokens/s vs LoRA | peak memory vs LoRA | MFU |")
     rows += [header, "|---" * (header.count("|") - 1) + "|"]
+    at_edge = []
     for method, sel in chosen.items():
         m, sd = _mean_sd([r["final"].get(metric) for r in sel])
         loss, loss_sd = _mean_sd([r["final"].get("eval_loss") for r in sel])
@@ -83,15 +84,21 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
         ratio = f"{reach / lora_steps:.2f}" if reach is not None and lora_steps else ("never" if reach is None else "n/a")
         rank, rank_sd = _mean_sd([r.get("update_rank_mean") for r in sel])
         lrs = sorted({r["lr"] for r in runs if r["method"] == method})
+        edge = len(lrs) > 1 and sel[0]["lr"] in (lrs[0], lrs[-1])
+        if edge:
+            at_edge.append(method)
         c = (cost or {}).get(method)
         base = (cost or {}).get("lora")
         rel = (lambda k, inv=False: f"{(base[k] / c[k]) if inv else (c[k] / base[k]):.3f}") if c and base else None
         rows.append(
-            f"| {method} | {sel[0]['lr']:g} ({', '.join(f'{x:g}' for x in lrs)}) | {_fmt(m, sd)} (n={len(sel)}) | "
+            f"| {method} | {sel[0]['lr']:g}{' †' if edge else ''} ({', '.join(f'{x:g}' for x in lrs)}) | {_fmt(m, sd)} (n={len(sel)}) | "
             f"{_fmt(loss, loss_sd, 4)} | {reach if reach is not None else 'never'} | {ratio} | {_fmt(rank, rank_sd, 1)} | "
             f"{rel('step_time_s') if rel else 'n/a'} | {rel('tokens_per_s') if rel else 'n/a'} | "
             f"{rel('peak_memory_gib') if rel else 'n/a'} | {format(c['mfu'], '.1%') if c and c.get('mfu') else 'n/a'} |"
         )
+    if at_edge:
+        rows += ["", f"† best at the edge of its swept grid ({', '.join(at_edge)}): the method's optimum may lie beyond "
+                     "it, so its figures may understate it; widen the grid before reading a difference."]
     return rows, chosen
 
 

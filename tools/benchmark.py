@@ -2,8 +2,8 @@
 restart baseline and full fine-tuning; writes docs/benchmarks.md and its plots.
 
     python tools/benchmark.py --preset quick              # the harness end to end, ~2 min (CI runs it; writes under runs/)
-    python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 CPU cores: about 10 h)
-    python tools/benchmark.py --preset cpu --tasks dates --seeds 0 --single-lr   # a reduced run, ~40 min
+    python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 idle CPU cores: about 4 h)
+    python tools/benchmark.py --preset cpu --tasks dates --seeds 0 --single-lr   # a reduced run, ~17 min
     python tools/benchmark.py --preset cpu --tasks dates --cost-only   # docs/benchmarks_cost.md (idle machine)
     python tools/benchmark.py --preset cpu --scaling-only              # docs/benchmarks_scaling.md (idle machine)
 

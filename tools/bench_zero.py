@@ -4,14 +4,17 @@
                                [--steps 20] [--quick]
 
 The driver launches itself with ``deepspeed --num_gpus N`` for each N (``DS_ACCELERATOR=cpu`` is set
-when no GPU is present) and prints one table. Each launch builds two engines from the same random-init
-Llama shape with PEFT LoRA on all block linears: plain LoRA and ScaLoRA (same DeepSpeed config, same
-data), and measures
+when no GPU is present) and prints the tables. Each launch builds one engine per method from the same
+random-init Llama shape with PEFT adapters on all block linears: plain LoRA, ScaLoRA-I, ScaLoRA and
+ElaLoRA (PEFT's SVD layers; same DeepSpeed config, same data), and measures
 
 * per refresh: payload bytes this rank hands to collectives (counted by wrapping
   ``torch.distributed`` during the refresh), the ring-model bytes each rank sends (all-reduce
   2(N−1)/N, all-gather (N−1)/N of the payload), and the time, against the size of the adapters;
-* step time of LoRA, ScaLoRA-I (I=10) and ScaLoRA (I=1), timed in interleaved blocks, as ratios to LoRA;
+* step time of LoRA, ScaLoRA-I (I=10), ScaLoRA (I=1) and ElaLoRA, timed in interleaved blocks, as
+  ratios to LoRA;
+* ElaLoRA's per-step communication: the collectives of its step window (the all-reduce of the full P
+  and Q for the orthogonality regulariser), counted the same way, next to the model's bytes;
 * memory: ScaLoRA's persistent extra state per rank (the precision policy's shard of the merge
   accumulator) in bytes per adapted parameter, its largest transient buffer, and on a GPU the peak
   allocated memory of each engine's steps.
@@ -20,7 +23,9 @@ data), and measures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -32,32 +37,45 @@ import time
 import torch
 
 
+INTERVALS = {"lora": None, "scalora_i10": 10, "scalora_i1": 1, "elalora": None}
+ELALORA_INTERVAL = 10
+
+
 def worker(a) -> None:
     import deepspeed
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ds_scalora.zero import attach, disable_cpu_shm_comm
+    from ds_scalora.methods.elalora import elastic_lora_model
+    from ds_scalora.zero import attach, attach_elalora, disable_cpu_shm_comm
 
     disable_cpu_shm_comm()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = torch.cuda.is_available()
 
-    def build(method_interval):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def build(name):
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=1024, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3 // 64 * 64,
                           num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
                           num_key_value_heads=max(1, a.hidden // 256), max_position_embeddings=a.seq)
-        model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
-            r=a.r, lora_alpha=2 * a.r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        if name == "elalora":  # r active of 2r slots per matrix, as the training entry point builds it
+            model = elastic_lora_model(LlamaForCausalLM(cfg), targets, init_rank=a.r, max_rank=2 * a.r, alpha=2 * a.r)
+        else:
+            model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=targets))
         conf = {"train_micro_batch_size_per_gpu": a.micro_batch, "gradient_accumulation_steps": 1,
                 "gradient_clipping": 1.0, "zero_optimization": {"stage": a.stage},
                 "bf16": {"enabled": a.dtype == "bf16"}, "steps_per_print": 10**9}
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-4), config=conf)
-        ctl = attach(engine, model, interval=method_interval, warmup_steps=1) if method_interval else None
+        if name == "elalora":  # a long run's schedule: a reallocation round every ELALORA_INTERVAL steps from step 2
+            ctl = attach_elalora(engine, model, total_steps=10**6, init_rank=a.r, max_rank=2 * a.r, init_warmup=1,
+                                 final_warmup=0, interval=ELALORA_INTERVAL)  # fmt: skip
+        else:
+            ctl = attach(engine, model, interval=INTERVALS[name], warmup_steps=1) if INTERVALS[name] else None
         return engine, ctl
 
     g = torch.Generator().manual_seed(rank)
@@ -69,8 +87,7 @@ def worker(a) -> None:
         engine.backward(loss)
         engine.step()
 
-    intervals = {"lora": None, "scalora_i10": 10, "scalora_i1": 1}
-    engines = {name: build(intervals[name]) for name in a.methods.split(",")}
+    engines = {name: build(name) for name in a.methods.split(",")}
     if a.memory_only:  # one method per process: its peak resident memory is this method's alone
         (name, (engine, _)), = engines.items()
         for _ in range(a.steps):
@@ -90,46 +107,80 @@ def worker(a) -> None:
             step(engine)
 
     # -- one refresh, with the collectives counted --------------------------------------------
-    engine, ctl = engines["scalora_i1"]
-    counted = []
     originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_into_tensor", "broadcast")}
 
-    def counting(name):
-        def wrapper(tensor_or_out, *args, **kwargs):
-            t = args[0] if name == "all_gather_into_tensor" else tensor_or_out  # the local input
-            counted.append((name, t.numel() * t.element_size()))
-            return originals[name](tensor_or_out, *args, **kwargs)
-        return wrapper
+    @contextlib.contextmanager
+    def counting_collectives(counted: list):
+        """Record (collective, bytes of this rank's local input) for every collective in the block."""
+        def wrap(name):
+            def wrapper(tensor_or_out, *args, **kwargs):
+                t = args[0] if name == "all_gather_into_tensor" else tensor_or_out  # the local input
+                counted.append((name, t.numel() * t.element_size()))
+                return originals[name](tensor_or_out, *args, **kwargs)
+            return wrapper
 
+        for name in originals:
+            setattr(dist, name, wrap(name))
+        try:
+            yield counted
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+
+    # bytes each rank sends in a ring, per byte of its local input: an all-reduce sends 2(N-1)/N of its
+    # buffer; an all-gather forwards the N-1 other ranks' chunks, each the size of its own input
+    ring = {"all_reduce": 2 * (world - 1) / world, "all_gather_into_tensor": world - 1, "broadcast": 1.0}
+
+    def sent(counted) -> float:
+        return sum(b * ring[n] for n, b in counted) if world > 1 else 0.0
+
+    engine, ctl = engines["scalora_i1"]
+    counted = []
     refresh_times = []
     for _ in range(a.repeats):
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
         engine.backward(loss)
         counted.clear()
-        for name in originals:
-            setattr(dist, name, counting(name))
-        try:
+        with counting_collectives(counted):
             dist.barrier()
             t0 = time.perf_counter()
             ctl.refresh()
             if cuda:
                 torch.cuda.synchronize()
             refresh_times.append(time.perf_counter() - t0)
-        finally:
-            for name, fn in originals.items():
-                setattr(dist, name, fn)
         ctl.config.warmup_steps = 10**9  # the step below must not refresh again
         engine.step()
         ctl.config.warmup_steps = 1
     payload = sum(b for _, b in counted)
-    # bytes each rank sends in a ring, per byte of its local input: an all-reduce sends 2(N-1)/N of its
-    # buffer; an all-gather forwards the N-1 other ranks' chunks, each the size of its own input
-    ring = {"all_reduce": 2 * (world - 1) / world, "all_gather_into_tensor": world - 1, "broadcast": 1.0}
-    wire = sum(b * ring[n] for n, b in counted) if world > 1 else 0.0
+    wire = sent(counted)
     adapter_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for l in ctl.layers for p in (l.lora_A, l.lora_B)) * 4
     adapted_params = sum(ctl.access.weight_numel(l.weight) for l in ctl.layers)
     weight_bytes = sum(ctl.access.weight_numel(l.weight) * l.weight.element_size() for l in ctl.layers)
     state_bytes = sum(0 if s is None else s.numel() * s.element_size() for s in ctl.merge_state)
+
+    # -- ElaLoRA's per-step window, with the collectives counted ------------------------------
+    ela = {}
+    if "elalora" in engines:
+        engine, ectl = engines["elalora"]
+        windows = []  # (moves due at this step, collectives of its window)
+        on_step = ectl.core.on_step
+
+        def counted_on_step(step_number):
+            with counting_collectives([]) as c:
+                report = on_step(step_number)
+            windows.append((ectl.config.moves_at(step_number), list(c)))
+            return report
+
+        ectl.core.on_step = counted_on_step
+        for _ in range(ELALORA_INTERVAL):  # one reallocation round among them
+            step(engine)
+        ectl.core.on_step = on_step
+        plain = next(c for moves, c in windows if moves == 0)
+        round_ = next((c for moves, c in windows if moves > 0), None)
+        pq_numel = sum(math.prod(sh[n]) for sh in ectl.core.shapes for n in ("P", "Q"))
+        ela = {"collectives": len(plain), "payload_bytes": sum(b for _, b in plain), "wire_bytes": sent(plain),
+               "round_extra_wire_bytes": None if round_ is None else sent(round_) - sent(plain),
+               "pq_bytes": 4 * pq_numel, "matrices": len(ectl.layers), "max_rank": ectl.config.max_rank}
 
     # -- step times, interleaved blocks ---------------------------------------------------------
     times = {name: [] for name in engines}
@@ -152,7 +203,7 @@ def worker(a) -> None:
                "refresh_s": statistics.median(refresh_times), "adapter_bytes": adapter_bytes,
                "adapted_params_total": adapted_params, "adapted_weight_bytes": weight_bytes,
                "state_bytes_rank": state_bytes, "stage": a.stage,
-               "gather_buffer_bytes": 2 * adapter_bytes, "step_s": med, "peak_bytes": peaks,
+               "gather_buffer_bytes": 2 * adapter_bytes, "step_s": med, "peak_bytes": peaks, "elalora": ela,
                "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
         with open(a.out, "w") as f:
             json.dump(out, f)
@@ -193,6 +244,20 @@ def driver(a) -> None:
               f"| {r['wire_bytes'] / r['adapter_bytes']:.2f} | {1e3 * r['refresh_s']:.1f} | {1e3 * s['lora']:.1f} "
               f"| {s['scalora_i10'] / s['lora']:.3f} | {s['scalora_i1'] / s['lora']:.3f} "
               f"| {r['state_bytes_rank'] / r['adapted_params_total']:.2f} |")
+    if rows[0].get("elalora"):
+        e0 = rows[0]["elalora"]
+        print(f"\nElaLoRA (r = {a.r} active of {e0['max_rank']} slots per matrix, orthogonality regulariser on, a reallocation "
+              f"round every {ELALORA_INTERVAL} steps): its step window's collectives on an ordinary step; P and Q "
+              f"buffers {e0['pq_bytes'] / 2**20:.2f} MiB fp32\n")
+        print("| ranks | collectives/step | payload MiB/rank | sent MiB/rank (ring) | model: sent MiB/rank | sent / P,Q size "
+              "| a round step adds (KiB sent) | ElaLoRA / LoRA step |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            e = r["elalora"]
+            extra = "n/a" if e["round_extra_wire_bytes"] is None else f"{e['round_extra_wire_bytes'] / 2**10:.1f}"
+            print(f"| {r['world']} | {e['collectives']} | {e['payload_bytes'] / 2**20:.3f} | {e['wire_bytes'] / 2**20:.3f} "
+                  f"| {modelled_elalora_sent_bytes(r) / 2**20:.3f} | {e['wire_bytes'] / e['pq_bytes']:.2f} | {extra} "
+                  f"| {r['step_s']['elalora'] / r['step_s']['lora']:.3f} |")
     if memory:
         print("\n| ranks | peak per rank, LoRA (MiB) | peak per rank, ScaLoRA (MiB) | difference (MiB) "
               "| merge state per rank (MiB) | difference / adapted params (B) |")
@@ -222,6 +287,16 @@ def modelled_sent_bytes(r: dict) -> float:
     return 2 * (n - 1) / n * 2 * r["adapter_bytes"] + gather
 
 
+def modelled_elalora_sent_bytes(r: dict) -> float:
+    """ElaLoRA's bytes sent per rank on an ordinary step: a ring all-reduce of the full fp32 P and Q
+    (every rank's pieces written into a zero buffer, plus the one-float finiteness flag), 2(N-1)/N of
+    it; ZeRO-0 holds whole replicas and sends nothing."""
+    n = r["world"]
+    if n == 1 or r["stage"] == 0:
+        return 0.0
+    return 2 * (n - 1) / n * (r["elalora"]["pq_bytes"] + 4)
+
+
 WORKER_ARGS = ("stage", "dtype", "hidden", "layers", "r", "seq", "micro_batch", "steps", "blocks", "repeats")
 
 
@@ -240,7 +315,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed refreshes")
     p.add_argument("--quick", action="store_true", help="1 and 2 ranks, a tiny shape, few steps")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method memory launches")
-    p.add_argument("--methods", default="lora,scalora_i10,scalora_i1", help=argparse.SUPPRESS)
+    p.add_argument("--methods", default="lora,scalora_i10,scalora_i1,elalora", help=argparse.SUPPRESS)
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

@@ -150,7 +150,14 @@ of a 12B step (seconds), a few percent at ZeRO-2 and well under one percent at Z
 assumptions, not measurements: the measured rows above are CPU/gloo figures for the structure (bytes
 and collectives per refresh). Their "model" column is this formula's bytes at the measured shape, next to
 the bytes counted by wrapping the collectives (they differ by the α, β packet and the all-gather's
-padding to a multiple of N). The CPU times say little about GPUs: 4 ranks share 2 cores."""
+padding to a multiple of N). The CPU times say little about GPUs: 4 ranks share 2 cores.
+ElaLoRA communicates at every step instead: an all-reduce of the full fp32 P and Q (its orthogonality
+regulariser and reallocation need whole factors; each rank writes its ZeRO pieces into a zero buffer),
+2(N−1)/N·4·n_PQ bytes per rank, plus R floats per matrix on a reallocation step. For the 12B shape at
+r = 8 of 16 slots, n_PQ = 57 M (228 MB fp32): ≈ 0.40–0.45 GB per rank and step for N = 8–64, ≈ 9 ms at
+the same assumed 50 GB/s, two to four times what reducing the factors' own gradients sends (bf16 or
+fp32). An all-gather of the partitions would send half; not done: the all-reduce of a zero-filled
+buffer serves ZeRO stages 1 to 3 with one code path."""
 
 
 def scaling_section(quick: bool) -> str:

@@ -68,6 +68,7 @@ def test_quick_preset_writes_the_report(tmp_path):
     assert (out / "benchmark_lookup.png").read_bytes()[:4] == b"\x89PNG"
     table = [line for line in text.splitlines() if line.startswith("| lora | ")][0]
     assert table.count("1.000") >= 3  # LoRA's own cost ratios
+    assert "## Cost per step" in text and "| every round (ms) |" in text  # the cost section with each round
 
     # --cost-only: the cost table on its own (the cost runs above are cached in --work, so this is quick)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),

@@ -10,10 +10,11 @@ restart baseline and full fine-tuning; writes docs/benchmarks.md and its plots.
 Every run is the training entry point (``ds_scalora.train.loop.run``) at one rank, in this process,
 with each method's learning rate swept (``ds_scalora.bench.grid.PRESETS``) over several seeds. Cost is
 measured per method in a fresh process (so that its peak memory is its own) and reported as ratios to
-LoRA from the same invocation. ``--scaling`` adds tools/bench_zero.py's measurement of one refresh at 1,
-2 and 4 data-parallel ranks and the communication model for 8 to 64 GPUs on a 12B model. Finished runs
-are cached in ``--work`` with their settings (a rerun skips them; a cached run whose method or task
-settings changed is set aside and re-run), so a long preset can be resumed after an interruption.
+LoRA from the same invocation. ``--scaling`` adds tools/bench_zero.py's measurement of one refresh (and
+of ElaLoRA's per-step communication) at 1, 2 and 4 data-parallel ranks and the communication model for 8
+to 64 GPUs on a 12B model. Finished runs are cached in ``--work`` with their settings (a rerun skips
+them; a cached run whose method or task settings changed is set aside and re-run), so a long preset can
+be resumed after an interruption.
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ def test_quick_preset_writes_the_report(tmp_path):
     table = [line for line in text.splitlines() if line.startswith("| lora | ")][0]
     assert table.count("1.000") >= 3  # LoRA's own cost ratios
     assert "## Cost per step" in text and "| every round (ms) |" in text  # the cost section with each round
+    assert not list(work.glob("*/checkpoints")), "finished runs must not keep their checkpoints (GBs each)"
 
     # --cost-only: the cost table on its own (the cost runs above are cached in --work, so this is quick)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),

@@ -50,10 +50,11 @@ def save(engine, controller, output_dir: str, step: int, client_state: dict, kee
         for stale in incomplete_tags(output_dir):  # leftovers of an interrupted save
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     _barrier()
-    if controller is not None:
-        controller.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    else:
-        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    writer = controller.save_checkpoint if controller is not None else engine.save_checkpoint
+    try:
+        writer(root, tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError or as torch's RuntimeError
+        raise CheckpointError(_save_failed(root, tag, e)) from e
     _barrier()
     if rank0:
         with open(os.path.join(root, tag, MARKER + ".tmp"), "w") as f:
@@ -63,6 +64,16 @@ def save(engine, controller, output_dir: str, step: int, client_state: dict, kee
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return os.path.join(root, tag)
+
+
+def _save_failed(root: str, tag: str, e: Exception) -> str:
+    """What a failed save means for the run's files, with the free space (the usual cause)."""
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else None
+    space = "" if free is None else f"; {free / 2**30:.2f} GiB free there" + (" (the disk is full)" if free < 2**26 else "")
+    return (f"saving checkpoint {os.path.join(root, tag)} failed ({type(e).__name__}: {e}){space}. It has no {MARKER} "
+            "marker, so resume skips it and the next save removes it; earlier checkpoints are untouched. Free space "
+            "(or lower checkpoint.keep_last, or move output_dir) and rerun: train.resume=auto continues from the newest "
+            "complete checkpoint.")
 
 
 def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:

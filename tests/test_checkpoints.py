@@ -1,0 +1,41 @@
+"""ds_scalora.train.checkpoints: a save that fails part-way (a full disk, typically) is reported as a
+CheckpointError naming the checkpoint and the free space, and leaves the run's earlier checkpoints
+complete and resumable. The engine is a stand-in that writes files like DeepSpeed's, so that the test
+needs no DeepSpeed and fails if the error were swallowed or the older checkpoint rotated away."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ds_scalora.train import checkpoints
+
+
+class FakeEngine:
+    def __init__(self):
+        self.fail = False
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"x" * 100)
+        if self.fail:  # what torch.save raises when the disk fills mid-file
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48576 vs 48468")
+
+
+def test_a_failed_save_is_reported_and_keeps_the_earlier_checkpoint(tmp_path):
+    engine = FakeEngine()
+    checkpoints.save(engine, None, str(tmp_path), 10, {}, keep_last=1)
+    engine.fail = True
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.save(engine, None, str(tmp_path), 20, {}, keep_last=1)
+    message = str(info.value)
+    assert "step00000020" in message and "GiB free there" in message and "unexpected pos" in message
+    assert checkpoints.complete_tags(str(tmp_path)) == ["step00000010"]
+    assert checkpoints.incomplete_tags(str(tmp_path)) == ["step00000020"]
+    assert checkpoints.resolve_resume("auto", str(tmp_path)) == (checkpoints.checkpoint_root(str(tmp_path)), "step00000010")
+    engine.fail = False  # the next save clears the leftover and rotates the old one out
+    checkpoints.save(engine, None, str(tmp_path), 30, {}, keep_last=1)
+    assert checkpoints.complete_tags(str(tmp_path)) == ["step00000030"]
+    assert checkpoints.incomplete_tags(str(tmp_path)) == []

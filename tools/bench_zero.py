@@ -180,7 +180,7 @@ def worker(a) -> None:
         pq_numel = sum(math.prod(sh[n]) for sh in ectl.core.shapes for n in ("P", "Q"))
         ela = {"collectives": len(plain), "payload_bytes": sum(b for _, b in plain), "wire_bytes": sent(plain),
                "round_extra_wire_bytes": None if round_ is None else sent(round_) - sent(plain),
-               "pq_bytes": 4 * pq_numel, "matrices": len(ectl.layers), "max_rank": ectl.config.max_rank}
+               "pq_bytes": 4 * pq_numel, "max_rank": ectl.config.max_rank}
 
     # -- step times, interleaved blocks ---------------------------------------------------------
     times = {name: [] for name in engines}

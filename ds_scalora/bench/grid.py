@@ -21,7 +21,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # papers' defaults scaled to short runs: ScaLoRA-I refreshes every 10 steps, ReLoRA restarts 4 times.
 # ScaLoRA's warm-up is the library default (10 steps, as in the demo). Until 2026-11-23 the benchmark
 # set 2, a value of its own: on the facts task the first refresh then came while lora_B was still near
-# its zero init and set training back (docs/benchmarks_facts keeps those runs).
+# its zero init and set training back (those runs are described in the README's git history).
 METHODS = {
     "lora": {"method.name": "lora"},
     "rslora": {"method.name": "rslora"},
@@ -114,7 +114,7 @@ PRESETS = {
              "SmolLM2-135M-Instruct, ISO date -> DD/MM/YYYY (the demo task), exact match on 24 held-out dates",
              eval_every=5),
         # sized so that full fine-tuning stores the facts within the budget and rank-4 LoRA does not yet
-        # (docs/benchmarks_facts: 1.00 vs 0.31 ± 0.31 exact match at 100 steps, two seeds)
+        # (docs/benchmarks.md: 1.00 vs 0.31 ± 0.31 exact match at 100 steps, two seeds)
         Task("facts", "ds_configs/demo.yaml", {"method.r": 4, "data.max_length": 32, "eval.max_new_tokens": 8,
                                                "eval.max_batches": 4, "data.format": "prompt_completion",
                                                "train.micro_batch_size": 16, "eval.at_start": True},
@@ -122,7 +122,7 @@ PRESETS = {
              "on the first 64), rank 4 on every linear layer, 100 steps of 16 (12.5 epochs)", make_data="facts128",
              steps=100, eval_every=20,
              # shifted one step (x 1/2; full x 2) on 2026-11-24: with two seeds every method but ElaLoRA was best
-             # at the edge of the earlier grid (docs/benchmarks_facts), and the top rate learned nothing
+             # at the edge of the earlier grid (this file's git history), and the top rate learned nothing
              lrs={"lora": [1e-3, 2e-3, 4e-3], "rslora": [5e-4, 1e-3, 2e-3], "scalora": [1e-3, 2e-3, 4e-3],
                   "scalora-I": [1e-3, 2e-3, 4e-3], "elalora": [5e-3, 1e-2, 2e-2], "relora": [1e-3, 2e-3, 4e-3],
                   "full": [1e-4, 2e-4, 4e-4]}),

@@ -92,10 +92,12 @@ def worker(a) -> None:
         (name, (engine, _)), = engines.items()
         for _ in range(a.steps):
             step(engine)
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], dtype=torch.float64)
+        # NCCL reduces device tensors only
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], dtype=torch.float64,
+                            device=engine.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if cuda:
-            peak = torch.tensor([float(torch.cuda.max_memory_allocated())])
+            peak = torch.tensor([float(torch.cuda.max_memory_allocated())], device=engine.device)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank == 0:
             with open(a.out, "w") as f:

@@ -156,8 +156,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double().cpu()
-        stats = torch.tensor([float(loss_sum) / gas, float(tokens)], dtype=torch.float64)
-        dist.all_reduce(stats)
+        stats = _sum_over_ranks(torch.tensor([float(loss_sum) / gas, float(tokens)], dtype=torch.float64), engine.device)
         record = {"step": step + 1, "loss": float(stats[0]) / world, "lr": scheduler.get_last_lr()[0]}
         norm = engine.get_global_grad_norm()
         record["grad_norm"] = None if norm is None else float(norm)
@@ -286,7 +285,7 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int)
                 if i + k < len(mine):
                     sums[2] += float(text == held_out.answers[j])
                     sums[3] += 1
-    dist.all_reduce(sums)
+    sums = _sum_over_ranks(sums, engine.device)
     engine.train()
     result = {}
     if sums[1] > 0:
@@ -352,6 +351,14 @@ def _finish_elalora(cfg: RunConfig, elalora, rank: int) -> None:
 def _last(history: list, key: str):
     values = [h[key] for h in history if key in h]
     return values[-1] if values else None
+
+
+def _sum_over_ranks(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor summed over ranks, through the engine's device: NCCL reduces device tensors
+    only (a CPU tensor fails there), gloo either."""
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def _tensorboard(cfg: RunConfig):

@@ -8,6 +8,9 @@ fields, with a byte-level tokenizer made in code, for tests and CI.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -56,17 +59,25 @@ def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
         if dist.is_initialized():
             dist.barrier()
         path = materialize(path)
+    kwargs = {"dtype": dtype}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
     if path is not None:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs = {"dtype": dtype}
-        if cfg.model.attn_implementation:
-            kwargs["attn_implementation"] = cfg.model.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
         tokenizer = byte_tokenizer()
         fields = {"vocab_size": len(tokenizer), **cfg.model.random_init}
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
-            model = LlamaForCausalLM(LlamaConfig(**fields)).to(dtype)
+        # built in its dtype on the accelerator (under ZeRO-3, partitioned as it is built): a 12B shape
+        # built in fp32 on the host would need ~73 GB of host memory and minutes of initialisation
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        if not zero3 and accelerator.device_name() != "cpu":
+            accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # deepspeed.initialize would, later
+        where = contextlib.nullcontext() if zero3 else torch.device(accelerator.current_device_name())
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3), where:
+            model = LlamaForCausalLM._from_config(LlamaConfig(**fields), **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.gradient_checkpointing:

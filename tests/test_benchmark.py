@@ -43,12 +43,12 @@ def test_learning_rate_choice_steps_to_reach_and_targets():
 
 
 def test_every_preset_learning_rate_reaches_the_config_as_a_float(tmp_path):
-    from ds_scalora.bench.grid import run_config, task_lrs, task_schedule
+    from ds_scalora.bench.grid import run_config, task_lrs, task_methods, task_schedule
 
     for preset in PRESETS.values():
         for task in preset.tasks:
             steps, every = task_schedule(preset, task)
-            for method in preset.methods:
+            for method in task_methods(preset, task):  # the gpu preset's shapes validate here too
                 for lr in task_lrs(preset, task, method):  # 5e-05 once arrived as the string '5e-05' (YAML 1.1)
                     cfg = run_config(task, method, lr, 0, steps, every, str(tmp_path / "o"), str(tmp_path))
                     assert cfg.train.learning_rate == lr and isinstance(cfg.train.learning_rate, float)
@@ -75,12 +75,48 @@ def test_quick_preset_writes_the_report(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),
                            "--work", str(work), "--cost-only"], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cost = (out / "benchmarks_cost.md").read_text()
+    cost = (out / "benchmarks_cost_quick.md").read_text()
     for method in PRESETS["quick"].methods:
         assert f"| {method} | " in cost, method
     lora = [line for line in cost.splitlines() if line.startswith("| lora | ")][0]
     assert lora.count("| 1.000 |") == 3
     assert "scalora-I step time / LoRA (cpu)" in cost
+
+
+# The gpu preset's 12B configuration shrunk by --set to a tiny shape, so that its path (random init in
+# bf16, ZeRO-2, gradient checkpointing, packing, ScaLoRA's bf16_pair accumulator, a method the task
+# excludes) runs on a CPU. The real shapes need the GPU machine; their configs validate in the test above.
+TINY_SHAPE = ("model.random_init={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
+              "num_key_value_heads: 2, max_position_embeddings: 256}")
+
+
+@pytest.mark.skipif(os.environ.get("DS_SCALORA_SKIP_BENCH") == "1", reason="asked to skip")
+def test_gpu_preset_cost_path_runs_shrunk_on_cpu(tmp_path):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from yaml import safe_load
+
+    from ds_scalora.train.model import byte_tokenizer
+
+    out, work = tmp_path / "docs", tmp_path / "work"
+    argv = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "gpu", "--tasks", "12b", "--methods", "lora",
+            "scalora-I", "full", "--set", TINY_SHAPE, "--set", "data.max_length=128", "--out", str(out), "--work", str(work)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (out / "benchmarks_cost_gpu.md").read_text()
+    assert "| full | not run: " in text  # excluded on the 12B shape, with the reason
+    for method in ("lora", "scalora-I"):
+        row = [line for line in text.splitlines() if line.startswith(f"| {method} | ")][0]
+        assert float(row.split("|")[2]) > 0, row  # a measured step time
+    assert "`model.random_init={hidden_size: 64" in text  # the override is stated
+    result = json.loads((work / "cost_gpu_12b_scalora-I_0.json").read_text())
+    # gradient checkpointing: 6 FLOPs per frozen parameter and token; N counted here from the shape itself
+    shape = safe_load(TINY_SHAPE.split("=", 1)[1])
+    vocab = len(byte_tokenizer())  # the tokenizer of a random-init run
+    n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **shape)).parameters())
+    assert result["params"] == n and result["flops_per_token"] == 6 * n
+    assert result["sets"] == [TINY_SHAPE, "data.max_length=128"]
 
 
 def test_a_cached_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):

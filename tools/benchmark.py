@@ -4,7 +4,9 @@ restart baseline and full fine-tuning; writes docs/benchmarks.md and its plots.
     python tools/benchmark.py --preset quick              # the harness end to end, ~2 min (CI runs it; writes under runs/)
     python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 idle CPU cores: about 4 h)
     python tools/benchmark.py --preset cpu --tasks dates --seeds 0 --single-lr   # a reduced run, ~17 min
-    python tools/benchmark.py --preset cpu --tasks dates --cost-only   # docs/benchmarks_cost.md (idle machine)
+    python tools/benchmark.py --preset cpu --tasks dates --cost-only   # docs/benchmarks_cost_cpu.md (idle machine)
+    python tools/benchmark.py --preset gpu                # one 80 GB GPU: cost at the 1B and 12B shapes, about 25 min
+                                                          # -> docs/benchmarks_cost_gpu.md (cost only)
     python tools/benchmark.py --preset cpu --scaling-only              # docs/benchmarks_scaling.md (idle machine)
 
 Every run is the training entry point (``ds_scalora.train.loop.run``) at one rank, in this process,
@@ -34,23 +36,25 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ds_scalora.bench import grid, measure, report  # noqa: E402
 
 
-def run_settings(task, method, steps, eval_every) -> dict:
+def run_settings(task, method, steps, eval_every, sets=()) -> dict:
     """What a cached run must match besides its file name (method, lr, seed): the method's and the
-    task's overrides and the schedule. A run cached without them (before 2026-11-23) is re-run."""
-    return {"method": grid.method_overrides(method, steps), "task": task.overrides, "steps": steps,
-            "eval_every": eval_every}
+    task's overrides, the schedule and the command line's ``--set``s. A run cached without them
+    (before 2026-11-23) is re-run."""
+    out = {"method": grid.method_overrides(method, steps), "task": task.overrides, "steps": steps,
+           "eval_every": eval_every}
+    return out | ({"sets": list(sets)} if sets else {})  # runs cached before --set existed stay valid
 
 
-def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
+def quality_runs(preset, task, methods, seeds, single_lr, work, sets=()) -> list[dict]:
     runs = []
-    for method in methods:
+    for method in grid.task_methods(preset, task, methods):
         lrs = grid.task_lrs(preset, task, method)
         steps, eval_every = grid.task_schedule(preset, task)
         for lr in ([lrs[len(lrs) // 2]] if single_lr else lrs):
             for seed in seeds:
                 key = f"{preset.name}_{task.name}_{method}_lr{lr:g}_s{seed}"
                 cached = os.path.join(work, key + ".json")
-                settings = run_settings(task, method, steps, eval_every)
+                settings = run_settings(task, method, steps, eval_every, sets)
                 if os.path.isfile(cached):
                     with open(cached) as f:
                         run = json.load(f)
@@ -62,7 +66,7 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
                     print(f"  {key}: cached run had other settings ({run.get('settings')}); kept as {stale}, re-running")
                 t0 = time.perf_counter()
                 cfg = grid.run_config(task, method, lr, seed, steps, eval_every,
-                                      os.path.join(work, key), os.path.join(work, "data"))  # fmt: skip
+                                      os.path.join(work, key), os.path.join(work, "data"), user_sets=sets)  # fmt: skip
                 hooks = measure.UpdateRank(cfg.method.target_modules)
                 summary = grid.train_once(cfg, hooks, log_path=os.path.join(work, key + ".log"))
                 run = {"task": task.name, "method": method, "lr": lr, "seed": seed, "history": summary["history"],
@@ -82,18 +86,21 @@ def quality_runs(preset, task, methods, seeds, single_lr, work) -> list[dict]:
     return runs
 
 
-def cost_runs(preset, task, methods, work) -> dict:
+def cost_runs(preset, task, methods, work, sets=()) -> dict:
     peak, peak_what = measure.matmul_peak_flops()
     out, rounds = {}, {}
     for round_ in range(preset.cost_repeats):  # interleaved, so that a slow spell of the machine hits every method
-        for method in methods:
+        for method in grid.task_methods(preset, task, methods):
             path = os.path.join(work, f"cost_{preset.name}_{task.name}_{method}_{round_}.json")
             argv = [os.path.abspath(__file__), "--cost-worker", "--preset", preset.name, "--tasks", task.name,
-                    "--methods", method, "--work", work, "--out", path]  # fmt: skip
-            if os.path.isfile(path):  # cached from an earlier invocation
+                    "--methods", method, "--work", work, "--out", path, *(f"--set={s}" for s in sets)]  # fmt: skip
+            result = None
+            if os.path.isfile(path):  # cached from an earlier invocation, if with the same --sets
                 with open(path) as f:
                     result = json.load(f)
-            else:
+                if result.get("sets", []) != list(sets):
+                    result = None
+            if result is None:
                 result = measure.cost_in_subprocess(argv)
             result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak
             print(f"  cost {method} (round {round_ + 1}): {result['step_time_s'] * 1e3:.0f} ms/step, "
@@ -105,6 +112,7 @@ def cost_runs(preset, task, methods, work) -> dict:
     for method, times in rounds.items():
         out[method]["rounds_s"] = times
     out["_peak"] = f"{peak / 1e9:.1f} GFLOP/s ({peak_what})"
+    out["_excluded"] = {m: why for m, why in (task.excluded or {}).items() if m in methods}
     return out
 
 
@@ -126,7 +134,8 @@ def cost_worker(a) -> None:
     cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, steps, 0,
                           os.path.join(a.work, f"costrun_{method}"), os.path.join(a.work, "data"),
                           extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1,
-                                 "train.max_steps": preset.cost_steps, **STEADY_STATE.get(method, {})})  # fmt: skip
+                                 "train.max_steps": preset.cost_steps, **STEADY_STATE.get(method, {})},
+                          user_sets=a.set)  # fmt: skip
 
     class Count:
         def after_setup(self, engine, model):
@@ -135,8 +144,10 @@ def cost_worker(a) -> None:
     hooks = Count()
     summary = grid.train_once(cfg, hooks, log_path=a.out + ".log")
     result = measure.cost_summary(summary)
-    result["flops_per_token"] = measure.model_flops_per_token(hooks.params, full=method == "full")
+    result["flops_per_token"] = measure.model_flops_per_token(hooks.params, full=method == "full",
+                                                              checkpointing=cfg.model.gradient_checkpointing)  # fmt: skip
     result["params"] = hooks.params
+    result["sets"] = list(a.set)
     with open(a.out, "w") as f:
         json.dump(result, f)
     shutil.rmtree(os.path.join(a.work, f"costrun_{method}", "checkpoints"), ignore_errors=True)
@@ -183,14 +194,17 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=None, help="run outputs and the cache (default: <out>/../runs/benchmark_<preset>)")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the preset's tasks")
     p.add_argument("--methods", nargs="+", default=None, choices=list(grid.METHODS))
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's (and its tasks') seeds")
     p.add_argument("--single-lr", action="store_true", help="only the middle of each method's grid (no sweep)")
     p.add_argument("--no-cost", action="store_true", help="skip the per-method cost runs")
-    p.add_argument("--cost-only", action="store_true", help="only the cost runs (first task), written to "
-                   "<out>/benchmarks_cost.md; run it on an otherwise idle machine")
+    p.add_argument("--cost-only", action="store_true", help="only the cost runs (every task), written to "
+                   "<out>/benchmarks_cost_<preset>.md; run it on an otherwise idle machine (the gpu preset is cost only)")
     p.add_argument("--scaling", action="store_true", help="add tools/bench_zero.py's refresh scaling at 1, 2, 4 ranks")
     p.add_argument("--scaling-only", action="store_true", help="only the refresh scaling, written to "
                    "<out>/benchmarks_scaling.md; run it on an otherwise idle machine")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-config override applied to every run (as launch/train.py's --set), e.g. "
+                   "--set model.path=/models/Llama-3.2-1B to measure the cost on a real model")
     p.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.cost_worker:  # --out is then the JSON result of one cost run
@@ -218,26 +232,30 @@ def main(argv=None) -> None:
         body = scaling_section(quick=preset.name == "quick")
         print(f"wrote {report.write_scaling_report(a.out, body, meta | {'seconds': time.perf_counter() - t0})}")
         return
-    if a.cost_only:
+    if a.cost_only or not preset.quality:
         if a.no_cost:
-            p.error("--cost-only and --no-cost exclude each other")
-        cost = cost_runs(preset, tasks[0], methods, work)
-        meta |= {"seconds": time.perf_counter() - t0, "peak": cost.pop("_peak")}
-        print(f"wrote {report.write_cost_report(a.out, preset, tasks[0], cost, meta)}")
+            p.error("--no-cost leaves nothing to run with --cost-only or a cost preset")
+        tasks_cost = []
+        for task in tasks:
+            print(f"cost {task.name}", flush=True)
+            tasks_cost.append((task, cost_runs(preset, task, methods, work, a.set)))
+        meta |= {"seconds": time.perf_counter() - t0, "peak": tasks_cost[0][1]["_peak"], "sets": a.set}
+        print(f"wrote {report.write_cost_report(a.out, preset, tasks_cost, meta)}")
         return
     tasks_runs = []
     for task in tasks:
         print(f"task {task.name}", flush=True)
-        tasks_runs.append((task, quality_runs(preset, task, methods, a.seeds or preset.seeds, a.single_lr, work)))
-    cost = None if a.no_cost else cost_runs(preset, tasks[0], methods, work)
+        tasks_runs.append((task, quality_runs(preset, task, methods, a.seeds or grid.task_seeds(preset, task), a.single_lr, work, a.set)))
+    cost = None if a.no_cost else cost_runs(preset, tasks[0], methods, work, a.set)
     scaling = scaling_section(quick=preset.name == "quick") if a.scaling else None
     command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "device": device, "device_kind": "gpu" if torch.cuda.is_available() else "cpu",
             "date": datetime.date.today().isoformat(),
             # cached runs count with the time they took when they ran
             "seconds": max(time.perf_counter() - t0, sum(r["seconds"] for _, runs in tasks_runs for r in runs)),
-            "peak": (cost or {}).pop("_peak", "n/a"), "seeds": a.seeds or preset.seeds, "single_lr": a.single_lr}  # fmt: skip
-    if a.seeds or a.single_lr or a.tasks or a.methods:
+            "peak": (cost or {}).pop("_peak", "n/a"), "seeds": a.seeds or {t.name: grid.task_seeds(preset, t) for t in tasks}, "single_lr": a.single_lr,
+            "sets": a.set}  # fmt: skip
+    if a.seeds or a.single_lr or a.tasks or a.methods or a.set:
         meta["reduced"] = True
     path = report.write_report(a.out, preset, tasks_runs, cost, meta, scaling)
     print(f"wrote {path} ({(time.perf_counter() - t0) / 60:.1f} min)")

@@ -39,12 +39,15 @@ class Task:
     name: str
     config: str  # a shipped run config, relative to the repository
     overrides: dict  # applied on top of it
-    metric: str  # the eval metric reported (higher is better)
+    metric: str | None  # the eval metric reported (higher is better); None for a cost configuration
     what: str  # one line for the report
     make_data: str | None = None  # name of a generator in this module, writing the task's files
     steps: int | None = None  # overrides the preset's steps and eval interval for this task
     eval_every: int | None = None
     lrs: dict | None = None  # per-method learning-rate grids overriding the preset's for this task
+    seeds: list | None = None  # overrides the preset's seeds for this task
+    excluded: dict | None = None  # method -> why it is not run on this task (e.g. does not fit the GPU)
+    reference: str | None = None  # plain-LoRA figures measured elsewhere, quoted as a lead (not a ratio)
 
 
 def task_schedule(preset: "Preset", task: Task) -> tuple[int, int]:
@@ -52,8 +55,17 @@ def task_schedule(preset: "Preset", task: Task) -> tuple[int, int]:
     return task.steps or preset.steps, task.eval_every or preset.eval_every
 
 
+def task_seeds(preset: "Preset", task: Task) -> list:
+    return task.seeds or preset.seeds
+
+
 def task_lrs(preset: "Preset", task: Task, method: str) -> list:
     return (task.lrs or {}).get(method, preset.lrs[method])
+
+
+def task_methods(preset: "Preset", task: Task, methods: list | None = None) -> list:
+    """The methods run on ``task``: ``methods`` (default: the preset's) less the task's exclusions."""
+    return [m for m in (methods or preset.methods) if m not in (task.excluded or {})]
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Preset:
     # start refreshing at step 2), its amortised share
     cost_steps: int = 24
     cost_repeats: int = 2  # interleaved rounds over the methods; the fastest round of each counts
+    quality: bool = True  # False: the tasks are cost configurations only (no learning-rate sweep, no seeds)
 
 
 def facts_rows(n: int, seed: int = 0) -> list[dict]:
@@ -121,6 +134,8 @@ PRESETS = {
              "eval_exact_match", "SmolLM2-135M-Instruct, memorise 128 random 6-letter -> 6-digit codes (exact match "
              "on the first 64), rank 4 on every linear layer, 100 steps of 16 (12.5 epochs)", make_data="facts128",
              steps=100, eval_every=20,
+             # three seeds (from 2026-11-24): with two, the seed moved LoRA and ScaLoRA by ~0.45 exact match
+             seeds=[0, 1, 2],
              # shifted one step (x 1/2; full x 2) on 2026-11-24: with two seeds every method but ElaLoRA was best
              # at the edge of the earlier grid (this file's git history), and the top rate learned nothing
              lrs={"lora": [1e-3, 2e-3, 4e-3], "rslora": [5e-4, 1e-3, 2e-3], "scalora": [1e-3, 2e-3, 4e-3],
@@ -130,6 +145,32 @@ PRESETS = {
         lrs={"lora": LR_ADAPTER, "rslora": [5e-4, 1e-3, 2e-3], "scalora": LR_ADAPTER, "scalora-I": LR_ADAPTER,
              "elalora": [2e-3, 5e-3, 1e-2], "relora": LR_ADAPTER, "full": [2e-5, 5e-5, 1e-4]}),  # fmt: skip
 }
+
+
+# The GPU shapes of the reference figures in ../shared/gpu.md (random init: no weights ship offline; the
+# cost of a step depends on the shapes, not on the values). Mistral-NeMo's heads are 128 wide, not 5120/32.
+TINYLLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+                "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
+MISTRAL_NEMO_12B = {"hidden_size": 5120, "intermediate_size": 14336, "num_hidden_layers": 40, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072, "max_position_embeddings": 2048}
+GPU_RUN = {"model.path": None, "model.dtype": "bf16", "data.max_length": 2048, "data.packing": True,
+           "train.gradient_accumulation_steps": 1}
+PRESETS["gpu"] = Preset("gpu", [
+    # the shipped one-GPU config, at the reference's shape and batch
+    Task("1b", "ds_configs/gpu1_zero2.yaml", {**GPU_RUN, "model.random_init": TINYLLAMA_1B, "method.r": 16,
+                                              "method.alpha": 32, "train.micro_batch_size": 4},
+         None, "1.1B (TinyLlama shape, random init), bf16, ZeRO-2, r = 16 on all seven projections, micro-batch 4 "
+         "x 2048 packed tokens (ds_configs/gpu1_zero2.yaml)",
+         reference="plain LoRA r16, ZeRO-2, micro-batch 4 on an H100 80GB: 35,700 tokens/s, 19.0 GiB peak"),
+    # the shipped config for a 12B model on one 80 GB GPU (ScaLoRA's accumulator in bf16_pair)
+    Task("12b", "ds_configs/12b_gpu1_zero2.yaml", {**GPU_RUN, "model.random_init": MISTRAL_NEMO_12B, "method.r": 8,
+                                                   "method.alpha": 16, "train.micro_batch_size": 2},
+         None, "12.2B (Mistral-NeMo-12B shape, random init), bf16, ZeRO-2, gradient checkpointing, r = 8 on all "
+         "seven projections, micro-batch 2 x 2048 packed tokens (ds_configs/12b_gpu1_zero2.yaml)",
+         excluded={"full": "12.2B parameters with fp32 Adam states (~200 GB) do not fit one 80 GB GPU"},
+         reference="plain LoRA r8, ZeRO-2, gradient checkpointing, micro-batch 2 on an H100 80GB: 4,900 tokens/s, "
+                   "32.0 GiB peak"),
+], steps=40, eval_every=0, seeds=[0], lrs=PRESETS["cpu"].lrs, quality=False)  # fmt: skip
 
 
 def method_overrides(method: str, steps: int) -> dict:
@@ -142,8 +183,9 @@ def method_overrides(method: str, steps: int) -> dict:
 
 
 def run_config(task: Task, method: str, lr: float, seed: int, steps: int, eval_every: int, out_dir: str,
-               data_dir: str, extra: dict | None = None):  # fmt: skip
-    """The RunConfig of one benchmark run (validated like any user config)."""
+               data_dir: str, extra: dict | None = None, user_sets: list | tuple = ()):  # fmt: skip
+    """The RunConfig of one benchmark run (validated like any user config); ``user_sets`` are the
+    command line's ``--set key=value`` overrides, applied last."""
     from ..train.config import load_config
 
     sets = {**task.overrides, **method_overrides(method, steps), "train.learning_rate": lr, "train.seed": seed,
@@ -152,7 +194,7 @@ def run_config(task: Task, method: str, lr: float, seed: int, steps: int, eval_e
             **(extra or {})}  # fmt: skip
     if task.make_data:
         sets.update(make_facts(data_dir, int(task.make_data.removeprefix("facts"))))
-    overrides = [f"{k}={_yaml_value(v)}" for k, v in sets.items()]
+    overrides = [f"{k}={_yaml_value(v)}" for k, v in sets.items()] + list(user_sets)
     return load_config(os.path.join(REPO, task.config), overrides)
 
 

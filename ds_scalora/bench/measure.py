@@ -77,10 +77,11 @@ def matmul_peak_flops(seconds: float = 1.0) -> tuple[float, str]:
     return 2 * n**3 * count / (time.perf_counter() - t0), f"{n}x{n} {str(dtype).removeprefix('torch.')} on {device}"
 
 
-def model_flops_per_token(model_params: int, full: bool) -> float:
+def model_flops_per_token(model_params: int, full: bool, checkpointing: bool = False) -> float:
     """6·N per token with weight gradients (full fine-tuning), 4·N with a frozen base (forward 2N,
-    backward through the activations 2N; the adapters' own FLOPs are left out)."""
-    return (6 if full else 4) * model_params
+    backward through the activations 2N); gradient checkpointing recomputes the forward, 2N more. The
+    adapters' own FLOPs and attention's are left out (the convention of ../shared/gpu.md)."""
+    return ((6 if full else 4) + (2 if checkpointing else 0)) * model_params
 
 
 def cost_in_subprocess(argv: list[str], timeout: float = 3600) -> dict:

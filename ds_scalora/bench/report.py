@@ -130,14 +130,26 @@ def plot_task(task, chosen: dict, path: str) -> None:
     plt.close(fig)
 
 
-def targets_section(per_task: dict, cost: dict | None, device: str) -> list[str]:
-    lines = ["## Targets", ""]
+def cost_targets(cost: dict | None, device: str, where: str = "") -> list[str]:
+    """The step-time targets this device has (CPU: ScaLoRA-I; GPU: ScaLoRA-I and ScaLoRA), and the GPU
+    ones as not measured when the run is on a CPU."""
+    lines = []
     if cost and "lora" in cost:
         for method, key in (("scalora-I", "scalora-I_step_ratio_cpu" if device == "cpu" else "scalora-I_step_ratio_gpu"),
                             ("scalora", None if device == "cpu" else "scalora_step_ratio_gpu")):  # fmt: skip
             if method in cost and key:
                 ratio = cost[method]["step_time_s"] / cost["lora"]["step_time_s"]
-                lines.append(_verdict(f"{method} step time / LoRA ({device})", ratio, TARGETS[key], lower_is_better=True))
+                lines.append(_verdict(f"{where}{method} step time / LoRA ({device})", ratio, TARGETS[key],
+                                      lower_is_better=True))  # fmt: skip
+    if device == "cpu":
+        lines.append(f"- the GPU step-time targets (ScaLoRA-I ≤ {TARGETS['scalora-I_step_ratio_gpu']}, ScaLoRA ≤ "
+                     f"{TARGETS['scalora_step_ratio_gpu']}): not measured by a run on a CPU; `python tools/benchmark.py "
+                     "--preset gpu` on one 80 GB GPU measures them at the 1B and 12B shapes (docs/benchmarks_cost_gpu.md)")
+    return lines
+
+
+def targets_section(per_task: dict, cost: dict | None, device: str) -> list[str]:
+    lines = ["## Targets", "", *cost_targets(cost, device)]
     for name, (task, chosen) in per_task.items():
         metric = task.metric
         if "lora" not in chosen or "scalora" not in chosen:
@@ -178,7 +190,7 @@ def write_report(out_dir: str, preset, tasks_runs: dict, cost: dict | None, meta
              " **A reduced run**: fewer seeds, learning rates, tasks or methods than the preset; its figures are "
              "single measurements, not the tuned comparison the preset makes." if meta.get("reduced") else ""), "",
              "Steps per run: " + ", ".join(f"{t.name} {t.steps or preset.steps}" for t, _ in tasks_runs)
-             + f"; seeds: {meta.get('seeds', preset.seeds)}; "
+             + f"; seeds: {_seeds_text(meta.get('seeds', preset.seeds))}; "
              + ("learning rates: the middle of each method's grid only (no sweep: `--single-lr`). " if meta.get("single_lr")
                 else "the learning rate of every method is the best of its grid by mean final metric on the evaluation "
                      "set (the same set the table reports: an optimistic choice, the same for every method). ")
@@ -205,8 +217,10 @@ def write_report(out_dir: str, preset, tasks_runs: dict, cost: dict | None, meta
 
 
 def cost_section(preset, task, cost: dict, meta: dict) -> list[str]:
-    """The cost of every method in absolute terms and as ratios to LoRA, with every round's step time."""
+    """The cost of every method in absolute terms and as ratios to LoRA, with every round's step time;
+    methods the task excludes are listed with the reason."""
     base = cost["lora"]
+    excluded = cost.get("_excluded", {})
     lines = [f"Each method is the training entry point at one rank on the task's configuration ({task.what}), in a "
              f"fresh process (so that its peak memory is its own), {preset.cost_steps} steps, mean (amortised) step time "
              f"after 2 warm-up steps (periodic refreshes and restarts included; ScaLoRA refreshes from step 2 here, so the "
@@ -217,6 +231,8 @@ def cost_section(preset, task, cost: dict, meta: dict) -> list[str]:
              "peak memory (GiB) | peak memory vs LoRA | MFU |", "|---" * 9 + "|"]  # fmt: skip
     for method in preset.methods:
         c = cost.get(method)
+        if method in excluded:
+            lines.append(f"| {method} | not run: {excluded[method]} |" + " |" * 7)
         if not c:
             continue
         every = ", ".join(f"{t * 1e3:.0f}" for t in c.get("rounds_s", []))
@@ -224,18 +240,30 @@ def cost_section(preset, task, cost: dict, meta: dict) -> list[str]:
                      f"{c['tokens_per_s']:.0f} | {c['tokens_per_s'] / base['tokens_per_s']:.3f} | "
                      f"{c['peak_memory_gib']:.2f} | {c['peak_memory_gib'] / base['peak_memory_gib']:.3f} | "
                      f"{format(c['mfu'], '.1%') if c.get('mfu') else 'n/a'} |")  # fmt: skip
-    return lines + [""]
+    lines.append("")
+    if meta.get("sets"):
+        lines += [f"The configuration above is changed by the command line's overrides: {', '.join(f'`{x}`' for x in meta['sets'])}.", ""]
+    if task.reference:
+        lines += [f"Reference measured elsewhere ({task.reference}): a lead for the absolute figures, not a ratio "
+                  f"(LoRA here: {base['tokens_per_s']:,.0f} tokens/s, {base['peak_memory_gib']:.1f} GiB).", ""]
+    return lines
 
 
-def write_cost_report(out_dir: str, preset, task, cost: dict, meta: dict) -> str:
-    """Write ``benchmarks_cost.md``: the cost of every method as ratios to LoRA, without quality runs
-    (``tools/benchmark.py --cost-only``), so that cost can be measured on its own on an idle machine."""
+def write_cost_report(out_dir: str, preset, tasks_cost: list, meta: dict) -> str:
+    """Write ``benchmarks_cost_<preset>.md``: the cost of every method as ratios to LoRA on each task's
+    configuration, without quality runs (``tools/benchmark.py --cost-only``, and the gpu preset), so that
+    cost can be measured on its own on an idle machine or on a GPU."""
     os.makedirs(out_dir, exist_ok=True)
     lines = ["# Benchmark: cost per step", "",
-             f"Generated by `{meta['command']}` (preset `{preset.name}`, task `{task.name}`) on {meta['device']}, "
-             f"{meta['date']}, in {meta['seconds'] / 60:.1f} min. Do not edit by hand: rerun the command.", "",
-             *cost_section(preset, task, cost, meta), *targets_section({}, cost, meta["device_kind"])]  # fmt: skip
-    return _write_lines(os.path.join(out_dir, "benchmarks_cost.md"), lines)
+             f"Generated by `{meta['command']}` (preset `{preset.name}`) on {meta['device']}, {meta['date']}, in "
+             f"{meta['seconds'] / 60:.1f} min. Do not edit by hand: rerun the command.", ""]  # fmt: skip
+    targets = ["## Targets", ""]
+    for task, cost in tasks_cost:
+        lines += [f"## {task.name}", "", *cost_section(preset, task, cost, meta)]
+        targets += [line for line in cost_targets(cost, meta["device_kind"], f"{task.name}: ") if "not measured" not in line]
+    if meta["device_kind"] == "cpu":
+        targets += cost_targets(None, "cpu")
+    return _write_lines(os.path.join(out_dir, f"benchmarks_cost_{preset.name}.md"), lines + targets + [""])
 
 
 def write_scaling_report(out_dir: str, body_md: str, meta: dict) -> str:
@@ -246,6 +274,11 @@ def write_scaling_report(out_dir: str, body_md: str, meta: dict) -> str:
              f"Generated by `{meta['command']}` on {meta['device']}, {meta['date']}, in {meta['seconds'] / 60:.1f} min. "
              "Do not edit by hand: rerun the command.", "", body_md]  # fmt: skip
     return _write_lines(os.path.join(out_dir, "benchmarks_scaling.md"), lines)
+
+
+def _seeds_text(seeds) -> str:
+    """``[0, 1]`` or, per task, ``dates [0, 1], facts [0, 1, 2]``."""
+    return ", ".join(f"{name} {list(s)}" for name, s in seeds.items()) if isinstance(seeds, dict) else str(list(seeds))
 
 
 def _write_lines(path: str, lines: list[str]) -> str:

@@ -16,17 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = Task("facts", "ds_configs/tiny.yaml", {}, "eval_exact_match", "synthetic")
 
 
-def run(method, lr, seed, curve, loss=1.0, rank=4.0):
-    history = [{"step": s, "eval_exact_match": v, "eval_loss": loss} for s, v in curve]
+def run(method, lr, seed, curve, loss=1.0, rank=4.0, losses=None):
+    losses = losses or [loss] * len(curve)
+    history = [{"step": s, "eval_exact_match": v, "eval_loss": x} for (s, v), x in zip(curve, losses)]
     return {"method": method, "lr": lr, "seed": seed, "history": history, "final": history[-1],
             "update_rank_mean": rank}  # fmt: skip
 
 
 def test_learning_rate_choice_steps_to_reach_and_targets():
     runs = [
-        run("lora", 1e-3, 0, [(10, 0.1), (20, 0.3), (30, 0.5)]), run("lora", 1e-3, 1, [(10, 0.1), (20, 0.3), (30, 0.5)]),
+        run("lora", 1e-3, 0, [(10, 0.1), (20, 0.3), (30, 0.5)], losses=[1.0, 0.6, 0.4]),
+        run("lora", 1e-3, 1, [(10, 0.1), (20, 0.3), (30, 0.5)], losses=[1.0, 0.6, 0.4]),
         run("lora", 2e-3, 0, [(10, 0.2), (20, 0.2), (30, 0.2)]), run("lora", 2e-3, 1, [(10, 0.2), (20, 0.2), (30, 0.2)]),
-        run("scalora", 1e-3, 0, [(10, 0.2), (20, 0.6), (30, 0.7)]), run("scalora", 1e-3, 1, [(10, 0.2), (20, 0.4), (30, 0.7)]),
+        run("scalora", 1e-3, 0, [(10, 0.2), (20, 0.6), (30, 0.7)], losses=[0.9, 0.5, 0.3]),
+        run("scalora", 1e-3, 1, [(10, 0.2), (20, 0.4), (30, 0.7)], losses=[0.9, 0.3, 0.3]),
         run("full", 1e-4, 0, [(10, 0.5), (20, 0.8), (30, 0.9)], rank=32.0),
     ]  # fmt: skip
     rows, chosen = report.task_table(TASK, runs, None, ["lora", "scalora", "full"])
@@ -34,6 +37,8 @@ def test_learning_rate_choice_steps_to_reach_and_targets():
     # LoRA's final mean 0.5 is first reached at step 30; ScaLoRA's mean curve (0.2, 0.5, 0.7) at step 20
     line = next(r for r in rows if r.startswith("| scalora "))
     assert "| 20 | 0.67 |" in line and "0.700 (n=2)" in line
+    # eval loss, lower is better: LoRA's final mean 0.4 first at step 30; ScaLoRA's mean (0.9, 0.4, 0.3) at 20
+    assert "| 20 (0.67) |" in line and "| 30 (1.00) |" in rows[2], (line, rows[2])
     # LoRA's best rate is the lower end of its two-rate grid: flagged; ScaLoRA swept one rate: not flagged
     assert "| lora | 0.001 † (0.001, 0.002) |" in rows[2] and "†" not in line
     assert any(r.startswith("† best at the edge of its swept grid (lora)") for r in rows), rows

@@ -54,11 +54,24 @@ def choose_lr(runs: list[dict], metric: str) -> float:
     return max(by_lr, key=key)
 
 
-def steps_to_reach(points, target: float):
+def steps_to_reach(points, target: float, lower_is_better: bool = False):
     for step, mean, _, _ in points:
-        if mean >= target - 1e-12:
+        if (mean <= target + 1e-12) if lower_is_better else (mean >= target - 1e-12):
             return step
     return None
+
+
+def steps_vs_lora(points, lora_points, lower_is_better: bool = False) -> str:
+    """"<steps> (<ratio>)": the first eval step at which ``points`` reach LoRA's final mean, and that as a
+    share of the steps LoRA took; "never" if they do not."""
+    if not lora_points:
+        return "n/a"
+    final = lora_points[-1][1]
+    lora_steps = steps_to_reach(lora_points, final, lower_is_better)
+    reach = steps_to_reach(points, final, lower_is_better)
+    if reach is None:
+        return "never"
+    return f"{reach} ({reach / lora_steps:.2f})" if lora_steps else str(reach)
 
 
 def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) -> tuple[list[str], dict]:
@@ -73,8 +86,10 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
     lora_points = mean_curve(chosen["lora"], metric) if "lora" in chosen else []
     lora_final = lora_points[-1][1] if lora_points else None
     lora_steps = steps_to_reach(lora_points, lora_final) if lora_final is not None else None
+    lora_loss = mean_curve(chosen["lora"], "eval_loss") if "lora" in chosen else []
     header = ("| method | lr (swept) | final " + metric.removeprefix("eval_") + " | final eval loss | steps to LoRA's final "
-              "| vs LoRA | accumulated rank | step time vs LoRA | tokens/s vs LoRA | peak memory vs LoRA | MFU |")
+              "| vs LoRA | steps to LoRA's final eval loss (vs LoRA) | accumulated rank | step time vs LoRA | "
+              "tokens/s vs LoRA | peak memory vs LoRA | MFU |")
     rows += [header, "|---" * (header.count("|") - 1) + "|"]
     at_edge = []
     for method, sel in chosen.items():
@@ -92,7 +107,8 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
         rel = (lambda k, inv=False: f"{(base[k] / c[k]) if inv else (c[k] / base[k]):.3f}") if c and base else None
         rows.append(
             f"| {method} | {sel[0]['lr']:g}{' †' if edge else ''} ({', '.join(f'{x:g}' for x in lrs)}) | {_fmt(m, sd)} (n={len(sel)}) | "
-            f"{_fmt(loss, loss_sd, 4)} | {reach if reach is not None else 'never'} | {ratio} | {_fmt(rank, rank_sd, 1)} | "
+            f"{_fmt(loss, loss_sd, 4)} | {reach if reach is not None else 'never'} | {ratio} | "
+            f"{steps_vs_lora(mean_curve(sel, 'eval_loss'), lora_loss, lower_is_better=True)} | {_fmt(rank, rank_sd, 1)} | "
             f"{rel('step_time_s') if rel else 'n/a'} | {rel('tokens_per_s') if rel else 'n/a'} | "
             f"{rel('peak_memory_gib') if rel else 'n/a'} | {format(c['mfu'], '.1%') if c and c.get('mfu') else 'n/a'} |"
         )
@@ -194,6 +210,9 @@ def write_report(out_dir: str, preset, tasks_runs: dict, cost: dict | None, meta
              + ("learning rates: the middle of each method's grid only (no sweep: `--single-lr`). " if meta.get("single_lr")
                 else "the learning rate of every method is the best of its grid by mean final metric on the evaluation "
                      "set (the same set the table reports: an optimistic choice, the same for every method). ")
+             + "Steps to LoRA's final: the first evaluation at which the mean over seeds reaches LoRA's final mean "
+             "(on the task's metric, which the targets use, and on eval loss, for reference: a saturated metric "
+             "cannot separate methods that all reach it). "
              + "Accumulated rank: the numerical rank (singular values above 1e-3 of the largest) of each adapted "
              "matrix's total update W_final − W_initial, averaged over matrices, for every method alike. "
              + (f"Cost: a separate run per method in a fresh process, same DeepSpeed configuration, {preset.cost_steps} "

@@ -137,3 +137,41 @@ def test_refused_configurations_say_why():
         attach(engine, model)
     with pytest.raises(ValueError, match="interval"):
         attach(_engine({"zero_optimization": {"stage": 1}})[0], model, interval=0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradient_edits_in_the_step_window_reach_the_optimizer_bf16(stage):
+    """What a method writes into ``piece.grad`` inside the step window is what the optimizer steps with.
+    Under ZeRO-3 with bf16 gradients DeepSpeed hands out an fp32 *copy* (get_local_fp32_grad_for_param),
+    so the edits must be written back; once they were lost, silently: ScaLoRA's gradient rescale and
+    ElaLoRA's regulariser and frozen slots under ZeRO-3 bf16. Check: zero every gradient in the window;
+    AdamW (no weight decay) with zero gradients and zero moments moves nothing on its first step."""
+    from ds_scalora.zero.state_access import ZeroAccess
+    from ds_scalora.zero.step_hook import install_step_hook
+
+    model = tiny_lora_model(torch.bfloat16)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": stage}}  # fmt: skip
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    access = ZeroAccess(engine)
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    seen = []
+
+    def zero_grads(step):
+        for p in trainable:
+            piece = access.piece(p)
+            if piece is not None:
+                seen.append(float(piece.grad.abs().sum()))
+                piece.grad.zero_()
+
+    install_step_hook(engine, access.kind, zero_grads, after=access.write_back_grads)
+    before = [access.piece(p, grad=False).master.clone() for p in trainable]
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    after = [access.piece(p, grad=False).master for p in trainable]
+    assert sum(seen) > 0  # there were gradients to drop
+    moved = max(float((a - b).abs().max()) for a, b in zip(after, before))
+    assert moved == 0.0, f"ZeRO-{stage} bf16: the optimizer stepped with gradients the window had zeroed ({moved})"
+    engine.destroy()

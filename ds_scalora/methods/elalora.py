@@ -354,10 +354,13 @@ class ElasticRanks:
         return {f"{i}/{name}": torch.stack(pair) for (i, name), pair in self.ema.items()}
 
     def load_ema_state(self, state: dict) -> None:
+        """Importance averages from :meth:`ema_state`, placed with the factors (a checkpoint is read
+        to the CPU; a step on a GPU would otherwise mix devices)."""
         self.ema = {}
         for key, stacked in state.items():
             i, name = key.split("/")
-            self.ema[(int(i), name)] = (stacked[0].clone(), stacked[1].clone())
+            device = getattr(self.layers[int(i)], name).device
+            self.ema[(int(i), name)] = (stacked[0].to(device, copy=True), stacked[1].to(device, copy=True))
 
 
 class ElaLoRA:

@@ -79,7 +79,7 @@ class ZeroScaLoRA:
         def refresh_if_due(step):
             self.last_report = self.refresh() if self.config.is_due(step) else None
 
-        install_step_hook(self.engine, self.access.kind, refresh_if_due)
+        install_step_hook(self.engine, self.access.kind, refresh_if_due, after=self.access.write_back_grads)
 
     # -- the refresh ----------------------------------------------------------------------------
 

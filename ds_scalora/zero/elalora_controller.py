@@ -38,7 +38,7 @@ class ZeroElaLoRA:
             raise ValueError(f"the factors of {frozen[0]} are not trainable; ElaLoRA trains P, λ and Q")
         self.core = ElasticRanks(layers, config, self.access)
         self.last_report: RoundReport | None = None
-        install_step_hook(engine, self.access.kind, self._on_step)
+        install_step_hook(engine, self.access.kind, self._on_step, after=self.access.write_back_grads)
 
     def _on_step(self, step: int) -> None:
         self.last_report = self.core.on_step(step)

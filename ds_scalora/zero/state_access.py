@@ -78,6 +78,7 @@ class ZeroAccess:
                 f"ScaLoRA does not support DeepSpeed's {type(self.opt).__name__} (ZeRO stage 0 with bf16 or "
                 "fp16): use ZeRO stage 1, 2 or 3 for mixed precision, or stage 0 in fp32"
             )
+        self._handed_out: dict = {}  # ZeRO-3: parameter -> the gradient partition copy given out this window
         distributed = dist.is_initialized()
         self.rank = dist.get_rank(group=self.group) if distributed else 0
         self.world = dist.get_world_size(group=self.group) if distributed else 1
@@ -120,8 +121,24 @@ class ZeroAccess:
         moments = {
             k: v.narrow(0, offset, valid) for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape
         }
-        g = self.opt.get_local_fp32_grad_for_param(p).narrow(0, 0, valid) if grad else None
+        g = None
+        if grad:
+            # an fp32 copy when DeepSpeed keeps the gradients in bf16/fp16: one per parameter and window
+            # (a second piece of it sees the first one's edits, as views do at ZeRO-1/2), and
+            # write_back_grads returns it
+            full = self._handed_out.get(p)
+            if full is None:
+                full = self._handed_out[p] = self.opt.get_local_fp32_grad_for_param(p)
+            g = full.narrow(0, 0, valid)
         return Piece(start, valid, flat.narrow(0, offset, valid), g, moments)
+
+    def write_back_grads(self) -> None:
+        """End of the step window: ZeRO-3 gradients handed out by :meth:`piece` go back to DeepSpeed's
+        partitions (``set_local_grad_for_param``), so the step uses what a method wrote into them. ZeRO-1/2
+        pieces are views of the optimizer's own gradients: nothing to do."""
+        for p, full in self._handed_out.items():
+            self.opt.set_local_grad_for_param(full, p)
+        self._handed_out.clear()
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         return p.ds_shape if self.kind == "zero3" else p.shape

@@ -11,8 +11,9 @@ works the same under a hand-written loop, HF Trainer and Accelerate.
 from __future__ import annotations
 
 
-def install_step_hook(engine, kind: str, callback) -> None:
-    """Call ``callback(global_step)`` once per optimizer step, inside the window. One hook per engine."""
+def install_step_hook(engine, kind: str, callback, after=None) -> None:
+    """Call ``callback(global_step)`` once per optimizer step, inside the window, then ``after()`` (the
+    state access's write-back of the gradients it handed out). One hook per engine."""
     opt = engine.optimizer
     if getattr(opt, "_ds_scalora_wrapped", False):
         raise RuntimeError("this engine already has a ds_scalora controller attached (one method per engine)")
@@ -22,7 +23,11 @@ def install_step_hook(engine, kind: str, callback) -> None:
         step = engine.global_steps
         if last["step"] != step:
             last["step"] = step
-            callback(step)
+            try:
+                callback(step)
+            finally:
+                if after is not None:
+                    after()
 
     original = opt.step
 

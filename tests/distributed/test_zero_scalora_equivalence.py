@@ -13,12 +13,15 @@ A wrong crossing (α for β), a missing scale or a merge on the wrong rows each 
 
 bf16: DeepSpeed trains every parameter in bf16 with fp32 masters; the reference uses PEFT's bf16
 (bf16 base, fp32 adapters): not the same arithmetic. On this tiny model, 6 steps of bf16 rounding move
-the accumulated effective update W + s·A·Bᵀ − W_0 by 20-35% (measured: the bf16 reference against the
-fp32 reference, 0.21 worst layer; DeepSpeed bf16 against the bf16 reference, 0.34), and the scalar
+the accumulated effective update W + s·A·Bᵀ − W_0 by about 20% (measured: the bf16 reference against the
+fp32 reference, 0.21 worst layer; DeepSpeed bf16 against the bf16 reference, 0.18), and the scalar
 fallback, a discrete choice, can flip per layer. So the bf16 check is at the function level: losses
-within 5e-3 (measured 1.8e-3 on ~4.6), and the effective updates no further from the bf16 reference
-than twice the bf16 reference's own distance from the fp32 one (the bf16 noise floor, measured in the
-same test). The bf16 weights must equal the rounded full-precision merged values (the policy path).
+within 5e-3 (measured 1.5e-3 on ~4.6), and the effective updates no further from the bf16 reference
+than 1.5 times the bf16 reference's own distance from the fp32 one (the bf16 noise floor, measured in
+the same test). Until 2026-11-24 ZeRO-3 bf16 lost the refresh's edits of the gradients (DeepSpeed hands
+them out as fp32 copies; they are now written back): that measured 0.36 (losses 2.1e-3) and passed the
+factor of 2 this test had then; 1.5 refuses it. The bf16 weights must equal the rounded full-precision
+merged values (the policy path).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.dist
 STEPS, GAS, CLIP, INTERVAL, WARMUP = 6, 2, 0.15, 1, 1
 TOL = {
     "fp32": {"tensor": 1e-4, "global": 1e-5, "loss": 1e-5, "merged": 1e-4},
-    "bf16": {"loss": 5e-3, "noise_floor_factor": 2.0},
+    "bf16": {"loss": 5e-3, "noise_floor_factor": 1.5},
 }
 _REFERENCES: dict = {}
 

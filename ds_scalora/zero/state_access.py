@@ -5,7 +5,9 @@ surface, in the spirit of ``deepspeed/utils/tensor_fragment.py``:
 
 * :meth:`ZeroAccess.piece` — this rank's piece of a trainable parameter: which flat elements of the
   full parameter it holds, and writable views of their fp32 master, reduced gradient and optimizer
-  moments. The pieces of all ranks tile the parameter.
+  moments. The pieces of all ranks tile the parameter. Under ZeRO-3 with bf16/fp16 gradients the
+  gradient is an fp32 copy (DeepSpeed's ``get_local_fp32_grad_for_param``), which
+  :meth:`ZeroAccess.write_back_grads` returns to DeepSpeed when the step window closes.
 * :meth:`ZeroAccess.weight_slice` — the slice of a frozen weight this rank merges into: its ZeRO-3
   partition, or (ZeRO-0/1/2, where every rank holds a full replica) an equal 1/N share, after which
   :meth:`ZeroAccess.share_replica_slices` all-gathers the shares so every replica ends bit-identical.

@@ -118,7 +118,9 @@ def restart_seed(seed: int, step: int, index: int) -> int:
 
 
 class ScaLoRA:
-    """Refreshes the LoRA layers of a PEFT model in place; see the module docstring for the loop."""
+    """Refreshes the LoRA layers of a PEFT model in place; see the module docstring for the loop.
+    Build it once the model is on its device: the merge accumulator and rank sketches are allocated
+    next to the frozen weights here."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ScaLoRAConfig | None = None):
         self.config = config or ScaLoRAConfig()

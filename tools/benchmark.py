@@ -2,11 +2,11 @@
 restart baseline and full fine-tuning; writes docs/benchmarks.md and its plots.
 
     python tools/benchmark.py --preset quick              # the harness end to end, ~2 min (CI runs it; writes under runs/)
-    python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 idle CPU cores: about 4 h)
+    python tools/benchmark.py --preset cpu --scaling      # the report in docs/ (2 idle CPU cores: about 5 h)
     python tools/benchmark.py --preset cpu --tasks dates --seeds 0 --single-lr   # a reduced run, ~17 min
     python tools/benchmark.py --preset cpu --tasks dates --cost-only   # docs/benchmarks_cost_cpu.md (idle machine)
-    python tools/benchmark.py --preset gpu                # one 80 GB GPU: cost at the 1B and 12B shapes, about 25 min
-                                                          # -> docs/benchmarks_cost_gpu.md (cost only)
+    python tools/benchmark.py --preset gpu                # one 80 GB GPU: cost at the 1B and 12B shapes (not yet
+                                                          # run; ~25 min estimated) -> docs/benchmarks_cost_gpu.md
     python tools/benchmark.py --preset cpu --scaling-only              # docs/benchmarks_scaling.md (idle machine)
 
 Every run is the training entry point (``ds_scalora.train.loop.run``) at one rank, in this process,
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    meta = {"command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": ("python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
             "device": device, "device_kind": "gpu" if torch.cuda.is_available() else "cpu",
             "date": datetime.date.today().isoformat()}  # fmt: skip
     if a.scaling_only:
@@ -248,7 +248,7 @@ def main(argv=None) -> None:
         for task in tasks:
             print(f"cost {task.name}", flush=True)
             tasks_cost.append((task, cost_runs(preset, task, methods, work, a.set)))
-        meta |= {"seconds": time.perf_counter() - t0, "peak": tasks_cost[0][1]["_peak"], "sets": a.set}
+        meta |= {"seconds": time.perf_counter() - t0, "sets": a.set}
         print(f"wrote {report.write_cost_report(a.out, preset, tasks_cost, meta)}")
         return
     tasks_runs = []
@@ -257,13 +257,10 @@ def main(argv=None) -> None:
         tasks_runs.append((task, quality_runs(preset, task, methods, a.seeds or grid.task_seeds(preset, task), a.single_lr, work, a.set)))
     cost = None if a.no_cost else cost_runs(preset, tasks[0], methods, work, a.set)
     scaling = scaling_section(quick=preset.name == "quick") if a.scaling else None
-    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "device": device, "device_kind": "gpu" if torch.cuda.is_available() else "cpu",
-            "date": datetime.date.today().isoformat(),
-            # cached runs count with the time they took when they ran
-            "seconds": max(time.perf_counter() - t0, sum(r["seconds"] for _, runs in tasks_runs for r in runs)),
-            "peak": (cost or {}).pop("_peak", "n/a"), "seeds": a.seeds or {t.name: grid.task_seeds(preset, t) for t in tasks}, "single_lr": a.single_lr,
-            "sets": a.set}  # fmt: skip
+    meta |= {"seeds": a.seeds or {t.name: grid.task_seeds(preset, t) for t in tasks}, "single_lr": a.single_lr,
+             "sets": a.set,
+             # cached runs count with the time they took when they ran
+             "seconds": max(time.perf_counter() - t0, sum(r["seconds"] for _, runs in tasks_runs for r in runs))}  # fmt: skip
     if a.seeds or a.single_lr or a.tasks or a.methods or a.set:
         meta["reduced"] = True
     path = report.write_report(a.out, preset, tasks_runs, cost, meta, scaling)

@@ -61,17 +61,15 @@ def steps_to_reach(points, target: float, lower_is_better: bool = False):
     return None
 
 
-def steps_vs_lora(points, lora_points, lower_is_better: bool = False) -> str:
-    """"<steps> (<ratio>)": the first eval step at which ``points`` reach LoRA's final mean, and that as a
-    share of the steps LoRA took; "never" if they do not."""
+def reach_vs_lora(points, lora_points, lower_is_better: bool = False) -> tuple:
+    """(first eval step at which ``points`` reach LoRA's final mean, that as a share of the steps LoRA
+    took); (None, None) if they never do, the share None if LoRA's own count is unknown."""
     if not lora_points:
-        return "n/a"
+        return None, None
     final = lora_points[-1][1]
     lora_steps = steps_to_reach(lora_points, final, lower_is_better)
     reach = steps_to_reach(points, final, lower_is_better)
-    if reach is None:
-        return "never"
-    return f"{reach} ({reach / lora_steps:.2f})" if lora_steps else str(reach)
+    return reach, (reach / lora_steps if reach is not None and lora_steps else None)
 
 
 def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) -> tuple[list[str], dict]:
@@ -84,8 +82,6 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
             lr = choose_lr(mine, metric)
             chosen[method] = [r for r in mine if r["lr"] == lr]
     lora_points = mean_curve(chosen["lora"], metric) if "lora" in chosen else []
-    lora_final = lora_points[-1][1] if lora_points else None
-    lora_steps = steps_to_reach(lora_points, lora_final) if lora_final is not None else None
     lora_loss = mean_curve(chosen["lora"], "eval_loss") if "lora" in chosen else []
     header = ("| method | lr (swept) | final " + metric.removeprefix("eval_") + " | final eval loss | steps to LoRA's final "
               "| vs LoRA | steps to LoRA's final eval loss (vs LoRA) | accumulated rank | step time vs LoRA | "
@@ -95,8 +91,8 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
     for method, sel in chosen.items():
         m, sd = _mean_sd([r["final"].get(metric) for r in sel])
         loss, loss_sd = _mean_sd([r["final"].get("eval_loss") for r in sel])
-        reach = steps_to_reach(mean_curve(sel, metric), lora_final) if lora_final is not None else None
-        ratio = f"{reach / lora_steps:.2f}" if reach is not None and lora_steps else ("never" if reach is None else "n/a")
+        reach, share = reach_vs_lora(mean_curve(sel, metric), lora_points)
+        loss_reach, loss_share = reach_vs_lora(mean_curve(sel, "eval_loss"), lora_loss, lower_is_better=True)
         rank, rank_sd = _mean_sd([r.get("update_rank_mean") for r in sel])
         lrs = sorted({r["lr"] for r in runs if r["method"] == method})
         edge = len(lrs) > 1 and sel[0]["lr"] in (lrs[0], lrs[-1])
@@ -107,8 +103,8 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
         rel = (lambda k, inv=False: f"{(base[k] / c[k]) if inv else (c[k] / base[k]):.3f}") if c and base else None
         rows.append(
             f"| {method} | {sel[0]['lr']:g}{' †' if edge else ''} ({', '.join(f'{x:g}' for x in lrs)}) | {_fmt(m, sd)} (n={len(sel)}) | "
-            f"{_fmt(loss, loss_sd, 4)} | {reach if reach is not None else 'never'} | {ratio} | "
-            f"{steps_vs_lora(mean_curve(sel, 'eval_loss'), lora_loss, lower_is_better=True)} | {_fmt(rank, rank_sd, 1)} | "
+            f"{_fmt(loss, loss_sd, 4)} | {_steps(reach)} | {_share(reach, share)} | "
+            f"{_steps(loss_reach)}{f' ({loss_share:.2f})' if loss_share is not None else ''} | {_fmt(rank, rank_sd, 1)} | "
             f"{rel('step_time_s') if rel else 'n/a'} | {rel('tokens_per_s') if rel else 'n/a'} | "
             f"{rel('peak_memory_gib') if rel else 'n/a'} | {format(c['mfu'], '.1%') if c and c.get('mfu') else 'n/a'} |"
         )
@@ -116,6 +112,14 @@ def task_table(task, runs: list[dict], cost: dict | None, methods: list[str]) ->
         rows += ["", f"† best at the edge of its swept grid ({', '.join(at_edge)}): the method's optimum may lie beyond "
                      "it, so its figures may understate it; widen the grid before reading a difference."]
     return rows, chosen
+
+
+def _steps(reach) -> str:
+    return "never" if reach is None else str(reach)
+
+
+def _share(reach, share) -> str:
+    return "never" if reach is None else ("n/a" if share is None else f"{share:.2f}")
 
 
 def plot_task(task, chosen: dict, path: str) -> None:
@@ -146,9 +150,13 @@ def plot_task(task, chosen: dict, path: str) -> None:
     plt.close(fig)
 
 
+GPU_NOT_MEASURED = (f"- the GPU step-time targets (ScaLoRA-I ≤ {TARGETS['scalora-I_step_ratio_gpu']}, ScaLoRA ≤ "
+                    f"{TARGETS['scalora_step_ratio_gpu']}): not measured by a run on a CPU; `python tools/benchmark.py "
+                    "--preset gpu` on one 80 GB GPU measures them at the 1B and 12B shapes (docs/benchmarks_cost_gpu.md)")
+
+
 def cost_targets(cost: dict | None, device: str, where: str = "") -> list[str]:
-    """The step-time targets this device has (CPU: ScaLoRA-I; GPU: ScaLoRA-I and ScaLoRA), and the GPU
-    ones as not measured when the run is on a CPU."""
+    """The verdicts on the step-time targets this device has (CPU: ScaLoRA-I; GPU: ScaLoRA-I and ScaLoRA)."""
     lines = []
     if cost and "lora" in cost:
         for method, key in (("scalora-I", "scalora-I_step_ratio_cpu" if device == "cpu" else "scalora-I_step_ratio_gpu"),
@@ -157,25 +165,18 @@ def cost_targets(cost: dict | None, device: str, where: str = "") -> list[str]:
                 ratio = cost[method]["step_time_s"] / cost["lora"]["step_time_s"]
                 lines.append(_verdict(f"{where}{method} step time / LoRA ({device})", ratio, TARGETS[key],
                                       lower_is_better=True))  # fmt: skip
-    if device == "cpu":
-        lines.append(f"- the GPU step-time targets (ScaLoRA-I ≤ {TARGETS['scalora-I_step_ratio_gpu']}, ScaLoRA ≤ "
-                     f"{TARGETS['scalora_step_ratio_gpu']}): not measured by a run on a CPU; `python tools/benchmark.py "
-                     "--preset gpu` on one 80 GB GPU measures them at the 1B and 12B shapes (docs/benchmarks_cost_gpu.md)")
     return lines
 
 
 def targets_section(per_task: dict, cost: dict | None, device: str) -> list[str]:
-    lines = ["## Targets", "", *cost_targets(cost, device)]
+    lines = ["## Targets", "", *cost_targets(cost, device), *([GPU_NOT_MEASURED] if device == "cpu" else [])]
     for name, (task, chosen) in per_task.items():
         metric = task.metric
         if "lora" not in chosen or "scalora" not in chosen:
             continue
-        lora_pts = mean_curve(chosen["lora"], metric)
-        lora_final = lora_pts[-1][1]
-        lora_steps = steps_to_reach(lora_pts, lora_final)
-        reach = steps_to_reach(mean_curve(chosen["scalora"], metric), lora_final)
-        if name != "facts" and lora_steps:
-            frac = reach / lora_steps if reach is not None else math.inf
+        reach, share = reach_vs_lora(mean_curve(chosen["scalora"], metric), mean_curve(chosen["lora"], metric))
+        if name != "facts" and (share is not None or reach is None):
+            frac = math.inf if reach is None else share
             lines.append(_verdict(f"{name}: ScaLoRA steps to LoRA's final {metric} / LoRA's", frac,
                                   TARGETS["steps_fraction"], lower_is_better=True))  # fmt: skip
         if name == "facts" and "full" not in chosen:
@@ -217,7 +218,7 @@ def write_report(out_dir: str, preset, tasks_runs: dict, cost: dict | None, meta
              "matrix's total update W_final − W_initial, averaged over matrices, for every method alike. "
              + (f"Cost: a separate run per method in a fresh process, same DeepSpeed configuration, {preset.cost_steps} "
                 f"steps, mean (amortised) step time after 2 warm-up steps, the fastest of {preset.cost_repeats} interleaved rounds; "
-                f"MFU against the measured matmul peak ({meta.get('peak', 'n/a')})." if cost else
+                f"MFU against the measured matmul peak ({cost.get('_peak', 'n/a')})." if cost else
                 "Cost: not measured in this run (`--no-cost`)."), ""]  # fmt: skip
     per_task = {}
     for task, runs in tasks_runs:
@@ -245,7 +246,7 @@ def cost_section(preset, task, cost: dict, meta: dict) -> list[str]:
              f"after 2 warm-up steps (periodic refreshes and restarts included; ScaLoRA refreshes from step 2 here, so the "
              f"measured steps hold its steady share of refreshes), the fastest of {preset.cost_repeats} "
              f"interleaved rounds; the round-to-round spread of LoRA itself is shown for scale; MFU against the measured matmul "
-             f"peak ({meta.get('peak', 'n/a')}). Ratios are to LoRA measured in the same invocation.", "",
+             f"peak ({cost.get('_peak', 'n/a')}). Ratios are to LoRA measured in the same invocation.", "",
              "| method | step time (ms) | every round (ms) | step time vs LoRA | tokens/s | tokens/s vs LoRA | "
              "peak memory (GiB) | peak memory vs LoRA | MFU |", "|---" * 9 + "|"]  # fmt: skip
     for method in preset.methods:
@@ -279,9 +280,9 @@ def write_cost_report(out_dir: str, preset, tasks_cost: list, meta: dict) -> str
     targets = ["## Targets", ""]
     for task, cost in tasks_cost:
         lines += [f"## {task.name}", "", *cost_section(preset, task, cost, meta)]
-        targets += [line for line in cost_targets(cost, meta["device_kind"], f"{task.name}: ") if "not measured" not in line]
+        targets += cost_targets(cost, meta["device_kind"], f"{task.name}: ")
     if meta["device_kind"] == "cpu":
-        targets += cost_targets(None, "cpu")
+        targets.append(GPU_NOT_MEASURED)
     return _write_lines(os.path.join(out_dir, f"benchmarks_cost_{preset.name}.md"), lines + targets + [""])
 
 

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-SOLVERS = ("column", "scalar", "nnls")
+SOLVERS = ("column", "scalar", "nnls", "adam")
+# what a refresh does with the solved scaling besides the method itself: the benchmark's ablations
+ABLATIONS = ("constant_shrink", "rebalance_only")
 
 # A variable is degenerate when its basis matrix is zero: H_jj = ‖a_j‖²·λ_j, so a zero column or a
 # zero column gradient. Magnitudes alone never make a column degenerate (rescaling a column by t maps
@@ -62,11 +64,16 @@ class ScalingSolution:
 
 @dataclass
 class ScalingProblem:
-    """H (2r x 2r), λ (2r) and the squared column norms of the folded factors, all float64."""
+    """H (2r x 2r), λ (2r) and the squared column norms of the folded factors, all float64.
+
+    ``linear`` is False for the paper's problem, whose unknowns are ``z = [α²; β²]``, and True for the
+    Adam-aware one (spec §3b, ``docs/scalora-strength.md``), whose unknowns are ``[α; β]`` themselves.
+    """
 
     H: torch.Tensor
     lam: torch.Tensor
-    col_norms: torch.Tensor  # [‖â_j‖²; ‖b̂_j‖²], used by strength="auto"
+    col_norms: torch.Tensor  # [‖â_j‖²; ‖b̂_j‖²]: what the strength rule keeps or shrinks
+    linear: bool = False
 
     @property
     def r(self) -> int:
@@ -76,9 +83,17 @@ class ScalingProblem:
         return float(0.5 * z @ self.H @ z - self.lam @ z / strength)
 
     def degenerate(self) -> torch.Tensor:
-        """Mask of variables whose basis matrix is (numerically) zero."""
+        """Mask of variables whose basis matrix is (numerically) zero. In the paper's problem a zero
+        right-hand side (a zero column gradient) also makes a variable irrelevant; in the Adam-aware one
+        λ_j may be zero or negative (momentum against the gradient) and the variable is still solved."""
         d = self.H.diagonal()
+        if self.linear:
+            return ~(d > _DEGENERATE_ATOL)
         return ~((d > _DEGENERATE_ATOL) & (self.lam > _DEGENERATE_ATOL))
+
+    def squared_norms_after(self, z: torch.Tensor) -> torch.Tensor:
+        """Squared norms of the folded columns after a rescale by the unknowns ``z``."""
+        return (z * z if self.linear else z) * self.col_norms
 
 
 def build_problem(A, B, grad_A, grad_B, scale: float = 1.0) -> ScalingProblem:
@@ -99,6 +114,43 @@ def build_problem(A, B, grad_A, grad_B, scale: float = 1.0) -> ScalingProblem:
     lam = torch.cat([(GB * GB).sum(0), (GA * GA).sum(0)])
     col_norms = torch.cat([(A * A).sum(0), (B * B).sum(0)])
     return ScalingProblem(H.cpu(), lam.cpu(), col_norms.cpu())
+
+
+def build_adam_problem(A, B, grad_A, grad_B, dir_A, dir_B, scale: float = 1.0) -> ScalingProblem:
+    """The Adam-aware problem (``docs/scalora-strength.md`` §3): unknowns ``w = [α; β]``.
+
+    Adam's step is invariant to a column's scale once gradients and moments are crossed, so after a
+    rescale the next weight increment is ``−η s (U_A diag(β) Bᵀ + A diag(α) U_Bᵀ)`` (``U``: Adam's own
+    next step directions, :func:`adam_direction`), linear in α and β. Its distance to the full
+    fine-tuning step ``−G/L`` is ``½ wᵀKw − μᵀw / c`` up to constants, with the paper's structure:
+
+        K = s² (S_AᵀS_A) ⊙ (S_BᵀS_B),   S_A = [A, U_A],  S_B = [U_B, B],
+        μ = [colwise⟨grad_B, U_B⟩; colwise⟨grad_A, U_A⟩]      (only r-column products, never G)
+    """
+    _check_shapes(A, B, grad_A, grad_B)
+    if dir_A.shape != A.shape or dir_B.shape != B.shape:
+        raise ValueError(f"Adam directions must match their factors: {tuple(dir_A.shape)} vs {tuple(A.shape)}, "
+                         f"{tuple(dir_B.shape)} vs {tuple(B.shape)}")
+    A, B, GA, GB, UA, UB = (t.detach().double() for t in (A, B, grad_A, grad_B, dir_A, dir_B))
+    SA = torch.cat([A, UA], dim=1)
+    SB = torch.cat([UB, B], dim=1)
+    H = (scale * scale) * ((SA.T @ SA) * (SB.T @ SB))
+    H = 0.5 * (H + H.T)
+    lam = torch.cat([(GB * UB).sum(0), (GA * UA).sum(0)])
+    col_norms = scale * torch.cat([(A * A).sum(0), (B * B).sum(0)])
+    return ScalingProblem(H.cpu(), lam.cpu(), col_norms.cpu(), linear=True)
+
+
+def adam_direction(grad, exp_avg=None, exp_avg_sq=None, step: int = 0, betas=(0.9, 0.999), eps: float = 1e-8):
+    """The direction of Adam's next step after ``grad`` (``m̂ / (sqrt(v̂) + eps)``; the step is −lr times
+    it, weight decay left out), from the moments before it (None: no step taken yet) and the number of
+    steps already taken. Elementwise, so it can be computed on any rank's piece of a parameter."""
+    b1, b2 = betas
+    g = grad.double()
+    m = (1 - b1) * g if exp_avg is None else b1 * exp_avg.double() + (1 - b1) * g
+    v = (1 - b2) * g * g if exp_avg_sq is None else b2 * exp_avg_sq.double() + (1 - b2) * g * g
+    t = step + 1
+    return (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
 
 
 def nnls_gram(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -136,18 +188,28 @@ def nnls_gram(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale: float = 1.0) -> ScalingSolution:
-    """The optimal column scaling α, β of one adapted layer (spec §3).
+def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale: float = 1.0, *,
+                  shrink: float = 1.0, directions=None, max_scale: float | None = None,
+                  ablation: str | None = None) -> ScalingSolution:
+    """The optimal column scaling α, β of one adapted layer (spec §3; ``docs/scalora-strength.md``).
 
-    ``strength`` is the knob ``c = L·η`` (a positive float), or ``"auto"``: c is then chosen so that
-    the folded factors keep their total squared norm over the columns that are solved for (the
-    adapter keeps its size; with Adam, whose steps have a fixed size in parameter units, this keeps
-    the size of the next increments). Solvers:
+    ``strength`` is the knob ``c = L·η`` (a positive float), or ``"auto"``: c is then chosen per layer
+    so that the refresh divides the folded factors' total squared column norm (over the solved
+    columns) by ``shrink``. ``shrink = 1`` keeps the adapter's size (it only rebalances columns and
+    merges almost nothing); ``shrink > 1`` moves about ``1 − 1/shrink`` of the adapter into the frozen
+    weight at every refresh, which is what accumulates a high-rank update. Solvers:
 
     * ``"column"``: the paper's closed form (Thm 3.7), falling back to ``"scalar"`` when the
       unconstrained solution has a negative entry (``reason="negative_column_solution"``);
     * ``"scalar"``: one scale per factor (Thm 3.5), boundary cases included;
-    * ``"nnls"``: the exact non-negative optimum over all 2r variables, never worse than the others.
+    * ``"nnls"``: the exact non-negative optimum over all 2r variables, never worse than the others;
+    * ``"adam"``: the exact optimum of the Adam-aware objective (:func:`build_adam_problem`); needs
+      ``directions=(U_A, U_B)``, Adam's next step directions (:func:`adam_direction`).
+
+    Guard rail: ``max_scale`` bounds every α_j, β_j to ``[1/max_scale, max_scale]`` (a tiny non-zero
+    column would otherwise get a huge scale, and the crossed second moments its square). Ablations:
+    ``"constant_shrink"`` ignores the problem and scales every column by ``shrink^-½``;
+    ``"rebalance_only"`` keeps each column's solved ratio α_j/β_j but sets α_j β_j = 1 (nothing merged).
 
     Degenerate inputs do not raise: non-finite values give no rescale (``reason="nonfinite"``);
     columns whose basis matrix vanishes (PEFT's zero init, zero gradients) are left unscaled and
@@ -155,6 +217,12 @@ def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale:
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"ablation={ablation!r} is not one of {ABLATIONS} (or None)")
+    if not (isinstance(shrink, (int, float)) and math.isfinite(shrink) and shrink > 0):
+        raise ValueError(f"shrink must be a positive finite number, got {shrink!r}")
+    if max_scale is not None and not (math.isfinite(max_scale) and max_scale >= 1):
+        raise ValueError(f"max_scale must be a finite number >= 1 (or None), got {max_scale!r}")
     auto = strength == "auto"
     if not auto:
         try:
@@ -163,10 +231,20 @@ def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale:
             raise ValueError(f"strength must be a positive number or 'auto', got {strength!r}") from None
         if not (strength > 0 and math.isfinite(strength)):
             raise ValueError(f"strength must be a positive finite number or 'auto', got {strength!r}")
+    if solver == "adam" and directions is None:
+        raise ValueError("solver='adam' needs directions=(U_A, U_B): Adam's next step directions "
+                         "(ds_scalora.scaling.adam_direction)")
     r = A.shape[1]
-    if not all(torch.isfinite(t).all() for t in (A, B, grad_A, grad_B)) or not math.isfinite(scale):
+    inputs = (A, B, grad_A, grad_B) + (tuple(directions) if solver == "adam" else ())
+    if not all(torch.isfinite(t).all() for t in inputs) or not math.isfinite(scale):
         return _identity(r, "nonfinite", 1.0 if auto else strength, None)
-    problem = build_problem(A, B, grad_A, grad_B, scale)
+    if ablation == "constant_shrink":
+        k = torch.full((r,), shrink**-0.5, dtype=torch.float64)
+        return ScalingSolution(k, k.clone(), "constant", None, math.nan, math.nan, math.nan)
+    if solver == "adam":
+        problem = build_adam_problem(A, B, grad_A, grad_B, *directions, scale=scale)
+    else:
+        problem = build_problem(A, B, grad_A, grad_B, scale)
     if not (torch.isfinite(problem.H).all() and torch.isfinite(problem.lam).all()):
         return _identity(r, "nonfinite", 1.0 if auto else strength, None)  # overflow in the products
     free = ~problem.degenerate()
@@ -175,15 +253,25 @@ def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale:
 
     z1, fixed, used, reason = _solve_unit_strength(problem, free, solver)
     if auto:
-        strength = _auto_strength(problem, ~fixed, z1)
+        strength = _auto_strength(problem, ~fixed, z1, shrink)
         if strength is None:
             return _identity(r, "degenerate", 1.0, problem)
     z = z1 / strength
     z[fixed] = 1.0  # variables that were not solved for stay unscaled
+    scales = z if problem.linear else z.sqrt()
+    alpha, beta = scales[:r], scales[r:]
+    if ablation == "rebalance_only":
+        prod = alpha * beta
+        fix = torch.where(prod > 0, prod.clamp_min(1e-300).rsqrt(), torch.ones_like(prod))
+        alpha, beta = torch.where(prod > 0, alpha * fix, 1.0), torch.where(prod > 0, beta * fix, 1.0)
+    if max_scale is not None:
+        alpha, beta = alpha.clamp(1 / max_scale, max_scale), beta.clamp(1 / max_scale, max_scale)
+    final = torch.cat([alpha, beta])
+    z = final if problem.linear else final * final
     ident = torch.ones(2 * r, dtype=torch.float64)
     return ScalingSolution(
-        alpha=z[:r].sqrt(),
-        beta=z[r:].sqrt(),
+        alpha=alpha,
+        beta=beta,
         solver_used=used,
         reason=reason,
         objective=problem.objective(z, strength),
@@ -202,9 +290,9 @@ def _solve_unit_strength(problem: ScalingProblem, free: torch.Tensor, solver: st
         Hs = problem.H[idx][:, idx] * d[:, None] * d[None, :] + _RIDGE * torch.eye(len(idx), dtype=torch.float64)
         bs = problem.lam[idx] * d
         z = torch.zeros(n, dtype=torch.float64)
-        if solver == "nnls":
+        if solver in ("nnls", "adam"):
             z[idx] = d * nnls_gram(Hs, bs)
-            return z, ~free, "nnls", None
+            return z, ~free, solver, None
         v = torch.linalg.solve(Hs, bs)
         if (v >= 0).all():  # Thm 3.7: a non-negative stationary point is the global optimum
             z[idx] = d * v
@@ -230,17 +318,17 @@ def _solve_unit_strength(problem: ScalingProblem, free: torch.Tensor, solver: st
     return groups.T @ xy, fixed, "scalar", reason
 
 
-def _auto_strength(problem: ScalingProblem, solved: torch.Tensor, z1: torch.Tensor) -> float | None:
-    """c such that Σ z_j ‖col_j‖² = Σ ‖col_j‖² over the solved columns, with z = z1 / c.
+def _auto_strength(problem: ScalingProblem, solved: torch.Tensor, z1: torch.Tensor, shrink: float = 1.0) -> float | None:
+    """c such that the refresh divides the solved columns' total squared norm by ``shrink``, with z = z1 / c.
 
-    The adapter keeps its size across the refresh.
+    Paper's problem: Σ (z1_j / c) n_j = Σ n_j / shrink. Adam-aware (linear): Σ (z1_j / c)² n_j = Σ n_j / shrink.
     """
     n = problem.col_norms[solved]
-    num = float((z1[solved] * n).sum())
-    den = float(n.sum())
+    num = float(problem.squared_norms_after(z1)[solved].sum())
+    den = float(n.sum()) / shrink
     if not (num > 0 and den > 0 and math.isfinite(num / den)):
         return None
-    return num / den
+    return math.sqrt(num / den) if problem.linear else num / den
 
 
 def restart_solution(r: int) -> ScalingSolution:

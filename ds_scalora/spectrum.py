@@ -18,6 +18,28 @@ def numerical_rank(M: torch.Tensor, rtol: float = 1e-6) -> int:
     return int((s > rtol * s[0]).sum())
 
 
+def energy_outside_top(M: torch.Tensor, r: int) -> float:
+    """Share of ``‖M‖_F²`` outside its top-``r`` singular directions (0 for a rank-<=r matrix, NaN for
+    a zero one): how much of an accumulated update a rank-r adapter could not hold. Unlike the numerical
+    rank, tiny directions count only by their energy."""
+    s2 = singular_values(M) ** 2
+    total = float(s2.sum())
+    return float(s2[r:].sum()) / total if total > 0 else float("nan")
+
+
+def energy_outside_top_from_sketch(Y: torch.Tensor, r: int) -> float:
+    """:func:`energy_outside_top` of ``ΔW`` estimated from a Gaussian sketch ``Y = ΔW Ω`` (d_out x k).
+
+    ``E[ΩΩᵀ] = k·I`` makes ``‖Y‖²`` an unbiased estimate of ``k‖ΔW‖²``; the top-r energy of ``Y`` is
+    biased up (the sketch's top directions also catch some of the tail), so the share is an
+    underestimate that tightens as k grows past r (tested against the exact SVD in tests/test_spectrum.py).
+    """
+    Y = Y.double()
+    eig = torch.linalg.eigvalsh(Y.T @ Y).clamp_min(0).flip(0)
+    total = float(eig.sum())
+    return float(eig[r:].sum()) / total if total > 0 else float("nan")
+
+
 class RankSketch:
     """A running estimate of the rank of one layer's accumulated update, at O((d_out + d_in)·k) memory.
 
@@ -57,6 +79,16 @@ class RankSketch:
         if eig.numel() == 0 or eig[0] == 0:
             return 0
         return int((eig > rtol * eig[0]).sum())
+
+    @torch.no_grad()
+    def energy_outside(self, r: int, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
+                       scale: float = 1.0) -> float:
+        """Estimated share of the accumulated update's energy outside its top-``r`` directions
+        (:func:`energy_outside_top_from_sketch`), the current adapter included when given."""
+        Y = self.Y.double()
+        if A is not None:
+            Y = Y + scale * A.double().to(Y.device) @ (B.double().to(Y.device).T @ self.omega().double())
+        return energy_outside_top_from_sketch(Y, r)
 
     def load_(self, Y: torch.Tensor) -> None:
         """Restore ``Y`` from a checkpoint (Ω is regenerated from the seed)."""

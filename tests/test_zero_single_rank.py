@@ -51,17 +51,17 @@ def run_worker(tmp_path, *args):
     return torch.load(out, weights_only=True)
 
 
-COMMON = ["--steps", 6, "--gas", 2, "--micro-batch", 4, "--clip", 0.15, "--method", "scalora", "--interval", 1,
+COMMON = ["--steps", 6, "--gas", 2, "--micro-batch", 4, "--clip", 0.1, "--method", "scalora", "--interval", 1,
           "--scalora-warmup", 1]  # fmt: skip
 
 
 def test_zero_disabled_fp32_matches_reference_with_clipping(tmp_path):
     """Stage 0 clips in the engine before optimizer.step(); the refresh must still come first."""
     got = run_worker(tmp_path, "--stage", 0, "--dtype", "fp32", *COMMON)
-    ref = train_reference(steps=6, global_batch_size=8, clip=0.15, chunks=2, method="scalora", interval=1, scalora_warmup=1)
+    ref = train_reference(steps=6, global_batch_size=8, clip=0.1, chunks=2, method="scalora", interval=1, scalora_warmup=1)
     diff = compare_results(got, ref)
     assert got["meta"]["scalora_totals"]["refreshes"] == 5
-    assert any(g > 0.15 for g in ref["grad_norms"])  # clipping engaged
+    assert any(g > 0.1 for g in ref["grad_norms"])  # clipping engaged
     # one rank: only the GAS chunking differs; fp32 agreement as in the multi-rank tests
     assert diff["trainable_global_rel"] < 1e-5 and diff["loss_max_abs"] < 1e-5, diff
 

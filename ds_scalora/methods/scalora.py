@@ -28,9 +28,24 @@ import torch
 
 from ..precision import POLICY_NAMES, get_policy
 from ..rescale import cross_gradients_, cross_moments_, merge_delta, rescale_factors_
-from ..scaling import SOLVERS, ScalingSolution, restart_solution, solve_scaling
+from ..pieces import LocalAccess
+from ..scaling import ABLATIONS, SOLVERS, ScalingSolution, restart_solution, solve_scaling
 from ..spectrum import RankSketch
 from .adapted_layers import AdaptedLinear, find_adapted_linears, fresh_lora_A
+
+
+# Guard rail on α_j, β_j (ScaLoRAConfig.max_scale): wide enough never to bind in a normal refresh
+# (docs/scalora-strength.md), narrow enough that a crossed second moment grows at most 1e4-fold.
+MAX_SCALE = 100.0
+
+
+def default_shrink(interval: int) -> float:
+    """The default ``shrink`` for a refresh interval, chosen by measurement (docs/scalora-strength.md)."""
+    return DEFAULT_SHRINK_I1 if interval == 1 else DEFAULT_SHRINK_I10
+
+
+DEFAULT_SHRINK_I1 = 1.5
+DEFAULT_SHRINK_I10 = 4.0
 
 
 @dataclass
@@ -38,9 +53,18 @@ class ScaLoRAConfig:
     """Options of the method.
 
     interval:     refresh every ``interval`` optimizer steps (1 = ScaLoRA, 10 = ScaLoRA-I).
-    strength:     the knob c = L·η of spec §3, or "auto" (the adapter keeps its size at each refresh).
+    strength:     the knob c = L·η of spec §3, or "auto": c chosen per layer and refresh so that the
+                  refresh divides the adapter's squared column norms by ``shrink``.
+    shrink:       with strength "auto", how much each refresh shrinks the adapter (and merges into the
+                  frozen weight about 1 − 1/shrink of it). 1.0 is the old norm-keeping "auto", which
+                  merges almost nothing; None = the measured default for the interval
+                  (:func:`default_shrink`, ``docs/scalora-strength.md``).
+    max_scale:    every α_j, β_j is kept within [1/max_scale, max_scale] (guard rail: a tiny column
+                  must not get a huge scale, nor its crossed second moment the square of one).
+    ablation:     None, or "constant_shrink" / "rebalance_only" (benchmark ablations, see solve_scaling).
     warmup_steps: optimizer steps before the first refresh (PEFT's zero init makes step 0 degenerate).
-    solver:       "column" (the paper's, with its scalar fallback), "scalar" or "nnls" (exact optimum).
+    solver:       "column" (the paper's, with its scalar fallback), "scalar", "nnls" (exact optimum) or
+                  "adam" (the exact optimum of the Adam-aware objective).
     precision:    how merges accumulate in the frozen weight: "auto", "naive", "fp32_residual",
                   "bf16_pair" or "stochastic" (see ds_scalora.precision).
     seed:         seeds stochastic rounding; replicas that share it round identically.
@@ -53,6 +77,9 @@ class ScaLoRAConfig:
 
     interval: int = 1
     strength: float | str = "auto"
+    shrink: float | None = None
+    max_scale: float = MAX_SCALE
+    ablation: str | None = None
     warmup_steps: int = 10
     solver: str = "column"
     precision: str = "auto"
@@ -70,12 +97,28 @@ class ScaLoRAConfig:
             ok = isinstance(self.strength, (int, float)) and not isinstance(self.strength, bool)
             if not ok or not (self.strength > 0 and math.isfinite(self.strength)):
                 raise ValueError(f"strength must be a positive number or 'auto', got {self.strength!r}")
+        if self.shrink is None:
+            self.shrink = default_shrink(self.interval)
+        if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not (
+                math.isfinite(self.shrink) and self.shrink > 0):
+            raise ValueError(f"shrink must be a positive number (1.0 = keep the adapter's size; None = the default "
+                             f"for the interval), got {self.shrink!r}")
+        self.shrink = float(self.shrink)
+        if isinstance(self.max_scale, bool) or not isinstance(self.max_scale, (int, float)) or not (
+                math.isfinite(self.max_scale) and self.max_scale >= 1):
+            raise ValueError(f"max_scale must be a finite number >= 1, got {self.max_scale!r}")
+        if self.ablation is not None and self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be None or one of {ABLATIONS}, got {self.ablation!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if not isinstance(self.rank_sketch, int) or isinstance(self.rank_sketch, bool) or self.rank_sketch < 0:
             raise ValueError(f"rank_sketch must be an integer >= 0 (0 = off), got {self.rank_sketch!r}")
         if self.precision != "auto" and self.precision not in POLICY_NAMES:
             raise ValueError(f"precision must be 'auto' or one of {POLICY_NAMES}, got {self.precision!r}")
+
+    def solve_options(self) -> dict:
+        """The keyword arguments of :func:`ds_scalora.scaling.solve_scaling` this config sets."""
+        return {"shrink": self.shrink, "max_scale": self.max_scale, "ablation": self.ablation}
 
     def is_due(self, step: int) -> bool:
         """Whether the optimizer step numbered ``step`` (0-based) is preceded by a refresh."""
@@ -173,7 +216,8 @@ class ScaLoRA:
                 sol = restart_solution(layer.A.shape[1])
             else:
                 sol = solve_scaling(
-                    layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver, scale=layer.scale
+                    layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver,
+                    scale=layer.scale, directions=self._adam_directions(layer), **self.config.solve_options()
                 )
             report.solvers[sol.solver_used] += 1
             if sol.reason:
@@ -185,6 +229,15 @@ class ScaLoRA:
             report.accumulated_rank = [self.sketches[l.name].rank(l.A, l.B, l.scale) for l in self.layers]
         self._count(report)
         return report
+
+    def _adam_directions(self, layer: AdaptedLinear):
+        """Adam's next step directions (U_A, U_B, paper orientation) for solver "adam", else None."""
+        if self.config.solver != "adam":
+            return None
+        access = LocalAccess(self.optimizer)
+        u_A = access.piece(layer.lora_B).adam_direction().view(layer.lora_B.shape)
+        u_B = access.piece(layer.lora_A).adam_direction().view(layer.lora_A.shape).T
+        return u_A, u_B
 
     def _count(self, report: RefreshReport) -> None:
         self.totals["refreshes"] += 1

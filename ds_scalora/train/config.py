@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..precision import POLICY_NAMES
+from ..scaling import ABLATIONS, SOLVERS
 from .packaged_models import is_packaged, locate
 
 
@@ -49,6 +50,9 @@ class DataConfig:
 class ScaLoRAOptions:
     interval: int = 10
     strength: float | str = "auto"
+    shrink: float | None = None  # with strength auto: each refresh divides the adapter's squared norm by this; None = the library's measured default for the interval (ds_scalora.methods.scalora.default_shrink)
+    max_scale: float | None = None  # bound on every α_j, β_j; None = the library's (ScaLoRAConfig.max_scale)
+    ablation: str | None = None  # None | constant_shrink | rebalance_only (benchmark ablations)
     warmup_steps: int = 10
     solver: str = "column"
     precision: str = "auto"
@@ -147,7 +151,7 @@ CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "data.format": ("auto", "text", "prompt_completion", "chat"),
     "method.name": ("lora", "rslora", "scalora", "elalora", "relora", "full"),
-    "method.scalora.solver": ("column", "scalar", "nnls"),
+    "method.scalora.solver": SOLVERS,
     "method.scalora.precision": ("auto", *POLICY_NAMES),
     "train.scheduler": ("cosine", "linear", "constant"),
 }
@@ -243,6 +247,13 @@ def _validate(config: RunConfig, base_dir: str) -> None:
     strength = config.method.scalora.strength
     if strength != "auto" and not (isinstance(strength, float) and strength > 0):
         raise ConfigError(f"method.scalora.strength must be a positive number or 'auto', got {strength!r}")
+    if config.method.scalora.ablation not in (None, *ABLATIONS):
+        raise ConfigError(f"method.scalora.ablation must be left out or one of {', '.join(ABLATIONS)}, "
+                          f"got {config.method.scalora.ablation!r}")
+    for key, low in (("method.scalora.shrink", 0.0), ("method.scalora.max_scale", 1.0)):
+        value = _get(config, key)
+        if value is not None and not (isinstance(value, (int, float)) and value > low or (low == 1.0 and value == 1.0)):
+            raise ConfigError(f"{key} must be a number {'>' if low == 0 else '>='} {low:g} (or left out), got {value!r}")
     for key in ("method.relora.warmup_steps", "method.relora.rewarm_steps"):
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")

@@ -41,7 +41,7 @@ from ..spectrum import RankSketch
 from .state_access import ZeroAccess
 from .step_hook import install_step_hook
 
-_SOLVERS = ("none", "column", "scalar", "nnls", "restart")
+_SOLVERS = ("none", "column", "scalar", "nnls", "restart", "adam", "constant")
 _REASONS = (None, "negative_column_solution", "degenerate", "nonfinite")
 
 
@@ -87,13 +87,13 @@ class ZeroScaLoRA:
     def refresh(self) -> RefreshReport:
         """Rescale every adapted layer now. Collective: every data-parallel rank must call it."""
         report = RefreshReport(step=self.engine.global_steps)
-        full = self._gather_factors_and_grads()
+        full, directions = self._gather_factors_and_grads()
         if not all(torch.isfinite(t).all() for pair in full for t in pair):
             report.solvers["none"] = len(self.layers)
             report.reasons["nonfinite"] = len(self.layers)
             self._count(report)
             return report
-        solutions = self._solve_round_robin(full)
+        solutions = self._solve_round_robin(full, directions)
         merged = []
         ranks = torch.zeros(len(self.layers), dtype=torch.float64)
         for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
@@ -124,14 +124,18 @@ class ZeroScaLoRA:
         return report
 
     def _gather_factors_and_grads(self):
-        """Full (A, B, grad_A, grad_B) of every layer, paper orientation, fp32: one all-reduce (none at ZeRO-0)."""
+        """Full (A, B, grad_A, grad_B) of every layer, paper orientation, fp32: one all-reduce (none at
+        ZeRO-0). With solver "adam" also Adam's next step directions (U_A, U_B), computed elementwise on
+        each rank's pieces and assembled in the same all-reduce; otherwise None."""
+        adam = self.config.solver == "adam"
         sizes = [math.prod(self.access.full_shape(p)) for layer in self.layers for p in (layer.lora_B, layer.lora_A)]
         offsets = [0]
-        for n in sizes * 2:
+        for n in sizes:
             offsets.append(offsets[-1] + n)
-        total_params = offsets[len(sizes)]
+        total = offsets[-1]
+        blocks = 3 if adam else 2  # masters, gradients[, directions]
         device = self.layers[0].lora_B.device
-        buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+        buffer = torch.zeros(blocks * total, dtype=torch.float32, device=device)
         for i, layer in enumerate(self.layers):
             for j, p in enumerate((layer.lora_B, layer.lora_A)):
                 piece = self.access.piece(p)
@@ -140,21 +144,23 @@ class ZeroScaLoRA:
                 at = offsets[2 * i + j] + piece.start
                 buffer[at : at + piece.numel] = piece.master
                 if piece.grad is not None:
-                    g = total_params + at
-                    buffer[g : g + piece.numel] = piece.grad.float()
+                    buffer[total + at : total + at + piece.numel] = piece.grad.float()
+                    if adam:
+                        buffer[2 * total + at : 2 * total + at + piece.numel] = piece.adam_direction().float()
         self.access.join_pieces(buffer)
-        full = []
+        full, directions = [], []
         for i, layer in enumerate(self.layers):
             shapes = (self.access.full_shape(layer.lora_B), self.access.full_shape(layer.lora_A))
-            a, bt = (buffer[offsets[2 * i + j] : offsets[2 * i + j + 1]].view(shapes[j]) for j in range(2))
-            ga, gbt = (
-                buffer[total_params + offsets[2 * i + j] : total_params + offsets[2 * i + j + 1]].view(shapes[j])
-                for j in range(2)
+            a, bt, ga, gbt, ua, ubt = (
+                buffer[k * total + offsets[2 * i + j] : k * total + offsets[2 * i + j + 1]].view(shapes[j])
+                if k < blocks else None
+                for k in range(3) for j in range(2)
             )
             full.append((a, bt.T, ga, gbt.T))
-        return full
+            directions.append((ua, ubt.T) if adam else None)
+        return full, (directions if adam else None)
 
-    def _solve_round_robin(self, full):
+    def _solve_round_robin(self, full, directions=None):
         """Layer i is solved on rank i mod N; one all-reduce shares the packed results."""
         rank, world = self.access.rank, self.access.world
         widths = [2 * A.shape[1] + 1 for A, _, _, _ in full]
@@ -165,7 +171,9 @@ class ZeroScaLoRA:
                 if self.config.restart:
                     sol = restart_solution(A.shape[1])
                 else:
-                    sol = solve_scaling(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=layer.scale)
+                    sol = solve_scaling(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=layer.scale,
+                                        directions=directions[i] if directions else None,
+                                        **self.config.solve_options())
                 r = A.shape[1]
                 packed[at : at + r] = sol.alpha
                 packed[at + r : at + 2 * r] = sol.beta

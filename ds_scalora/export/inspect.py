@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
-from ..spectrum import numerical_rank, singular_values
+from ..spectrum import energy_outside_top, numerical_rank, singular_values
 from .output import atomic_dir
 from .peft_export import choose_rank
 from .source import ExportError, RunSource
@@ -41,6 +41,7 @@ def inspect_updates(source: RunSource, rtol: float = 1e-3, energy: float = 0.99,
         modules[name.removesuffix(".weight")] = {
             "depth": depth, "kind": kind, "shape": list(update.shape), "norm": float(s.norm()),
             "numerical_rank": numerical_rank(update, rtol=rtol), "energy_rank": choose_rank(s, None, energy),
+            "energy_outside_top_r": energy_outside_top(update, source.method.get("r") or 0),
             "singular_values": [float(x) for x in s],
         }  # fmt: skip
     return {"checkpoint": source.tag_dir, "step": source.step, "method": source.method["name"],
@@ -65,6 +66,11 @@ def summary_text(result: dict) -> str:
         above = sum(r > (result["lora_rank"] or 0) for r in ranks)
         lines.append(f"all {len(ranks)} modules: mean rank {sum(ranks) / len(ranks):.1f}, max {max(ranks)}; "
                      f"{above} above the LoRA rank")
+        shares = [m["energy_outside_top_r"] for m in mods.values() if m.get("energy_outside_top_r") == m.get("energy_outside_top_r")]
+        if shares and result["lora_rank"]:
+            lines.append(f"share of the update's energy outside its top {result['lora_rank']} directions (what a rank-"
+                         f"{result['lora_rank']} adapter cannot hold): mean {sum(shares) / len(shares):.3f}, "
+                         f"max {max(shares):.3f}")
     return "\n".join(lines)
 
 

@@ -135,6 +135,8 @@ class RefreshReport:
     alpha_beta: list = field(default_factory=list)  # one tensor of α∘β per rescaled layer
     merged_sq_norm: float = 0.0
     accumulated_rank: list = field(default_factory=list)  # per layer, estimated (empty if rank_sketch=0)
+    # per layer, the estimated share of the accumulated update's energy outside its top-r directions
+    energy_outside: list = field(default_factory=list)
 
     @property
     def layers(self) -> int:
@@ -148,6 +150,13 @@ class RefreshReport:
     @property
     def merged_norm(self) -> float:
         return math.sqrt(self.merged_sq_norm)
+
+    @property
+    def energy_outside_mean(self) -> float | None:
+        """Mean over layers of the share of the accumulated update's energy outside its top r directions:
+        unlike the numerical rank, tiny directions count only by their energy."""
+        vals = [v for v in self.energy_outside if v == v]
+        return sum(vals) / len(vals) if vals else None
 
     @property
     def accumulated_rank_mean(self) -> float | None:
@@ -227,6 +236,8 @@ class ScaLoRA:
                 report.alpha_beta.append((sol.alpha * sol.beta).float())
         if self.sketches:
             report.accumulated_rank = [self.sketches[l.name].rank(l.A, l.B, l.scale) for l in self.layers]
+            report.energy_outside = [self.sketches[l.name].energy_outside(l.A.shape[1], l.A, l.B, l.scale)
+                                     for l in self.layers]
         self._count(report)
         return report
 

@@ -324,7 +324,8 @@ def _scalora_stats(report) -> dict:
             "scalora/alpha_beta_min": float(ab.min()), "scalora/alpha_beta_max": float(ab.max()),
             "scalora/merged_norm": report.merged_norm,
             **({"scalora/accumulated_rank_mean": report.accumulated_rank_mean,
-                "scalora/accumulated_rank_max": max(report.accumulated_rank)} if report.accumulated_rank else {})}  # fmt: skip
+                "scalora/accumulated_rank_max": max(report.accumulated_rank),
+                "scalora/energy_outside_top_r_mean": report.energy_outside_mean} if report.accumulated_rank else {})}  # fmt: skip
 
 
 def _log_ranks(writer, elalora, report, record: dict, step: int) -> None:
@@ -400,6 +401,8 @@ def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
         "eval_before_training": None if start is None else {k: v for k, v in start.items() if k.startswith("eval_")},
         "scalora_totals": dict(controller.totals) if cfg.method.name in ("scalora", "relora") else None,
         "scalora_accumulated_rank": _last(history, "scalora/accumulated_rank_mean"),
+        # share of the accumulated update's energy outside its top r directions (sketch estimate, mean over layers)
+        "scalora_energy_outside_top_r": _last(history, "scalora/energy_outside_top_r_mean"),
         **(_elalora_summary(controller) if cfg.method.name == "elalora" else {}),
         "config": cfg.to_dict(),
         "history": history,

@@ -96,6 +96,7 @@ class ZeroScaLoRA:
         solutions = self._solve_round_robin(full, directions)
         merged = []
         ranks = torch.zeros(len(self.layers), dtype=torch.float64)
+        energy = torch.zeros(len(self.layers), dtype=torch.float64)
         for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
             report.solvers[used] += 1
             if reason:
@@ -113,13 +114,17 @@ class ZeroScaLoRA:
                     sketch.add(A, B, 1 - alpha * beta, layer.scale)
                     A, B = A * alpha.to(A), B * beta.to(B)  # the adapter after the rescale
                 ranks[index] = sketch.rank(A, B, layer.scale)
+                energy[index] = sketch.energy_outside(A.shape[1], A, B, layer.scale)
         self.access.share_replica_slices(merged)
         # one all-reduce for the merged norm (summed over slices) and the ranks (each from its owner)
-        totals = self.access.all_reduce(torch.cat([torch.tensor([report.merged_sq_norm], dtype=torch.float64), ranks])
+        totals = self.access.all_reduce(torch.cat([torch.tensor([report.merged_sq_norm], dtype=torch.float64), ranks,
+                                                   energy])
                                         .to(self.layers[0].lora_B.device)).cpu()  # fmt: skip
         report.merged_sq_norm = float(totals[0])
         if self.config.rank_sketch:
-            report.accumulated_rank = [int(r) for r in totals[1:]]
+            n = len(self.layers)
+            report.accumulated_rank = [int(r) for r in totals[1 : 1 + n]]
+            report.energy_outside = [float(e) for e in totals[1 + n :]]
         self._count(report)
         return report
 

@@ -103,6 +103,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=int, default=1, help="ScaLoRA refresh interval")
     parser.add_argument("--scalora-warmup", type=int, default=2, help="ScaLoRA warmup_steps")
     parser.add_argument("--restart", action="store_true", help="ScaLoRA's refresh as a ReLoRA restart")
+    parser.add_argument("--solver", default="column", help="ScaLoRA's solver (ds_scalora.scaling.SOLVERS)")
 
 
 def build_model(dtype: str, seed: int = 0, bf16_style: str = "master", method: str = "lora",
@@ -154,6 +155,7 @@ def train_reference(
     scalora_warmup: int = 2,
     bf16_style: str | None = None,
     restart: bool = False,
+    solver: str = "column",
 ) -> dict:
     """Train in this process and return the result dictionary (see the module docstring)."""
     if global_batch_size % chunks:
@@ -178,7 +180,8 @@ def train_reference(
     if method == "scalora":
         from ds_scalora import ScaLoRA, ScaLoRAConfig
 
-        scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup, restart=restart))
+        scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup, restart=restart,
+                                                    solver=solver))
     elalora = None
     if method == "elalora":
         from ds_scalora.methods import ElaLoRA
@@ -317,6 +320,7 @@ def main(argv=None) -> None:
         scalora_warmup=a.scalora_warmup,
         bf16_style=a.bf16_style,
         restart=a.restart,
+        solver=a.solver,
     )
     torch.save(result, a.out)
     print(f"losses {['%.6f' % x for x in result['losses']]} -> {a.out}")

@@ -50,12 +50,12 @@ def worker_args(stage, dtype, micro, steps=STEPS, extra=()):
             *extra]  # fmt: skip
 
 
-def reference(dtype, world, micro):
-    key = (dtype, world, micro)
+def reference(dtype, world, micro, solver="column"):
+    key = (dtype, world, micro, solver)
     if key not in _REFERENCES:
         _REFERENCES[key] = train_reference(
             steps=STEPS, global_batch_size=world * GAS * micro, dtype=dtype, clip=CLIP, chunks=world * GAS,
-            method="scalora", interval=INTERVAL, scalora_warmup=WARMUP,
+            method="scalora", interval=INTERVAL, scalora_warmup=WARMUP, solver=solver,
         )
     return _REFERENCES[key]
 
@@ -124,6 +124,15 @@ def check(got, ref, dtype, label, world):
 def test_scalora_matches_single_process_2_ranks(stage, tmp_path):
     got = run_deepspeed(2, worker_args(stage, "fp32", micro=2), tmp_path, timeout=600)
     check(got, reference("fp32", 2, 2), "fp32", f"ZeRO-{stage} fp32 2 ranks", 2)
+
+
+def test_adam_aware_solver_zero3_matches_single_process(tmp_path):
+    """The Adam-aware solver needs Adam's next step directions, computed on each rank's pieces of the
+    partitioned moments and gradients and assembled with the factors: ZeRO-3's flat sub-groups are the
+    hardest layout. Same fp32 tolerances as the paper's solver."""
+    got = run_deepspeed(2, worker_args(3, "fp32", micro=2, extra=("--solver", "adam")), tmp_path, timeout=600)
+    assert got["meta"]["scalora_totals"].get("solver/adam", 0) > 0
+    check(got, reference("fp32", 2, 2, solver="adam"), "fp32", "ZeRO-3 fp32 2 ranks, solver adam", 2)
 
 
 def test_scalora_4_ranks_zero2(tmp_path):

@@ -149,7 +149,8 @@ def main(argv=None) -> None:
 
     controller = None
     if a.method == "scalora":
-        controller = attach_scalora(engine, model, a.interval, warmup_steps=a.scalora_warmup, restart=a.restart)
+        controller = attach_scalora(engine, model, a.interval, warmup_steps=a.scalora_warmup, restart=a.restart,
+                                    solver=a.solver)
     elif a.method == "elalora":
         from ds_scalora.zero import attach_elalora
 

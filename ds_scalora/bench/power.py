@@ -1,0 +1,320 @@
+"""The powered benchmark (issue 16): paired seeds, hyperparameters tuned on other seeds, statistics.
+
+Protocol, per task:
+
+1. **tune**: every arm's grid (learning rate, and for the arms that merge the strength ``shrink``,
+   jointly) is run on the tuning seeds; the point with the lowest mean error is the arm's setting, and
+   the report flags a setting on the edge of its grid;
+2. **report**: every arm at its setting on fresh seeds (disjoint from the tuning seeds); each arm is
+   compared with LoRA seed by seed (``ds_scalora.bench.stats``).
+
+Each finished run is one line in ``docs/bench_records/<task>/<arm>.jsonl`` (a few hundred bytes), keyed
+by its phase, settings and seed: an interrupted sweep resumes where it stopped, and the report
+(``docs/benchmarks_power.md``) regenerates from the records alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..methods.scalora import default_shrink
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RECORDS = os.path.join(REPO, "docs", "bench_records")
+
+LR = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+SHRINK_I1 = [1.1, 1.25, 1.5, 2.0, 4.0]
+SHRINK_I10 = [1.5, 2.0, 4.0, 8.0, 16.0]
+
+
+@dataclass
+class Arm:
+    name: str
+    spec: dict  # the task's arm description (regression.run's ``arm``)
+    lrs: list = field(default_factory=lambda: list(LR))
+    shrinks: list | None = None  # tuned jointly with the learning rate; None: the spec's own (default) shrink
+    what: str = ""
+
+
+def regression_arms(r: int = 4) -> list[Arm]:
+    """Every arm of task (a). ScaLoRA arms without a shrink grid run at the library default."""
+    sc = {"method": "scalora", "r": r}
+    return [
+        Arm("lora", {"method": "lora", "r": r}, what=f"LoRA, rank {r}"),
+        Arm("lora-4r", {"method": "lora", "r": 4 * r}, what=f"LoRA, rank {4 * r}"),
+        Arm("rslora", {"method": "rslora", "r": r}, what="rsLoRA (α/√r)"),
+        Arm("full", {"method": "full"}, lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], what="full fine-tuning"),
+        Arm("relora", {"method": "relora", "r": r, "interval": 40}, what="ReLoRA-style merge and restart every 40"),
+        Arm("scalora-auto", {**sc, "interval": 1, "shrink": 1.0}, what="ScaLoRA (I=1), old 'auto' (shrink 1)"),
+        Arm("scalora-I-auto", {**sc, "interval": 10, "shrink": 1.0}, what="ScaLoRA-I (I=10), old 'auto' (shrink 1)"),
+        Arm("scalora", {**sc, "interval": 1}, what=f"ScaLoRA (I=1), default shrink {default_shrink(1):g}"),
+        Arm("scalora-I", {**sc, "interval": 10}, what=f"ScaLoRA-I (I=10), default shrink {default_shrink(10):g}"),
+        Arm("scalora-tuned", {**sc, "interval": 1}, shrinks=SHRINK_I1, what="ScaLoRA (I=1), shrink tuned"),
+        Arm("scalora-I-tuned", {**sc, "interval": 10}, shrinks=SHRINK_I10, what="ScaLoRA-I, shrink tuned"),
+        Arm("scalora-I-nnls", {**sc, "interval": 10, "solver": "nnls"}, what="ScaLoRA-I, exact NNLS solver"),
+        Arm("scalora-I-scalar", {**sc, "interval": 10, "solver": "scalar"}, what="ScaLoRA-I, scalar solver"),
+        Arm("scalora-I-adam", {**sc, "interval": 10, "solver": "adam"}, what="ScaLoRA-I, Adam-aware solver"),
+        Arm("scalora-adam", {**sc, "interval": 1, "solver": "adam"}, what="ScaLoRA (I=1), Adam-aware solver"),
+        Arm("scalora-I-constant", {**sc, "interval": 10, "ablation": "constant_shrink"},
+            what="ablation: every column × shrink^-½ (no solve)"),
+        Arm("scalora-I-rebalance", {**sc, "interval": 10, "ablation": "rebalance_only"},
+            what="ablation: solved ratios, α_j β_j = 1 (nothing merged)"),
+    ]
+
+
+@dataclass
+class Task:
+    name: str
+    what: str
+    arms: list
+    tune_seeds: list
+    report_seeds: list
+    metric: str = "error"  # lower is better
+    floor: float | None = None  # rank-r LoRA's best possible value, when known
+
+    def run(self, spec: dict, lr: float, seed: int) -> dict:
+        from . import regression
+
+        return regression.run(spec, lr, seed)
+
+
+def regression_task() -> Task:
+    from . import regression
+
+    return Task("regression", f"(a) one {regression.DIM}x{regression.DIM} linear layer learning a full-rank update "
+                f"(σ_i ∝ i^-½), rank 4, {regression.STEPS} AdamW steps of {regression.BATCH} fresh Gaussian inputs; "
+                "error ‖W − W0 − D‖² / ‖D‖²", regression_arms(), tune_seeds=[100, 101],
+                report_seeds=list(range(16)), floor=regression.lora_floor(4))
+
+
+TASKS = {"regression": regression_task}
+
+
+# -- records ------------------------------------------------------------------------------------------
+
+def _key(phase: str, spec: dict, lr: float, seed: int) -> str:
+    return json.dumps({"phase": phase, "spec": spec, "lr": lr, "seed": seed}, sort_keys=True)
+
+
+def load_records(task: str, arm: str, root: str = RECORDS) -> dict:
+    path = os.path.join(root, task, f"{arm}.jsonl")
+    out = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    out[_key(rec["phase"], rec["spec"], rec["lr"], rec["seed"])] = rec
+    return out
+
+
+def _append(task: str, arm: str, rec: dict, root: str) -> None:
+    os.makedirs(os.path.join(root, task), exist_ok=True)
+    with open(os.path.join(root, task, f"{arm}.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _points(arm: Arm):
+    for shrink in (arm.shrinks or [None]):
+        spec = dict(arm.spec) if shrink is None else {**arm.spec, "shrink": shrink}
+        for lr in arm.lrs:
+            yield spec, lr
+
+
+def _compact(result: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in result.items()
+            if k != "curve"} | {"curve": [round(x, 5) if math.isfinite(x) else None for x in result.get("curve", [])]}
+
+
+def _run_missing(task: Task, arm: Arm, phase: str, points, seeds, root: str, log=print) -> None:
+    have = load_records(task.name, arm.name, root)
+    for spec, lr in points:
+        for seed in seeds:
+            if _key(phase, spec, lr, seed) in have:
+                continue
+            t0 = time.perf_counter()
+            result = task.run(spec, lr, seed)
+            rec = {"phase": phase, "spec": spec, "lr": lr, "seed": seed, **_compact(result),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            _append(task.name, arm.name, rec, root)
+            have[_key(phase, spec, lr, seed)] = rec
+            log(f"  {task.name} {arm.name} {phase} lr={lr:g} {json.dumps(spec)} seed={seed}: "
+                f"{task.metric} {rec[task.metric]:.4g} ({rec['seconds']:.1f} s)")
+
+
+def _mean(values):
+    values = [v if v is not None and math.isfinite(v) else math.inf for v in values]
+    return sum(values) / len(values)
+
+
+def tuned_setting(task: Task, arm: Arm, root: str = RECORDS):
+    """(spec, lr, grid table, edge flags) of the best mean over the tuning seeds, or None if incomplete."""
+    have = load_records(task.name, arm.name, root)
+    table = {}
+    for spec, lr in _points(arm):
+        recs = [have.get(_key("tune", spec, lr, s)) for s in task.tune_seeds]
+        if any(r is None for r in recs):
+            return None
+        table[(spec.get("shrink"), lr)] = _mean([r[task.metric] for r in recs])
+    (shrink, lr), _ = min(table.items(), key=lambda kv: kv[1])
+    spec = dict(arm.spec) if arm.shrinks is None else {**arm.spec, "shrink": shrink}
+    edges = []
+    if len(arm.lrs) > 1 and lr in (arm.lrs[0], arm.lrs[-1]):
+        edges.append("lr")
+    if arm.shrinks and shrink in (arm.shrinks[0], arm.shrinks[-1]):
+        edges.append("shrink")
+    return spec, lr, table, edges
+
+
+def sweep(task: Task, arms: list | None = None, phases=("tune", "report"), root: str = RECORDS, log=print) -> None:
+    """Run whatever records are missing: the tuning grids, then each arm at its tuned setting."""
+    chosen = [a for a in task.arms if arms is None or a.name in arms]
+    if "tune" in phases:
+        for arm in chosen:
+            _run_missing(task, arm, "tune", list(_points(arm)), task.tune_seeds, root, log)
+    if "report" in phases:
+        for arm in chosen:
+            setting = tuned_setting(task, arm, root)
+            if setting is None:
+                log(f"  {arm.name}: tuning incomplete, no report runs")
+                continue
+            spec, lr, _, _ = setting
+            _run_missing(task, arm, "report", [(spec, lr)], task.report_seeds, root, log)
+
+
+def report_values(task: Task, arm: Arm, root: str = RECORDS):
+    """(setting, {seed: record}) of the report phase, or None."""
+    setting = tuned_setting(task, arm, root)
+    if setting is None:
+        return None
+    spec, lr, _, _ = setting
+    have = load_records(task.name, arm.name, root)
+    recs = {s: have[_key("report", spec, lr, s)] for s in task.report_seeds if _key("report", spec, lr, s) in have}
+    return setting, recs
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+def _fmt(x, digits=3):
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def steps_to_reach(curve: list, level: float, every: int = 20) -> int | None:
+    """First evaluated step whose error is at or below ``level`` (curves hold the error every ``every`` steps)."""
+    for i, v in enumerate(curve):
+        if v is not None and v <= level:
+            return (i + 1) * every
+    return None
+
+
+def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
+    """The task's section of docs/benchmarks_power.md, and the figures the targets read."""
+    from .stats import gap_closed, paired_difference
+
+    lines = [f"## {task.name}: {task.what}", ""]
+    if task.floor is not None:
+        lines += [f"Rank-4 LoRA's floor (the energy of D outside its top 4 directions): **{task.floor:.3f}**; "
+                  "full fine-tuning's: 0.", ""]
+    lines += [f"Tuning seeds {task.tune_seeds}; report seeds {task.report_seeds[0]}–{task.report_seeds[-1]} "
+              f"(n = {len(task.report_seeds)}), disjoint. Differences are LoRA − arm per seed (positive: the arm is "
+              "better), 95% t-interval, exact two-sided Wilcoxon signed-rank p; gap closed = (LoRA − arm) / "
+              "(LoRA − full) on the means, paired bootstrap 95% interval (10,000 resamples).", ""]
+    results = {a.name: report_values(task, a, root) for a in task.arms}
+    base, full = results.get("lora"), results.get("full")
+    seeds_ok = lambda res: res is not None and len(res[1]) == len(task.report_seeds)  # noqa: E731
+    lines += ["| arm | setting (tuned) | n | error, mean ± sd | energy outside top r | LoRA − arm [95% CI] | "
+              "Wilcoxon p | gap closed [95% CI] | steps to LoRA's final error |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    figures = {}
+    for arm in task.arms:
+        res = results[arm.name]
+        if not seeds_ok(res):
+            have = 0 if res is None else len(res[1])
+            lines.append(f"| {arm.name} | (incomplete: {have}/{len(task.report_seeds)} report runs) | | | | | | | |")
+            continue
+        (spec, lr, _, edges), recs = res
+        vals = [recs[s][task.metric] for s in task.report_seeds]
+        finite = [v for v in vals if v is not None and math.isfinite(v)]
+        mean = sum(finite) / len(finite) if finite else math.nan
+        sd = (sum((v - mean) ** 2 for v in finite) / max(1, len(finite) - 1)) ** 0.5 if finite else math.nan
+        energy = [recs[s].get("energy_outside_top_r") for s in task.report_seeds]
+        energy = [e for e in energy if e is not None and math.isfinite(e)]
+        setting = f"lr {lr:g}" + (f", shrink {spec['shrink']:g}" if "shrink" in spec else "")
+        setting += (" † " + "/".join(edges)) if edges else ""
+        row = [arm.name, setting, str(len(vals)), f"{_fmt(mean)} ± {_fmt(sd)}",
+               _fmt(sum(energy) / len(energy)) if energy else "—"]
+        fig = {"mean": mean}
+        if seeds_ok(base) and arm.name != "lora":
+            lv = [base[1][s][task.metric] for s in task.report_seeds]
+            d = paired_difference(lv, vals)
+            row += [f"{_fmt(d['mean'])} [{_fmt(d['low'])}, {_fmt(d['high'])}]", f"{d['p_wilcoxon']:.2g}"]
+            fig["diff"] = d
+            if seeds_ok(full):
+                fv = [full[1][s][task.metric] for s in task.report_seeds]
+                g = gap_closed(lv, vals, fv)
+                row.append(f"{_fmt(g['share'], 2)} [{_fmt(g['low'], 2)}, {_fmt(g['high'], 2)}]")
+                fig["gap"] = g
+            else:
+                row.append("—")
+            lora_final = sum(lv) / len(lv)
+            reach = [steps_to_reach(recs[s]["curve"], base[1][s][task.metric]) for s in task.report_seeds]
+            lora_steps = [steps_to_reach(base[1][s]["curve"], base[1][s][task.metric]) for s in task.report_seeds]
+            ratios = [a / b for a, b in zip(reach, lora_steps) if a is not None and b]
+            reached = sum(a is not None for a in reach)
+            row.append(f"{reached}/{len(reach)} seeds; median ratio {sorted(ratios)[len(ratios) // 2]:.2f}"
+                       if ratios else f"0/{len(reach)} seeds")
+            fig["steps_ratio"] = sorted(ratios)[len(ratios) // 2] if ratios and reached == len(reach) else None
+            del lora_final
+        else:
+            row += ["—", "—", "—", "—"]
+        figures[arm.name] = fig
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "† the tuned setting is on the edge of its grid (named). Every arm's tuning grid:", ""]
+    for arm in task.arms:
+        setting = tuned_setting(task, arm, root)
+        if setting is None:
+            continue
+        _, _, table, _ = setting
+        shrinks = sorted({k[0] for k in table}, key=lambda x: -1 if x is None else x)
+        head = "| " + ("shrink \\ lr" if arm.shrinks else "lr") + " | " + " | ".join(f"{lr:g}" for lr in arm.lrs) + " |"
+        lines += [f"**{arm.name}** ({arm.what})", "", head, "|---" * (len(arm.lrs) + 1) + "|"]
+        for sh in shrinks:
+            label = "default" if sh is None else f"{sh:g}"
+            lines.append(f"| {label} | " + " | ".join(_fmt(table[(sh, lr)]) for lr in arm.lrs) + " |")
+        lines.append("")
+    return "\n".join(lines), figures
+
+
+def targets(figures: dict) -> list[str]:
+    """The issue's targets on this task, fixed before running: met or missed, and by how much."""
+    out = []
+    arm = figures.get("scalora-I")
+    if not arm or "gap" not in arm:
+        return ["ScaLoRA-I at the default: no complete report runs yet"]
+    g, d = arm["gap"], arm["diff"]
+    ok = g["share"] >= 0.5 and d["low"] > 0
+    out.append(f"ScaLoRA-I (default) closes ≥ 50% of the LoRA → full gap, interval excluding no improvement: "
+               f"gap closed {g['share']:.2f} [{g['low']:.2f}, {g['high']:.2f}], paired improvement "
+               f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] → **{'met' if ok else 'missed'}**"
+               + ("" if ok else f" (by {max(0.5 - g['share'], 0):.2f} of the gap)"))
+    return out
+
+
+def write_report(tasks: list, path: str, root: str = RECORDS, command: str = "") -> str:
+    parts = ["# ScaLoRA's powered benchmark", "",
+             f"Generated by `{command or 'python tools/bench_power.py'}` from the records in "
+             "`docs/bench_records/` (one line per finished run; the report regenerates from them alone).", ""]
+    for task in tasks:
+        text, figures = render(task, root)
+        parts += [text, "", "**Targets**", ""] + [f"- {t}" for t in targets(figures)] + [""]
+    text = "\n".join(parts)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return text

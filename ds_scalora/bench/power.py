@@ -73,8 +73,9 @@ class Task:
     arms: list
     tune_seeds: list
     report_seeds: list
-    metric: str = "error"  # lower is better
+    metric: str = "error"  # the result field compared (lower is better)
     floor: float | None = None  # rank-r LoRA's best possible value, when known
+    curve_every: int = 20  # steps between the points of a run's curve of the metric
 
     def run(self, spec: dict, lr: float, seed: int) -> dict:
         from . import regression
@@ -91,7 +92,69 @@ def regression_task() -> Task:
                 report_seeds=list(range(16)), floor=regression.lora_floor(4))
 
 
-TASKS = {"regression": regression_task}
+FACTS_LR = [1e-3, 2e-3, 4e-3]
+
+
+def facts_arms(r: int = 4) -> list[Arm]:
+    """The arms task (c) needs for the targets (issue 16), plus the Adam-aware solver."""
+    sc = {"method": "scalora", "r": r}
+    return [
+        Arm("lora", {"method": "lora", "r": r}, lrs=FACTS_LR, what=f"LoRA, rank {r}"),
+        Arm("lora-4r", {"method": "lora", "r": 4 * r}, lrs=FACTS_LR, what=f"LoRA, rank {4 * r}"),
+        Arm("full", {"method": "full"}, lrs=[1e-4, 2e-4, 4e-4], what="full fine-tuning"),
+        Arm("relora", {"method": "relora", "r": r}, lrs=FACTS_LR, what="ReLoRA-style restart every 20 steps"),
+        Arm("scalora-I-auto", {**sc, "interval": 10, "shrink": 1.0}, lrs=FACTS_LR, what="ScaLoRA-I, old 'auto'"),
+        Arm("scalora-I-tuned", {**sc, "interval": 10}, lrs=FACTS_LR, shrinks=[1.5, 2.5, 4.0],
+            what="ScaLoRA-I, shrink tuned with the learning rate"),
+        Arm("scalora-I", {**sc, "interval": 10}, lrs=FACTS_LR, what=f"ScaLoRA-I, default shrink {default_shrink(10):g}"),
+        Arm("scalora", {**sc, "interval": 1}, lrs=FACTS_LR, what=f"ScaLoRA (I=1), default shrink {default_shrink(1):g}"),
+        Arm("scalora-I-adam", {**sc, "interval": 10, "solver": "adam"}, lrs=FACTS_LR,
+            what="ScaLoRA-I, Adam-aware solver"),
+    ]
+
+
+class FactsTask(Task):
+    """Task (c): SmolLM2-135M memorising 256 random facts through the training entry point (one rank)."""
+
+    steps, eval_every, n_facts = 100, 10, 256
+
+    def run(self, spec: dict, lr: float, seed: int) -> dict:
+        import tempfile
+
+        from . import grid
+
+        task = grid.Task("facts256", "ds_configs/demo.yaml", {
+            "method.r": spec.get("r", 4), "data.max_length": 32, "eval.max_new_tokens": 8, "eval.max_batches": 8,
+            "data.format": "prompt_completion", "train.micro_batch_size": 16, "eval.exact_match": True,
+            "eval.exact_match_every_eval": False, "method.scalora.rank_sketch": 16}, "eval_loss", self.what)
+        method = {"lora": "lora", "full": "full", "relora": "relora"}.get(spec["method"], "scalora-I")
+        extra = {f"method.scalora.{k}": v for k, v in spec.items() if k not in ("method", "r")}
+        with tempfile.TemporaryDirectory() as work:
+            # the seed fixes the facts too: train on all of them, evaluate on the first 128 (memorisation)
+            rows = grid.facts_rows(self.n_facts, seed=seed)
+            for key, subset in (("data.train", rows), ("data.eval", rows[:128])):
+                extra[key] = os.path.join(work, key + ".jsonl")
+                with open(extra[key], "w") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in subset)
+            cfg = grid.run_config(task, method, lr, seed, self.steps, self.eval_every, os.path.join(work, "run"),
+                                  os.path.join(work, "data"), extra=extra)
+            summary = grid.train_once(cfg, log_path=os.path.join(work, "log.txt"))
+        evals = [h for h in summary["history"] if "eval_loss" in h]
+        nll = summary["eval"].get("eval_loss", math.inf)
+        return {"nll": nll if math.isfinite(nll) else math.inf, "curve": [h["eval_loss"] for h in evals],
+                "exact_match": summary["eval"].get("eval_exact_match"),
+                "em_curve": [h.get("eval_exact_match") for h in evals],
+                "energy_outside_top_r": summary.get("scalora_energy_outside_top_r")}
+
+
+def facts_task() -> Task:
+    return FactsTask("facts256", "(c) SmolLM2-135M-Instruct memorising 256 random 6-letter → 6-digit codes, rank 4 on "
+                     "every linear layer, 100 steps of 16 (6.25 epochs); teacher-forced answer NLL on the first 128 "
+                     "facts every 10 steps (the metric), greedy exact match beside it", facts_arms(),
+                     tune_seeds=[100, 101], report_seeds=list(range(8)), metric="nll", curve_every=10)
+
+
+TASKS = {"regression": regression_task, "facts256": facts_task}
 
 
 # -- records ------------------------------------------------------------------------------------------
@@ -263,8 +326,10 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
             else:
                 row.append("—")
             lora_final = sum(lv) / len(lv)
-            reach = [steps_to_reach(recs[s]["curve"], base[1][s][task.metric]) for s in task.report_seeds]
-            lora_steps = [steps_to_reach(base[1][s]["curve"], base[1][s][task.metric]) for s in task.report_seeds]
+            reach = [steps_to_reach(recs[s]["curve"], base[1][s][task.metric], task.curve_every)
+                     for s in task.report_seeds]
+            lora_steps = [steps_to_reach(base[1][s]["curve"], base[1][s][task.metric], task.curve_every)
+                          for s in task.report_seeds]
             ratios = [a / b for a, b in zip(reach, lora_steps) if a is not None and b]
             reached = sum(a is not None for a in reach)
             row.append(f"{reached}/{len(reach)} seeds; median ratio {sorted(ratios)[len(ratios) // 2]:.2f}"

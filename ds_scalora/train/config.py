@@ -116,6 +116,7 @@ class EvalConfig:
     every: int = 50  # optimizer steps; 0 = only at the end
     max_batches: int = 50
     exact_match: bool = False  # greedy generation on prompt/completion or chat rows
+    exact_match_every_eval: bool = True  # False: exact match only before training and at the end (it is slow)
     max_new_tokens: int = 16
     at_start: bool = False  # also evaluate the model before any training step (the baseline)
 

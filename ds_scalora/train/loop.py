@@ -172,7 +172,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
                 record["elalora/moves"] = ela_report.moves
         done = step + 1 == cfg.train.max_steps
         if done or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
-            record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world))
+            record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world,
+                                   generate=done or cfg.eval.exact_match_every_eval))
         if (step + 1) % cfg.logging.every == 0 or done:
             elapsed = time.perf_counter() - t0
             record["tokens_per_s"] = float(stats[1]) / max(elapsed, 1e-9)
@@ -257,7 +258,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int) -> dict:
+def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int, generate: bool = True) -> dict:
     """Held-out loss and perplexity (token-weighted), and exact match of greedy answers if asked."""
     if held_out is None:
         return {}
@@ -274,7 +275,7 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int)
         n = float((batch["labels"][:, 1:] != -100).sum()) if mine[i : i + micro] else 0.0
         sums[0] += float(loss) * n
         sums[1] += n
-    if cfg.eval.exact_match:
+    if cfg.eval.exact_match and generate:
         synced = engine.zero_optimization_stage() == 3
         for i in range(0, per_rank, micro):  # the same number of generate calls on every rank (ZeRO-3)
             idx = [mine[k] if k < len(mine) else rows[0] for k in range(i, min(i + micro, per_rank))]

@@ -58,3 +58,21 @@ def test_paired_statistics_against_scipy_and_by_hand():
     g = gap_closed(list(lora), list(arm), [0.0] * 8)
     assert g["share"] == pytest.approx((lora.mean() - arm.mean()) / lora.mean())
     assert g["low"] <= g["share"] <= g["high"]
+
+
+def test_distillation_task_knows_its_answer():
+    """Task (b) before any step: the student is the base model, so its weight error is exactly 1 and
+    the held-out KL to the teacher is positive; the known update has the stated norm, and its energy
+    outside the top 4 directions (exact SVD) is the rank-4 floor the report quotes."""
+    import torch
+
+    from ds_scalora.bench import distill
+    from ds_scalora.spectrum import energy_outside_top
+
+    W = torch.randn(576, 576, generator=torch.Generator().manual_seed(0))
+    D = distill.true_update(W, seed=3, index=1)
+    assert float(D.norm() / W.norm()) == pytest.approx(distill.RELATIVE_NORM, rel=1e-5)
+    assert energy_outside_top(D, 4) == pytest.approx(distill.lora_floor(4), rel=1e-5)
+    result = distill.run({"method": "lora", "r": 4}, 1e-3, seed=3, steps=0)
+    assert result["weight_error"] == pytest.approx(1.0, abs=1e-6)
+    assert result["kl"] > 0

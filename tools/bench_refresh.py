@@ -39,6 +39,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_scalora.methods import ScaLoRA, ScaLoRAConfig
+from ds_scalora.methods.scalora import default_shrink
 from ds_scalora.precision import get_policy
 from ds_scalora.rescale import merge_delta
 from ds_scalora.scaling import SOLVERS, solve_scaling
@@ -98,7 +99,8 @@ def solve_all(scalora: ScaLoRA) -> list:
     sols = []
     for layer in scalora.layers:
         grad_A, grad_B = layer.grads()
-        sols.append(solve_scaling(layer.A, layer.B, grad_A, grad_B, cfg.strength, solver=cfg.solver, scale=layer.scale))
+        sols.append(solve_scaling(layer.A, layer.B, grad_A, grad_B, cfg.strength, solver=cfg.solver, scale=layer.scale,
+                                  directions=scalora.adam_directions(layer), **cfg.solve_options()))
     return sols
 
 
@@ -120,7 +122,8 @@ def bench(dtype_name: str, r: int, args) -> dict:
     for _ in range(3):  # lora_B leaves zero, Adam moments exist
         train_step(model, opt, batch(2, 64))
     model(input_ids=(ids := batch(2, 64)), labels=ids).loss.backward()
-    scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0, rank_sketch=args.rank_sketch))
+    scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0, rank_sketch=args.rank_sketch,
+                                                interval=10))
     saved = snapshot(scalora)
 
     totals, solves, merges, mix = [], [], [], Counter()
@@ -175,7 +178,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the figures)")
     print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init; LoRA on {','.join(TARGETS)}; "
-          f"solver {args.solver}, strength auto, rank_sketch {args.rank_sketch}; repeats {args.repeats} (median)")
+          f"solver {args.solver}, strength auto (shrink {default_shrink(10):g}), rank_sketch {args.rank_sketch}; repeats {args.repeats} (median)")
     start = time.perf_counter()
     rows = [bench(d, r, args) for d in dtypes for r in args.ranks]
     first = rows[0]

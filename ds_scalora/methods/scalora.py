@@ -226,7 +226,7 @@ class ScaLoRA:
             else:
                 sol = solve_scaling(
                     layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver,
-                    scale=layer.scale, directions=self._adam_directions(layer), **self.config.solve_options()
+                    scale=layer.scale, directions=self.adam_directions(layer), **self.config.solve_options()
                 )
             report.solvers[sol.solver_used] += 1
             if sol.reason:
@@ -241,7 +241,7 @@ class ScaLoRA:
         self._count(report)
         return report
 
-    def _adam_directions(self, layer: AdaptedLinear):
+    def adam_directions(self, layer: AdaptedLinear):
         """Adam's next step directions (U_A, U_B, paper orientation) for solver "adam", else None."""
         if self.config.solver != "adam":
             return None

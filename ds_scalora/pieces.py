@@ -21,22 +21,29 @@ class Piece:
     master: torch.Tensor  # fp32 (or the parameter's own dtype) view, 1-D, writable
     grad: torch.Tensor | None  # view of the reduced gradient, 1-D
     moments: dict  # optimizer state name -> 1-D view; empty before the first optimizer step
-    adam: dict | None = None  # {"betas", "eps", "step"}: the optimizer's hyperparameters and steps taken
+    # the optimizer's param group and state holding this piece (references: read only by adam_direction)
+    group: dict | None = None
+    state: dict | None = None
 
     def adam_direction(self):
         """Adam's next step direction on this piece (``ds_scalora.scaling.adam_direction``), float64."""
         from .scaling import adam_direction
 
-        hyper = self.adam or {}
+        hyper = adam_hyper(self.group or {}, self.state or {})
+        if hyper is None:
+            raise ValueError("solver='adam' models Adam's next step, but the optimizer has no 'betas' "
+                             "(not Adam/AdamW): use solver='column' or 'nnls' with this optimizer")
         return adam_direction(self.grad, self.moments.get("exp_avg"), self.moments.get("exp_avg_sq"),
-                              int(hyper.get("step", 0)), tuple(hyper.get("betas", (0.9, 0.999))),
-                              float(hyper.get("eps", 1e-8)))
+                              hyper["step"], hyper["betas"], hyper["eps"])
 
 
-def adam_hyper(group: dict, state: dict) -> dict:
-    """Betas, eps and the steps taken, from a torch optimizer's param group and one parameter's state."""
+def adam_hyper(group: dict, state: dict) -> dict | None:
+    """Betas, eps and the steps taken, from a torch optimizer's param group and one parameter's state;
+    None for an optimizer that is not of the Adam family (no ``betas``)."""
+    if "betas" not in group:
+        return None
     step = state.get("step", 0)
-    return {"betas": tuple(group.get("betas", (0.9, 0.999))), "eps": float(group.get("eps", 1e-8)),
+    return {"betas": tuple(group["betas"]), "eps": float(group["eps"]),
             "step": int(step.item() if torch.is_tensor(step) else step)}
 
 
@@ -54,8 +61,8 @@ class LocalAccess:
         state = self.opt.state.get(p, {})
         moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
         g = p.grad.view(-1) if grad and p.grad is not None else None
-        group = next(g for g in self.opt.param_groups if any(q is p for q in g["params"]))
-        return Piece(0, p.numel(), p.data.view(-1), g, moments, adam_hyper(group, state))
+        group = next(gr for gr in self.opt.param_groups if any(q is p for q in gr["params"]))
+        return Piece(0, p.numel(), p.data.view(-1), g, moments, group, state)
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         return p.shape

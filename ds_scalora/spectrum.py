@@ -12,7 +12,11 @@ def singular_values(M: torch.Tensor) -> torch.Tensor:
 
 def numerical_rank(M: torch.Tensor, rtol: float = 1e-6) -> int:
     """Number of singular values above ``rtol`` times the largest (0 for a zero matrix)."""
-    s = singular_values(M)
+    return _count_above(singular_values(M), rtol)
+
+
+def _count_above(s: torch.Tensor, rtol: float) -> int:
+    """How many of the descending singular values ``s`` exceed ``rtol`` times the largest."""
     if s.numel() == 0 or s[0] == 0:
         return 0
     return int((s > rtol * s[0]).sum())
@@ -22,22 +26,13 @@ def energy_outside_top(M: torch.Tensor, r: int) -> float:
     """Share of ``‖M‖_F²`` outside its top-``r`` singular directions (0 for a rank-<=r matrix, NaN for
     a zero one): how much of an accumulated update a rank-r adapter could not hold. Unlike the numerical
     rank, tiny directions count only by their energy."""
-    s2 = singular_values(M) ** 2
-    total = float(s2.sum())
-    return float(s2[r:].sum()) / total if total > 0 else float("nan")
+    return _tail_share(singular_values(M) ** 2, r)
 
 
-def energy_outside_top_from_sketch(Y: torch.Tensor, r: int) -> float:
-    """:func:`energy_outside_top` of ``ΔW`` estimated from a Gaussian sketch ``Y = ΔW Ω`` (d_out x k).
-
-    ``E[ΩΩᵀ] = k·I`` makes ``‖Y‖²`` an unbiased estimate of ``k‖ΔW‖²``; the top-r energy of ``Y`` is
-    biased up (the sketch's top directions also catch some of the tail), so the share is an
-    underestimate that tightens as k grows past r (tested against the exact SVD in tests/test_spectrum.py).
-    """
-    Y = Y.double()
-    eig = torch.linalg.eigvalsh(Y.T @ Y).clamp_min(0).flip(0)
-    total = float(eig.sum())
-    return float(eig[r:].sum()) / total if total > 0 else float("nan")
+def _tail_share(energies: torch.Tensor, r: int) -> float:
+    """Share of the total of descending ``energies`` (squared singular values) past the first ``r``."""
+    total = float(energies.sum())
+    return float(energies[r:].sum()) / total if total > 0 else float("nan")
 
 
 class RankSketch:
@@ -67,28 +62,35 @@ class RankSketch:
         self.Y += Y.to(self.Y.device)
 
     @torch.no_grad()
+    def energies(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None, scale: float = 1.0):
+        """Squared singular values of the sketch (descending, float64) of the merged part, plus the
+        current adapter ``scale · A Bᵀ`` when given: from the k x k Gram matrix (exact enough for
+        thresholds >= 1e-6 of the largest singular value)."""
+        Y = self.Y.double()
+        if A is not None:
+            Y = Y + scale * A.double().to(Y.device) @ (B.double().to(Y.device).T @ self.omega().double())
+        return torch.linalg.eigvalsh(Y.T @ Y).clamp_min(0).flip(0)
+
     def rank(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None, scale: float = 1.0,
              rtol: float = 1e-3) -> int:
-        """Numerical rank (singular values above ``rtol`` x the largest) of the merged part, plus the
-        current adapter ``scale · A Bᵀ`` when given. Computed from the k x k Gram matrix in float64
-        (exact enough for rtol >= 1e-6)."""
-        Y = self.Y.double()
-        if A is not None:
-            Y = Y + scale * A.double().to(Y.device) @ (B.double().to(Y.device).T @ self.omega().double())
-        eig = torch.linalg.eigvalsh(Y.T @ Y).clamp_min(0).sqrt().flip(0)
-        if eig.numel() == 0 or eig[0] == 0:
-            return 0
-        return int((eig > rtol * eig[0]).sum())
+        """Numerical rank (singular values above ``rtol`` x the largest) of the sketched update."""
+        return _count_above(self.energies(A, B, scale).sqrt(), rtol)
 
-    @torch.no_grad()
     def energy_outside(self, r: int, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
                        scale: float = 1.0) -> float:
-        """Estimated share of the accumulated update's energy outside its top-``r`` directions
-        (:func:`energy_outside_top_from_sketch`), the current adapter included when given."""
-        Y = self.Y.double()
-        if A is not None:
-            Y = Y + scale * A.double().to(Y.device) @ (B.double().to(Y.device).T @ self.omega().double())
-        return energy_outside_top_from_sketch(Y, r)
+        """Estimated share of the sketched update's energy outside its top-``r`` directions.
+
+        ``E[ΩΩᵀ] = k·I`` makes ``‖Y‖²`` an unbiased estimate of ``k‖ΔW‖²``; the top-r energy of ``Y`` is
+        biased up (the sketch's top directions also catch some of the tail), so the share is an
+        underestimate that tightens as k grows past r (tested against the exact SVD in tests/test_spectrum.py).
+        """
+        return _tail_share(self.energies(A, B, scale), r)
+
+    def measure(self, r: int, A: torch.Tensor | None = None, B: torch.Tensor | None = None, scale: float = 1.0,
+                rtol: float = 1e-3) -> tuple[int, float]:
+        """:meth:`rank` and :meth:`energy_outside` from one eigendecomposition (what a refresh logs)."""
+        e = self.energies(A, B, scale)
+        return _count_above(e.sqrt(), rtol), _tail_share(e, r)
 
     def load_(self, Y: torch.Tensor) -> None:
         """Restore ``Y`` from a checkpoint (Ω is regenerated from the seed)."""

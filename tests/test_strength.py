@@ -173,13 +173,27 @@ def test_adam_problem_predicts_the_next_increment():
 def test_library_defaults_accumulate_past_lora_floor():
     """At the library defaults (strength "auto", default shrink, column solver), ScaLoRA-I on the
     single-layer high-rank regression ends well below the error any rank-4 update can reach, while
-    LoRA sits at that floor. On the main of 2026-11-24 (norm-keeping auto) ScaLoRA-I ended at 0.58,
-    above the floor (0.561). One seed not used for tuning; lr 1e-2 (both methods' grids include it)."""
+    LoRA sits at that floor, and so does the old norm-keeping "auto" (shrink 1, the default until
+    2026-11-25): this test fails on that default. One seed not used for tuning; lr 1e-2 (in every grid)."""
     floor = regression.lora_floor(4)
     lora = regression.run({"method": "lora", "r": 4}, 1e-2, seed=7)["error"]
+    old = regression.run({"method": "scalora", "r": 4, "interval": 10, "shrink": 1.0}, 1e-2, seed=7)["error"]
     scalora = regression.run({"method": "scalora", "r": 4, "interval": 10}, 1e-2, seed=7)
-    print(f"floor {floor:.3f}, LoRA {lora:.3f}, ScaLoRA-I {scalora['error']:.4f}, "
+    print(f"floor {floor:.3f}, LoRA {lora:.3f}, old auto {old:.3f}, ScaLoRA-I {scalora['error']:.4f}, "
           f"energy outside top 4 {scalora['energy_outside_top_r']:.3f}")
-    assert lora >= floor - 1e-3
+    assert lora >= floor - 1e-3 and old >= floor - 1e-2
     assert scalora["error"] < 0.25 * floor
     assert scalora["energy_outside_top_r"] > 0.3  # the update really is high rank (D's own share: 0.561)
+
+
+def test_adam_aware_solver_refuses_a_non_adam_optimizer():
+    """SGD has no betas: the Adam-aware solver would model a step that never happens. It says so."""
+    from ds_scalora import ScaLoRA, ScaLoRAConfig
+    from tiny_models import fixed_batch, tiny_lora_model
+
+    model = tiny_lora_model(torch.float32)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+    scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver="adam", warmup_steps=0))
+    model(**fixed_batch(seed=0)).loss.backward()
+    with pytest.raises(ValueError, match="not Adam/AdamW"):
+        scalora.refresh()

@@ -80,6 +80,7 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..methods.adapted_layers import find_adapted_linears
     from ..methods.scalora import ScaLoRA, ScaLoRAConfig
     from ..spectrum import energy_outside_top
     from ..train.packaged_models import materialize
@@ -143,18 +144,13 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
         if (t + 1) % EVAL_EVERY == 0:
             curve.append(held_out_kl())
     final = curve[-1] if curve else held_out_kl()
-    if refresher is not None:
-        effective = [refresher.effective_weight(layer) for layer in refresher.layers]
-        by_name = {layer.name: w for layer, w in zip(refresher.layers, effective)}
-        effective = [next(w for n, w in by_name.items() if n.endswith(t)) for t in TARGETS]
-    elif method == "full":
+    if method == "full":
         effective = [m.weight.detach() for m in _modules(student, TARGETS)]
     else:
-        effective = []
-        for t in TARGETS:
-            layer = dict(model.named_modules())[next(n for n, _ in model.named_modules() if n.endswith(t))]
-            effective.append(layer.base_layer.weight + layer.scaling["default"] * layer.lora_B.default.weight
-                             @ layer.lora_A.default.weight)
+        layers = {layer.name: layer for layer in find_adapted_linears(model)}
+        ordered = [next(layer for name, layer in layers.items() if name.endswith("." + t)) for t in TARGETS]
+        effective = [refresher.effective_weight(layer) if refresher is not None else layer.effective_weight()
+                     for layer in ordered]
     updates = [w.detach().double() - w0.double() for w, w0 in zip(effective, W0)]
     error = sum(float((u - d.double()).pow(2).sum()) for u, d in zip(updates, deltas)) / sum(
         float(d.double().pow(2).sum()) for d in deltas)

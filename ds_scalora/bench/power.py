@@ -160,7 +160,7 @@ class DistillTask(Task):
 def distill_task() -> Task:
     from . import distill
 
-    arms = [power_arm for power_arm in facts_arms()]
+    arms = facts_arms()
     for arm in arms:
         arm.lrs = [3e-5, 1e-4, 3e-4] if arm.spec["method"] == "full" else [1e-3, 3e-3, 1e-2]
     return DistillTask("distill", "(b) SmolLM2-135M-Instruct distilled (KL) from itself plus a known full-rank update "
@@ -320,7 +320,10 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
               "(LoRA − full) on the means, paired bootstrap 95% interval (10,000 resamples).", ""]
     results = {a.name: report_values(task, a, root) for a in task.arms}
     base, full = results.get("lora"), results.get("full")
-    seeds_ok = lambda res: res is not None and len(res[1]) == len(task.report_seeds)  # noqa: E731
+
+    def seeds_ok(res):
+        return res is not None and len(res[1]) == len(task.report_seeds)
+
     extra_title = f" {task.extra[1]} |" if task.extra else ""
     lines += [f"| arm | setting (tuned) | n | {task.metric}, mean ± sd |{extra_title} energy outside top r | "
               f"LoRA − arm [95% CI] | Wilcoxon p | gap closed [95% CI] | steps to LoRA's final {task.metric} |",
@@ -361,7 +364,6 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
                 fig["gap"] = g
             else:
                 row.append("—")
-            lora_final = sum(lv) / len(lv)
             reach = [steps_to_reach(recs[s]["curve"], base[1][s][task.metric], task.curve_every)
                      for s in task.report_seeds]
             lora_steps = [steps_to_reach(base[1][s]["curve"], base[1][s][task.metric], task.curve_every)
@@ -371,7 +373,6 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
             row.append(f"{reached}/{len(reach)} seeds; median ratio {sorted(ratios)[len(ratios) // 2]:.2f}"
                        if ratios else f"0/{len(reach)} seeds")
             fig["steps_ratio"] = sorted(ratios)[len(ratios) // 2] if ratios and reached == len(reach) else None
-            del lora_final
         else:
             row += ["—", "—", "—", "—"]  # LoRA itself: no comparison
         figures[arm.name] = fig

@@ -56,6 +56,7 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
     """
     from peft import LoraConfig, get_peft_model
 
+    from ..methods.adapted_layers import find_adapted_linears
     from ..methods.scalora import ScaLoRA, ScaLoRAConfig
     from ..spectrum import energy_outside_top
 
@@ -83,9 +84,7 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
             return model.proj.weight.detach().double()
         if refresher is not None:
             return refresher.effective_weight(refresher.layers[0]).double()
-        layer = model.base_model.model.proj
-        return (layer.base_layer.weight + layer.scaling["default"] * layer.lora_B.default.weight
-                @ layer.lora_A.default.weight).detach().double()
+        return find_adapted_linears(model)[0].effective_weight().double()
 
     def error():
         return float((weight() - W0 - D).pow(2).sum() / D.pow(2).sum())

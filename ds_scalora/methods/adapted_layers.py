@@ -58,6 +58,13 @@ class AdaptedLinear:
         """A d_out x d_in update in the base weight's own layout (GPT-2's Conv1D stores it transposed)."""
         return delta.T if self.fan_in_fan_out else delta
 
+    @torch.no_grad()
+    def effective_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``W + s A Bᵀ`` in the base weight's layout, at ``base``'s precision (default: the frozen weight;
+        ScaLoRA passes its full-precision merged weight)."""
+        W = self.weight.detach() if base is None else base
+        return W + self.to_weight_layout(self.scale * (self.A.to(W.dtype) @ self.B.to(W.dtype).T))
+
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad_A, grad_B) in the paper's orientation; zeros where autograd left no gradient."""
         gA = self.lora_B.grad

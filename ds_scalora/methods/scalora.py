@@ -236,9 +236,9 @@ class ScaLoRA:
                 report.merged_sq_norm += self._apply(index, layer, sol)
                 report.alpha_beta.append((sol.alpha * sol.beta).float())
         if self.sketches:
-            report.accumulated_rank = [self.sketches[l.name].rank(l.A, l.B, l.scale) for l in self.layers]
-            report.energy_outside = [self.sketches[l.name].energy_outside(l.A.shape[1], l.A, l.B, l.scale)
-                                     for l in self.layers]
+            measured = [self.sketches[l.name].measure(l.A.shape[1], l.A, l.B, l.scale) for l in self.layers]
+            report.accumulated_rank = [rank for rank, _ in measured]
+            report.energy_outside = [share for _, share in measured]
         self._count(report)
         return report
 
@@ -289,9 +289,7 @@ class ScaLoRA:
     @torch.no_grad()
     def effective_weight(self, layer: AdaptedLinear) -> torch.Tensor:
         """``W + s A Bᵀ`` (base weight layout) at full precision: what an exported model should carry."""
-        W = self.merged_weight(layer)
-        delta = layer.scale * (layer.A.to(W.dtype) @ layer.B.to(W.dtype).T)
-        return W + layer.to_weight_layout(delta)
+        return layer.effective_weight(self.merged_weight(layer))
 
     # -- checkpoints ----------------------------------------------------------------------------
 

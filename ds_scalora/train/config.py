@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from ..methods.scalora import MAX_SCALE, ScaLoRAConfig
 from ..precision import POLICY_NAMES
-from ..scaling import ABLATIONS, SOLVERS
+from ..scaling import SOLVERS
 from .packaged_models import is_packaged, locate
 
 
@@ -51,7 +52,7 @@ class ScaLoRAOptions:
     interval: int = 10
     strength: float | str = "auto"
     shrink: float | None = None  # with strength auto: each refresh divides the adapter's squared norm by this; None = the library's measured default for the interval (ds_scalora.methods.scalora.default_shrink)
-    max_scale: float | None = None  # bound on every α_j, β_j; None = the library's (ScaLoRAConfig.max_scale)
+    max_scale: float = MAX_SCALE  # every α_j, β_j within [1/max_scale, max_scale] (a guard rail)
     ablation: str | None = None  # None | constant_shrink | rebalance_only (benchmark ablations)
     warmup_steps: int = 10
     solver: str = "column"
@@ -245,16 +246,13 @@ def _validate(config: RunConfig, base_dir: str) -> None:
             raise ConfigError(f"{key} must be >= 1, got {_get(config, key)}")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
-    strength = config.method.scalora.strength
-    if strength != "auto" and not (isinstance(strength, float) and strength > 0):
-        raise ConfigError(f"method.scalora.strength must be a positive number or 'auto', got {strength!r}")
-    if config.method.scalora.ablation not in (None, *ABLATIONS):
-        raise ConfigError(f"method.scalora.ablation must be left out or one of {', '.join(ABLATIONS)}, "
-                          f"got {config.method.scalora.ablation!r}")
-    for key, low in (("method.scalora.shrink", 0.0), ("method.scalora.max_scale", 1.0)):
-        value = _get(config, key)
-        if value is not None and not (isinstance(value, (int, float)) and value > low or (low == 1.0 and value == 1.0)):
-            raise ConfigError(f"{key} must be a number {'>' if low == 0 else '>='} {low:g} (or left out), got {value!r}")
+    o = config.method.scalora
+    try:  # the method's own config owns these checks (strength, shrink, max_scale, ablation, ...)
+        ScaLoRAConfig(interval=o.interval, strength=o.strength, shrink=o.shrink, max_scale=o.max_scale,
+                      ablation=o.ablation, warmup_steps=o.warmup_steps, solver=o.solver, precision=o.precision,
+                      rank_sketch=o.rank_sketch)
+    except ValueError as e:
+        raise ConfigError(f"method.scalora: {e}") from None
     for key in ("method.relora.warmup_steps", "method.relora.rewarm_steps"):
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")

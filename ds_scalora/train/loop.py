@@ -105,11 +105,11 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     controller = None
     if cfg.method.name == "scalora":
         o = cfg.method.scalora
-        extra = {"max_scale": o.max_scale} if o.max_scale is not None else {}
         controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, strength=o.strength, shrink=o.shrink,
-                                                         ablation=o.ablation, warmup_steps=o.warmup_steps,
-                                                         solver=o.solver, precision=o.precision,
-                                                         rank_sketch=o.rank_sketch, seed=cfg.train.seed, **extra))  # fmt: skip
+                                                         max_scale=o.max_scale, ablation=o.ablation,
+                                                         warmup_steps=o.warmup_steps, solver=o.solver,
+                                                         precision=o.precision, rank_sketch=o.rank_sketch,
+                                                         seed=cfg.train.seed))  # fmt: skip
     elif cfg.method.name == "relora":  # the same refresh with α = β = 0, then a fresh lora_A
         o = cfg.method.relora
         controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, warmup_steps=o.warmup_steps, restart=True,

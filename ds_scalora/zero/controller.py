@@ -36,12 +36,13 @@ from ..methods.adapted_layers import AdaptedLinear, find_adapted_linears, fresh_
 from ..methods.scalora import RefreshReport, ScaLoRAConfig, restart_seed
 from ..precision import get_policy
 from ..rescale import MOMENT_POWERS, expand_column_scale, merge_delta_flat
-from ..scaling import restart_solution, solve_scaling
+from ..scaling import SOLVERS, restart_solution, solve_scaling
 from ..spectrum import RankSketch
 from .state_access import ZeroAccess
 from .step_hook import install_step_hook
 
-_SOLVERS = ("none", "column", "scalar", "nnls", "restart", "adam", "constant")
+# every ScalingSolution.solver_used, packed as a code into the all-reduce that shares the solutions
+_SOLVERS = ("none", "restart", "constant", *SOLVERS)
 _REASONS = (None, "negative_column_solution", "degenerate", "nonfinite")
 
 
@@ -113,8 +114,7 @@ class ZeroScaLoRA:
                 if used != "none":
                     sketch.add(A, B, 1 - alpha * beta, layer.scale)
                     A, B = A * alpha.to(A), B * beta.to(B)  # the adapter after the rescale
-                ranks[index] = sketch.rank(A, B, layer.scale)
-                energy[index] = sketch.energy_outside(A.shape[1], A, B, layer.scale)
+                ranks[index], energy[index] = sketch.measure(A.shape[1], A, B, layer.scale)
         self.access.share_replica_slices(merged)
         # one all-reduce for the merged norm (summed over slices) and the ranks (each from its owner)
         totals = self.access.all_reduce(torch.cat([torch.tensor([report.merged_sq_norm], dtype=torch.float64), ranks,

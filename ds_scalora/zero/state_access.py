@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..pieces import Piece, adam_hyper
+from ..pieces import LocalAccess, Piece
 
 SUPPORTED_DEEPSPEED = "0.19.8"
 
@@ -91,11 +91,7 @@ class ZeroAccess:
         """This rank's piece of ``p``, or None when the rank holds none of it. ``grad=False`` leaves the
         gradient out (``Piece.grad`` None): the only way to read masters outside the step window."""
         if self.kind == "plain":
-            state = self.opt.state.get(p, {})
-            moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
-            g = p.grad.view(-1) if grad and p.grad is not None else None
-            group = next(gr for gr in self.opt.param_groups if any(q is p for q in gr["params"]))
-            return Piece(0, p.numel(), p.data.view(-1), g, moments, adam_hyper(group, state))
+            return LocalAccess(self.opt).piece(p, grad)
         if self.kind == "fragments":
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:
@@ -112,8 +108,8 @@ class ZeroAccess:
                 for k, v in state.items()
                 if torch.is_tensor(v) and v.shape == flat.shape
             }
-            hyper = adam_hyper(self.opt.optimizer.param_groups[mapping.param_group_index], state)
-            return Piece(addr.start, addr.numel, mapping.hp_fragment, g, moments, hyper)
+            group = self.opt.optimizer.param_groups[mapping.param_group_index]
+            return Piece(addr.start, addr.numel, mapping.hp_fragment, g, moments, group, state)
         # ZeRO-3: the partition of rank k covers flat elements [k·n, (k+1)·n), the last one padded
         group_idx, offset, n = self.opt.grad_position[self.opt.get_param_id(p)]
         start = n * self.rank
@@ -135,8 +131,8 @@ class ZeroAccess:
                 full = self._handed_out[p] = self.opt.get_local_fp32_grad_for_param(p)
             g = full.narrow(0, 0, valid)
         group_id = getattr(self.opt, "sub_group_to_group_id", {}).get(group_idx, 0)  # sub-groups share a group
-        hyper = adam_hyper(self.opt.optimizer.param_groups[group_id], state)
-        return Piece(start, valid, flat.narrow(0, offset, valid), g, moments, hyper)
+        group = self.opt.optimizer.param_groups[group_id]
+        return Piece(start, valid, flat.narrow(0, offset, valid), g, moments, group, state)
 
     def write_back_grads(self) -> None:
         """End of the step window: ZeRO-3 gradients handed out by :meth:`piece` go back to DeepSpeed's

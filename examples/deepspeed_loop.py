@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ds_scalora import ScaLoRAConfig
-from ds_scalora.zero import attach, disable_cpu_shm_comm, end_distributed  # ScaLoRA
+from ds_scalora.zero import attach, disable_cpu_shm_comm, end_distributed, exit_process  # ScaLoRA
 from plain_pytorch import batches, make_model
 
 
@@ -83,3 +83,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # on gloo (CPU): leave without interpreter finalization, see ds_scalora/zero/teardown.py

@@ -45,4 +45,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "ds_scalora.zero" in sys.modules:  # a run began: end it as a gloo run must (ds_scalora/zero/teardown.py)
+        from ds_scalora.zero import exit_process
+
+        exit_process(status)
+    sys.exit(status)

@@ -65,6 +65,9 @@ def make_synthetic_checkpoint(run_dir: str, layers: int, hidden: int, world: int
     """A complete ZeRO-2 checkpoint of a random-init Llama + LoRA; returns its sizes in bytes (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ds_scalora.checkpoint.deepspeed_files import TESTED_DEEPSPEED
+    from ds_scalora.checkpoint.layout import mark_complete
+
     fields = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}  # fmt: skip
     with torch.device("meta"):
@@ -84,7 +87,7 @@ def make_synthetic_checkpoint(run_dir: str, layers: int, hidden: int, world: int
     tag = os.path.join(run_dir, "checkpoints", "step00000001")
     os.makedirs(tag)
     torch.save({"module": module, "buffer_names": [], "param_shapes": [OrderedDict((k, v.shape) for k, v in trainable.items())],
-                "frozen_param_shapes": frozen, "shared_params": {}, "ds_version": "0.19.8", "global_steps": 1,
+                "frozen_param_shapes": frozen, "shared_params": {}, "ds_version": TESTED_DEEPSPEED, "global_steps": 1,
                 "step": 1}, os.path.join(tag, "mp_rank_00_model_states.pt"))  # fmt: skip
     flat = torch.cat([t.reshape(-1) for t in trainable.values()])
     chunk = -(-flat.numel() // (2 * world)) * 2
@@ -95,8 +98,7 @@ def make_synthetic_checkpoint(run_dir: str, layers: int, hidden: int, world: int
                "base_optimizer_state": {"state": {0: {"exp_avg": torch.zeros_like(part),
                                                       "exp_avg_sq": torch.zeros_like(part)}}}}  # fmt: skip
         torch.save({"optimizer_state_dict": osd}, os.path.join(tag, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
-    with open(os.path.join(tag, "COMPLETE"), "w") as f:
-        f.write("1\n")
+    mark_complete(tag, 1)
     config = {"model": {"path": None, "random_init": fields, "dtype": "fp32"},
               "method": {"name": "lora", "r": r, "alpha": 2.0 * r, "rslora": False}, "train": {"seed": 0}}  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

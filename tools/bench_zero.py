@@ -325,7 +325,14 @@ def main():
     a = p.parse_args()
     if a.quick:
         a.ranks, a.hidden, a.layers, a.r, a.seq, a.steps, a.blocks, a.repeats = [1, 2], 128, 2, 4, 32, 3, 1, 1
-    worker(a) if a.worker else driver(a)
+    if not a.worker:
+        driver(a)
+        return
+    worker(a)
+    from ds_scalora.zero import end_distributed, exit_process
+
+    end_distributed()
+    exit_process(0)  # on gloo: os._exit, see ds_scalora/zero/teardown.py
 
 
 if __name__ == "__main__":

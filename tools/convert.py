@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ds_scalora.export import ExportError, RunSource  # noqa: E402
-from ds_scalora.zero.checkpoint_files import CheckpointFileError  # noqa: E402
+from ds_scalora.checkpoint.deepspeed_files import CheckpointFileError  # noqa: E402
 
 
 def default_out(source: RunSource, command: str, world: int | None = None) -> str:

@@ -4,7 +4,7 @@
 value (frozen weight with all merges at full precision + the adapter's delta), and the exporters build
 on it: ``merged`` (a Hugging Face model), ``peft_export`` (a PEFT LoRA adapter from a truncated SVD),
 ``inspect`` (spectra and ranks of the accumulated update) and ``reshard`` (another world size). Only
-``ds_scalora.zero.checkpoint_files`` reads DeepSpeed's file formats.
+``ds_scalora.checkpoint`` reads the checkpoint files (DeepSpeed's and the method shards).
 """
 
 from .source import ExportError, RunSource, resolve_checkpoint

@@ -9,32 +9,20 @@ directory beside OUT, moved into place, and marked ``COMPLETE``, so ``train.resu
 
 Keep the global batch: resume with ``train.micro_batch_size x train.gradient_accumulation_steps x M``
 equal to the original run's (the data order depends on the step and the global batch only).
-The file formats are in :mod:`ds_scalora.zero.reshard_files`.
+The file formats are in :mod:`ds_scalora.checkpoint.reshard_files`.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 
 import torch
 
-from ..zero import reshard_files
-from ..zero.checkpoint_files import CheckpointFileError
+from ..checkpoint import layout, reshard_files, shards
+from ..checkpoint.deepspeed_files import CheckpointFileError
 from .output import atomic_dir
-from .source import MARKER, ExportError, RunSource
-
-
-def _elalora_shards(ckpt) -> list[str]:
-    """Paths of ElaLoRA's importance shards, one per rank (empty for other methods)."""
-    paths = [os.path.join(ckpt.dir, reshard_files.shard_name(r, ckpt.world, "elalora")) for r in range(ckpt.world)]
-    present = [p for p in paths if os.path.isfile(p)]
-    found = glob.glob(os.path.join(ckpt.dir, "ds_elalora_rank*_of*.pt"))
-    if found and len(present) != ckpt.world:
-        raise ExportError(f"{ckpt.dir}: ElaLoRA shards for {ckpt.world} ranks expected, found "
-                          f"{sorted(os.path.basename(f) for f in found)}: the checkpoint is incomplete")
-    return present
+from .source import ExportError, RunSource
 
 
 def reshard(source: RunSource, out: str, world: int, overwrite: bool = False) -> dict:
@@ -44,10 +32,9 @@ def reshard(source: RunSource, out: str, world: int, overwrite: bool = False) ->
     ckpt = source.ckpt
     try:
         reshard_files.check_supported(ckpt)
+        scalora, elalora = (shards.find(ckpt.dir, kind, ckpt.world) for kind in ("scalora", "elalora"))
     except CheckpointFileError as e:
         raise ExportError(str(e)) from None
-    scalora = ckpt.scalora_shards()
-    elalora = _elalora_shards(ckpt)
     names = [os.path.basename(p) for p in ckpt.optim_files]
     prefix = names[0][: names[0].index("zero_pp_rank_")] if names else ""  # "" or "bf16_"; ZeRO-0 has none
     with atomic_dir(out, overwrite) as tmp:
@@ -56,17 +43,16 @@ def reshard(source: RunSource, out: str, world: int, overwrite: bool = False) ->
         for k, sd in enumerate(reshard_files.optimizer_files(ckpt, world)):
             torch.save(sd, os.path.join(tmp, f"{prefix}zero_pp_rank_{k}_mp_rank_00_optim_states.pt"))
         if scalora:
-            for k, shard in enumerate(reshard_files.scalora_shards(scalora, world)):
-                torch.save(shard, os.path.join(tmp, reshard_files.shard_name(k, world)))
+            for k, record in enumerate(reshard_files.scalora_shards(scalora, world)):
+                shards.write(shards.shard_path(tmp, k, world, "scalora"), record)
         if elalora:
             adapter = (ckpt.client_state().get("ds_elalora") or {}).get("config", {}).get("adapter", "default")
-            for k, shard in enumerate(reshard_files.elalora_shards(ckpt, elalora, world, adapter)):
-                torch.save(shard, os.path.join(tmp, reshard_files.shard_name(k, world, "elalora")))
+            for k, record in enumerate(reshard_files.elalora_shards(ckpt, elalora, world, adapter)):
+                shards.write(shards.shard_path(tmp, k, world, "elalora"), record)
         for extra in ("zero_to_fp32.py",):
             if os.path.isfile(os.path.join(ckpt.dir, extra)):
                 shutil.copy2(os.path.join(ckpt.dir, extra), tmp)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            f.write(f"{source.step}\n")
+        layout.mark_complete(tmp, source.step)
     return {"from": ckpt.dir, "to": os.path.abspath(out), "step": source.step, "stage": ckpt.stage,
             "world": {"from": ckpt.world, "to": world}, "scalora_shards": len(scalora) > 0,
             "elalora_shards": len(elalora) > 0}  # fmt: skip

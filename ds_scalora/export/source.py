@@ -13,9 +13,8 @@ import os
 
 import torch
 
-from ..zero.checkpoint_files import ZeroCheckpoint
-
-MARKER = "COMPLETE"  # written by ds_scalora.train.checkpoints once every rank has saved
+from ..checkpoint.deepspeed_files import ZeroCheckpoint
+from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST, MARKER, TAG_PREFIX, is_complete, step_tags
 PEFT_PREFIX = "base_model.model."
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -30,29 +29,23 @@ def _is_tag(path: str) -> bool:
                                        for f in os.listdir(path))  # fmt: skip
 
 
-def _step_tags(root: str) -> tuple[list[str], list[str]]:
-    tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
-    done = [t for t in tags if os.path.isfile(os.path.join(root, t, MARKER))]
-    return done, [t for t in tags if t not in done]
-
-
 def resolve_checkpoint(path: str) -> str:
     """The tag directory to read: the newest complete one under a run or ``checkpoints/`` directory."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ExportError(f"{path} is not a directory: pass a run's output dir, its checkpoints/ dir or one step tag")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
+    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+        path = os.path.join(path, CHECKPOINTS_DIR)
     if _is_tag(path):
         parent = os.path.dirname(path)
-        if os.path.basename(path).startswith("step") and not os.path.isfile(os.path.join(path, MARKER)):
+        if os.path.basename(path).startswith(TAG_PREFIX) and not is_complete(path):
             raise ExportError(f"{path} is an incomplete checkpoint (no {MARKER} marker: its save was interrupted); "
                               f"use an older complete one from {parent}")
         return path
-    done, partial = _step_tags(path)
+    done, partial = step_tags(path)
     if done:
         return os.path.join(path, done[-1])
-    latest = os.path.join(path, "latest")
+    latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
         with open(latest) as f:
             tag = os.path.join(path, f.read().strip())

@@ -15,7 +15,9 @@ import re
 import torch
 
 from ..precision import get_policy
-from ..zero.checkpoint_files import CheckpointFileError, load
+from ..checkpoint import shards as shard_files
+from ..checkpoint.deepspeed_files import CheckpointFileError
+from ..checkpoint.layout import piece_range
 from .adapters import adapter_delta
 from .source import RunSource, hf_name
 
@@ -91,28 +93,27 @@ class EffectiveWeights:
         W = self.stored(name)
         module = self.module_of.get(name)
         shards = self.shards()
-        if module is None or not shards or module not in shards[0]["layers"]:
+        if module is None or not shards or module not in shards[0].layers:
             return W.double()
-        index = shards[0]["layers"].index(module)
-        policy = get_policy(shards[0]["config"]["precision"], W.dtype)
+        index = shards[0].layers.index(module)
+        policy = get_policy(shards[0].config["precision"], W.dtype)
         flat = W.reshape(-1)
         n, world = flat.numel(), len(shards)
-        chunk = -(-n // world)
         out = torch.empty(n, dtype=torch.float64)
         for r, shard in enumerate(shards):
-            lo, hi = min(chunk * r, n), min(chunk * (r + 1), n)
-            state = shard["merge_state"][index]
+            lo, hi = piece_range(n, world, r)
+            state = shard.merge_state[index]
             if state is not None and state.numel() != hi - lo:
                 raise CheckpointFileError(f"{self.src.ckpt.dir}: ScaLoRA shard of rank {r} holds {state.numel()} "
                                           f"elements of {module}, its slice has {hi - lo}: shards do not match")
             out[lo:hi] = policy.value(flat[lo:hi], None if state is None else state.view(-1)).double()
         return out.view(W.shape)
 
-    def shards(self) -> list[dict]:
+    def shards(self) -> list[shard_files.ScaLoRAShard]:
         if self._shards is None:
-            paths = self.src.ckpt.scalora_shards()
-            self._shards = [load(p) for p in paths]
+            paths = shard_files.find(self.src.ckpt.dir, "scalora", self.src.ckpt.world)
+            self._shards = [shard_files.read(p, "scalora", mmap=True) for p in paths]
             for p, s in zip(paths, self._shards):
-                if s["layers"] != self._shards[0]["layers"] or len(s["merge_state"]) != len(s["layers"]):
+                if s.layers != self._shards[0].layers or len(s.merge_state) != len(s.layers):
                     raise CheckpointFileError(f"{p} lists other adapted layers than the other shards")
         return self._shards

@@ -1,9 +1,10 @@
 """Checkpoints of a run: DeepSpeed's own, made atomic, rotated, and found again on resume.
 
-A checkpoint is ``<output_dir>/checkpoints/step00000042/`` written by ``engine.save_checkpoint`` (and,
-for ScaLoRA, its per-rank merge-state shards). Only after every rank has finished writing does rank 0
-add ``COMPLETE`` to it: a save interrupted at any moment leaves a directory without the marker, which
-resume skips (with a warning) and the next save removes. ``latest`` is never trusted.
+A checkpoint is ``<output_dir>/checkpoints/step00000042/`` written by ``engine.save_checkpoint`` (and
+the method's per-rank shards); its layout (tag names, the ``COMPLETE`` marker) is
+:mod:`ds_scalora.checkpoint.layout`'s. Only after every rank has finished writing does rank 0 add the
+marker: a save interrupted at any moment leaves a directory without it, which resume skips (with a
+warning) and the next save removes. ``latest`` is never trusted.
 """
 
 from __future__ import annotations
@@ -13,33 +14,19 @@ import shutil
 
 import torch.distributed as dist
 
-MARKER = "COMPLETE"
+from ..checkpoint.layout import MARKER, checkpoint_root, is_complete, mark_complete, step_tags, tag_for
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names it and what to do."""
 
 
-def checkpoint_root(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
 def complete_tags(output_dir: str) -> list[str]:
-    root = checkpoint_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isfile(os.path.join(root, t, MARKER)))
+    return step_tags(checkpoint_root(output_dir))[0]
 
 
 def incomplete_tags(output_dir: str) -> list[str]:
-    root = checkpoint_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if t.startswith("step") and not os.path.isfile(os.path.join(root, t, MARKER)))
+    return step_tags(checkpoint_root(output_dir))[1]
 
 
 def save(engine, controller, output_dir: str, step: int, client_state: dict, keep_last: int) -> str:
@@ -57,9 +44,7 @@ def save(engine, controller, output_dir: str, step: int, client_state: dict, kee
         raise CheckpointError(_save_failed(root, tag, e)) from e
     _barrier()
     if rank0:
-        with open(os.path.join(root, tag, MARKER + ".tmp"), "w") as f:
-            f.write(f"{step}\n")
-        os.replace(os.path.join(root, tag, MARKER + ".tmp"), os.path.join(root, tag, MARKER))
+        mark_complete(os.path.join(root, tag), step)
         for old in complete_tags(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
@@ -84,7 +69,7 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:
         tags = complete_tags(output_dir)
         return (checkpoint_root(output_dir), tags[-1]) if tags else None
     path = os.path.abspath(resume)
-    if not os.path.isfile(os.path.join(path, MARKER)):
+    if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
     return os.path.dirname(path), os.path.basename(path)
 

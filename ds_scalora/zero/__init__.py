@@ -3,6 +3,6 @@
 from .controller import ZeroScaLoRA, attach
 from .elalora_controller import ZeroElaLoRA, attach_elalora
 from .state_access import UnsupportedConfig, disable_cpu_shm_comm
-from .teardown import end_distributed
+from .teardown import end_distributed, exit_process
 
-__all__ = ["ZeroScaLoRA", "attach", "ZeroElaLoRA", "attach_elalora", "UnsupportedConfig", "disable_cpu_shm_comm", "end_distributed"]
+__all__ = ["ZeroScaLoRA", "attach", "ZeroElaLoRA", "attach_elalora", "UnsupportedConfig", "disable_cpu_shm_comm", "end_distributed", "exit_process"]

@@ -32,6 +32,8 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import shards
+from ..checkpoint.layout import latest_tag
 from ..methods.adapted_layers import AdaptedLinear, find_adapted_linears, fresh_lora_A
 from ..methods.scalora import RefreshReport, ScaLoRAConfig, restart_seed
 from ..precision import get_policy
@@ -256,15 +258,13 @@ class ZeroScaLoRA:
                 "layers": [layer.name for layer in self.layers]}
 
     def shard_path(self, tag_dir: str) -> str:
-        return os.path.join(tag_dir, f"ds_scalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
+        return shards.shard_path(tag_dir, self.access.rank, self.access.world, "scalora")
 
     def save_shard(self, tag_dir: str) -> None:
         """Write this rank's merge-state shard into a checkpoint's tag directory (atomic rename)."""
-        path = self.shard_path(tag_dir)
         sketches = {i: sketch.Y for i, sketch in self.sketches.items()}
-        torch.save({**self.state_dict(), "rank": self.access.rank, "merge_state": self.merge_state,
-                    "sketches": sketches}, path + ".tmp")  # fmt: skip
-        os.replace(path + ".tmp", path)
+        shards.write(self.shard_path(tag_dir), shards.ScaLoRAShard(**self.state_dict(), rank=self.access.rank,
+                                                                   merge_state=self.merge_state, sketches=sketches))
         if dist.is_initialized():
             dist.barrier()
 
@@ -272,25 +272,25 @@ class ZeroScaLoRA:
         """Restore this rank's merge-state shard and the counters from a checkpoint's tag directory."""
         path = self.shard_path(tag_dir)
         if not os.path.isfile(path):
-            others = sorted(f for f in os.listdir(tag_dir) if f.startswith("ds_scalora_rank")) if os.path.isdir(tag_dir) else []
-            if others:
+            other = shards.other_world(tag_dir, "scalora", self.access.world)
+            if other:
                 raise ValueError(
-                    f"{tag_dir} holds ScaLoRA shards for another world size ({others[0]}); this run has "
+                    f"{tag_dir} holds ScaLoRA shards for another world size ({other}); this run has "
                     f"{self.access.world} data-parallel ranks: resume at the same world size or convert the checkpoint"
                 )
             raise FileNotFoundError(f"missing ScaLoRA merge-state shard {path}: the checkpoint is incomplete")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["layers"] != [layer.name for layer in self.layers]:
+        saved = shards.read(path, "scalora")
+        if saved.layers != [layer.name for layer in self.layers]:
             raise ValueError(f"{path} was written for different adapted layers than this model has")
-        for mine, theirs in zip(self.merge_state, saved["merge_state"]):
+        for mine, theirs in zip(self.merge_state, saved.merge_state):
             if (mine is None) != (theirs is None) or (mine is not None and mine.shape != theirs.shape):
                 raise ValueError(f"{path}: merge state does not match this run's precision policy or sharding")
             if mine is not None:
                 mine.copy_(theirs)
-        for i, Y in saved.get("sketches", {}).items():
+        for i, Y in saved.sketches.items():
             if i in self.sketches:
                 self.sketches[i].load_(Y)
-        self.totals = Counter(saved["totals"])
+        self.totals = Counter(saved.totals)
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:
         """``engine.save_checkpoint`` plus this rank's merge-state shard, written beside it."""
@@ -303,19 +303,11 @@ class ZeroScaLoRA:
 
     def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
         """``engine.load_checkpoint`` plus this rank's merge-state shard; returns what the engine returns."""
-        tag = tag if tag is not None else _latest_tag(load_dir)
+        tag = tag if tag is not None else latest_tag(load_dir)
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is not None:
             self.load_shard(os.path.join(load_dir, str(tag)))
         return path, client_state
-
-
-def _latest_tag(load_dir: str) -> str:
-    latest = os.path.join(load_dir, "latest")
-    if not os.path.isfile(latest):
-        raise FileNotFoundError(f"{load_dir} has no 'latest' file: pass the checkpoint tag explicitly")
-    with open(latest) as f:
-        return f.read().strip()
 
 
 def attach(engine, model: torch.nn.Module | None = None, config: ScaLoRAConfig | None = None, **options) -> ZeroScaLoRA:

@@ -19,9 +19,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import shards
+from ..checkpoint.layout import latest_tag
 from ..methods.elalora import ElaLoRAConfig, ElasticRanks, RoundReport, lora_adapter_tensors
 from ..methods.svd_layers import find_svd_layers
-from .controller import _latest_tag
 from .state_access import ZeroAccess
 from .step_hook import install_step_hook
 
@@ -60,7 +61,7 @@ class ZeroElaLoRA:
         return {**self.core.state_dict(), "world": self.access.world}
 
     def shard_path(self, tag_dir: str) -> str:
-        return os.path.join(tag_dir, f"ds_elalora_rank{self.access.rank:05d}_of{self.access.world:05d}.pt")
+        return shards.shard_path(tag_dir, self.access.rank, self.access.world, "elalora")
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state: dict | None = None, **kwargs) -> None:
         """``engine.save_checkpoint`` plus this rank's importance averages, written beside it."""
@@ -68,14 +69,13 @@ class ZeroElaLoRA:
         client_state = {**(client_state or {}), "ds_elalora": self.state_dict()}
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, **kwargs)
         path = self.shard_path(os.path.join(save_dir, tag))
-        torch.save({"layers": [layer.name for layer in self.layers], "ema": self.core.ema_state()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        shards.write(path, shards.ElaLoRAShard(layers=[layer.name for layer in self.layers], ema=self.core.ema_state()))
         if dist.is_initialized():
             dist.barrier()
 
     def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
         """``engine.load_checkpoint`` plus the masks, history and this rank's averages."""
-        tag = tag if tag is not None else _latest_tag(load_dir)
+        tag = tag if tag is not None else latest_tag(load_dir)
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             return path, client_state
@@ -86,11 +86,11 @@ class ZeroElaLoRA:
         if not os.path.isfile(shard):
             raise FileNotFoundError(f"missing ElaLoRA shard {shard}: the checkpoint is incomplete or was written "
                                     f"at another world size (this run has {self.access.world} ranks)")  # fmt: skip
-        saved = torch.load(shard, map_location="cpu", weights_only=True)
-        if saved["layers"] != [layer.name for layer in self.layers]:
+        saved = shards.read(shard, "elalora")
+        if saved.layers != [layer.name for layer in self.layers]:
             raise ValueError(f"{shard} was written for different adapted layers than this model has")
         device = self.layers[0].P.device
-        self.core.load_ema_state({k: v.to(device) for k, v in saved["ema"].items()})
+        self.core.load_ema_state({k: v.to(device) for k, v in saved.ema.items()})
         return path, client_state
 
     # -- export ---------------------------------------------------------------------------------

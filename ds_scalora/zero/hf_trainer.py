@@ -26,9 +26,8 @@ from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
 
 from ..methods.scalora import ScaLoRA, ScaLoRAConfig
-from .controller import _latest_tag, attach
-
-REFERENCE_STATE = "ds_scalora_state.pt"
+from ..checkpoint.layout import TRAINER_STATE, latest_tag
+from .controller import attach
 
 
 class ScaLoRATrainer(Trainer):
@@ -66,7 +65,7 @@ class ScaLoRATrainer(Trainer):
                 # the PEFT checkpoint holds only the adapter: the merged base weights go here
                 merged = {layer.name: layer.weight.detach().cpu() for layer in self.scalora.layers}
                 torch.save({"scalora": self.scalora.state_dict(), "merged_weights": merged},
-                           os.path.join(output_dir, REFERENCE_STATE))
+                           os.path.join(output_dir, TRAINER_STATE))
             return
         # the whole engine state, frozen (merged) weights included, plus the per-rank merge state
         self.scalora.save_checkpoint(output_dir)
@@ -80,9 +79,9 @@ class ScaLoRATrainer(Trainer):
             return
         if self.is_deepspeed_enabled:
             # the engine itself was restored by the Trainer (deepspeed_load_checkpoint)
-            self.scalora.load_shard(os.path.join(checkpoint, _latest_tag(checkpoint)))
+            self.scalora.load_shard(os.path.join(checkpoint, latest_tag(checkpoint)))
             return
-        path = os.path.join(checkpoint, REFERENCE_STATE)
+        path = os.path.join(checkpoint, TRAINER_STATE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: {checkpoint} was not written by ScaLoRATrainer")
         saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.deepspeed_files import TESTED_DEEPSPEED as SUPPORTED_DEEPSPEED
+from ..checkpoint.layout import piece_numel, piece_range
 from ..pieces import LocalAccess, Piece
-
-SUPPORTED_DEEPSPEED = "0.19.8"
 
 
 def disable_cpu_shm_comm() -> None:
@@ -154,9 +154,8 @@ class ZeroAccess:
             start = n * self.rank
             valid = max(0, min(n, W.ds_numel - start))
             return W.ds_tensor.data.view(-1).narrow(0, 0, valid), start
-        chunk = -(-W.numel() // self.world)
-        start = min(chunk * self.rank, W.numel())
-        return W.data.view(-1)[start : start + chunk], start
+        start, stop = piece_range(W.numel(), self.world, self.rank)
+        return W.data.view(-1)[start:stop], start
 
     def weight_numel(self, W: torch.nn.Parameter) -> int:
         return W.ds_numel if self.kind == "zero3" else W.numel()
@@ -193,7 +192,7 @@ class ZeroAccess:
             return
         batch, size = [], 0
         for W in weights:
-            chunk = -(-W.numel() // self.world)
+            chunk = piece_numel(W.numel(), self.world)
             if batch and size + chunk * W.element_size() * self.world > max_bytes:
                 self._gather_shares(batch)
                 batch, size = [], 0
@@ -203,7 +202,7 @@ class ZeroAccess:
             self._gather_shares(batch)
 
     def _gather_shares(self, weights: list) -> None:
-        chunks = [-(-W.numel() // self.world) for W in weights]
+        chunks = [piece_numel(W.numel(), self.world) for W in weights]
         dtype = weights[0].dtype
         if any(W.dtype != dtype for W in weights):
             for W in weights:

@@ -75,3 +75,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from ds_scalora.zero import end_distributed, exit_process
+
+    end_distributed()  # barrier + destroy_process_group
+    exit_process(0)  # on gloo: os._exit, see ds_scalora/zero/teardown.py

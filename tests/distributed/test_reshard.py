@@ -34,7 +34,7 @@ def convert(*args):
 
 
 def _final(run: Path):
-    from ds_scalora.zero.checkpoint_files import ZeroCheckpoint
+    from ds_scalora.checkpoint.deepspeed_files import ZeroCheckpoint
 
     ck = ZeroCheckpoint(str(run / "checkpoints" / "step00000006"))
     masters = {n: ck.master(n) for n in ck.trainable_names()}
@@ -43,7 +43,8 @@ def _final(run: Path):
 
 
 def test_reshard_2_to_1_and_4_resumes_with_the_same_losses(tmp_path):
-    from ds_scalora.zero.checkpoint_files import ZeroCheckpoint, load
+    from ds_scalora.checkpoint.deepspeed_files import ZeroCheckpoint, load
+    from ds_scalora.checkpoint.shards import find as find_shards
 
     full = train(2, tmp_path / "orig", *SETS)
     step3 = tmp_path / "orig" / "checkpoints" / "step00000003"
@@ -71,7 +72,7 @@ def test_reshard_2_to_1_and_4_resumes_with_the_same_losses(tmp_path):
         assert b["dp_world_size"] == world and b["global_steps"] == a["global_steps"] == 3
         assert b["lr_scheduler"] == a["lr_scheduler"] and b["step"] == 3 and b["history"] == a["history"]
         shards = [load(str(tag / f"ds_scalora_rank{k:05d}_of{world:05d}.pt"), mmap=False) for k in range(world)]
-        old = [load(p, mmap=False) for p in src.scalora_shards()]
+        old = [load(p, mmap=False) for p in find_shards(src.dir, "scalora", src.world)]
         assert all(s["totals"] == old[0]["totals"] and s["world"] == world for s in shards)
         assert sorted(i for s in shards for i in s["sketches"]) == sorted(i for s in old for i in s["sketches"])
         assert all(i % world == k for k, s in enumerate(shards) for i in s["sketches"])
@@ -102,7 +103,7 @@ def test_reshard_2_to_1_and_4_resumes_with_the_same_losses(tmp_path):
 def test_reshard_refuses_bad_requests(tmp_path):
     from types import SimpleNamespace
 
-    from ds_scalora.zero.reshard_files import ReshardError, check_supported
+    from ds_scalora.checkpoint.reshard_files import ReshardError, check_supported
 
     proc = convert("reshard", tmp_path, tmp_path / "out", "--world", 1)
     assert proc.returncode == 2 and "no checkpoint found" in proc.stderr
@@ -122,11 +123,11 @@ ELALORA = ("method.name=elalora", "method.elalora.init_warmup=2", "method.elalor
 
 def _whole_ema(tag: Path) -> dict:
     """Every importance average of a tag, joined over its ranks (re-cut to one rank)."""
-    from ds_scalora.zero.checkpoint_files import ZeroCheckpoint
-    from ds_scalora.zero.reshard_files import elalora_shards
+    from ds_scalora.checkpoint.deepspeed_files import ZeroCheckpoint
+    from ds_scalora.checkpoint.reshard_files import elalora_shards
 
     ck = ZeroCheckpoint(str(tag))
-    return elalora_shards(ck, [str(tag / f"ds_elalora_rank{r:05d}_of{ck.world:05d}.pt") for r in range(ck.world)], 1)[0]["ema"]
+    return elalora_shards(ck, [str(tag / f"ds_elalora_rank{r:05d}_of{ck.world:05d}.pt") for r in range(ck.world)], 1)[0].ema
 
 
 @pytest.mark.parametrize("stage,world", [(3, 4), (2, 1), (0, 1)])
@@ -144,7 +145,7 @@ def test_reshard_elalora_resumes_with_the_same_losses_and_ranks(tmp_path, stage,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"elalora_shards": true' in proc.stdout
 
-    from ds_scalora.zero.checkpoint_files import ZeroCheckpoint
+    from ds_scalora.checkpoint.deepspeed_files import ZeroCheckpoint
 
     src, new = ZeroCheckpoint(str(step3)), ZeroCheckpoint(str(tag))
     assert new.world == world and new.stage == stage

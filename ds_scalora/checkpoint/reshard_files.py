@@ -1,7 +1,7 @@
 """Writing one checkpoint tag's files again for another data-parallel world size (DeepSpeed 0.19.8).
 
-The reading side is :mod:`ds_scalora.zero.checkpoint_files`; this module builds, from a
-:class:`~ds_scalora.zero.checkpoint_files.ZeroCheckpoint` written at N ranks, the dictionaries that
+The reading side is :mod:`.deepspeed_files` (and :mod:`.shards` for the method shards); this module
+builds, from a :class:`~ds_scalora.checkpoint.deepspeed_files.ZeroCheckpoint` written at N ranks, the dictionaries that
 DeepSpeed and ds_scalora would have written at M ranks, so that ``engine.load_checkpoint`` (rigid,
 non-elastic path, ``load_from_fp32_weights`` true, DeepSpeed's default) and ``ZeroScaLoRA.load_shard``
 load them unchanged at M ranks.
@@ -49,7 +49,9 @@ from collections import OrderedDict
 import torch
 
 from ..methods.svd_layers import PEFT_NAMES
-from .checkpoint_files import CheckpointFileError, ZeroCheckpoint, _narrow_across, load
+from . import shards
+from .deepspeed_files import CheckpointFileError, ZeroCheckpoint, load, narrow_across
+from .layout import piece_numel, piece_range
 
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: "4-byte alignment/sizeof(fp16) = 2"
 
@@ -214,11 +216,10 @@ def model_state_files(ckpt: ZeroCheckpoint, world: int):
 def _piece(parts: list, numel: int, world: int, k: int) -> torch.Tensor:
     """ZeRO-3's piece k (``ceil(numel/world)`` elements, zero padded) of the tensor whose first ``numel``
     elements are the concatenation of ``parts``."""
-    c = -(-numel // world)
-    lo, hi = min(k * c, numel), min((k + 1) * c, numel)
-    out = torch.zeros(c, dtype=parts[0].dtype)
+    lo, hi = piece_range(numel, world, k)
+    out = torch.zeros(piece_numel(numel, world), dtype=parts[0].dtype)
     if hi > lo:
-        out[: hi - lo] = _narrow_across(parts, lo, hi - lo)
+        out[: hi - lo] = narrow_across(parts, lo, hi - lo)
     return out
 
 
@@ -244,7 +245,7 @@ def _check_zero3(ckpt: ZeroCheckpoint) -> None:
 
 def _sub_groups(numels: list[int], world: int, sub_group_size: int) -> list[list[int]]:
     """Indices of a group's parameters per sub-group at ``world`` ranks (``_create_fp16_sub_groups``)."""
-    sizes = [-(-n // world) for n in numels]
+    sizes = [piece_numel(n, world) for n in numels]
     if sub_group_size >= sum(sizes):
         return [list(range(len(numels)))]
     out, current, size = [], [], 0
@@ -308,8 +309,7 @@ def piece_ranges(ckpt: ZeroCheckpoint, world: int) -> dict[str, list[tuple[int, 
         for shapes in ckpt.param_shapes:
             for name, shape in shapes.items():
                 n = math.prod(shape)
-                c = -(-n // world)
-                out[name] = [(min(k * c, n), max(0, min(c, n - k * c))) for k in range(world)]
+                out[name] = [(lo, hi - lo) for lo, hi in (piece_range(n, world, k) for k in range(world))]
         return out
     for g in range(len(ckpt.param_shapes)):
         total, entries = _group_layout(ckpt, g)
@@ -330,46 +330,43 @@ def _split_slices(parts: list, world: int, what: str):
     if any(p is None for p in parts):
         raise CheckpointFileError(f"{what}: merge state present on some ranks only")
     whole = torch.cat([p.reshape(-1) for p in parts])
-    numel = whole.numel()
-    chunk = -(-numel // world)
-    return [whole[min(chunk * k, numel) : min(chunk * k, numel) + chunk].clone() for k in range(world)]
+    return [whole[slice(*piece_range(whole.numel(), world, k))].clone() for k in range(world)]
 
 
-def scalora_shards(paths: list[str], world: int) -> list[dict]:
-    """ScaLoRA's per-rank shard dictionaries, re-cut for ``world`` ranks (index k: rank k)."""
-    saved = [load(p, mmap=False) for p in paths]
+def scalora_shards(paths: list[str], world: int) -> list[shards.ScaLoRAShard]:
+    """ScaLoRA's per-rank shard records, re-cut for ``world`` ranks (index k: rank k)."""
+    saved = [shards.read(p, "scalora") for p in paths]
     old = len(saved)
-    layers = saved[0]["layers"]
+    layers = saved[0].layers
     for p, s in zip(paths, saved):
-        if s["layers"] != layers or len(s["merge_state"]) != len(layers):
+        if s.layers != layers or len(s.merge_state) != len(layers):
             raise CheckpointFileError(f"{p} was written for other adapted layers than {paths[0]}")
-    merge = [_split_slices([s["merge_state"][j] for s in saved], world, f"{paths[0]} layer {layers[j]}")
+    merge = [_split_slices([s.merge_state[j] for s in saved], world, f"{paths[0]} layer {layers[j]}")
              for j in range(len(layers))]  # fmt: skip
     sketches = {}
     for r, s in enumerate(saved):
-        for i, Y in (s.get("sketches") or {}).items():
+        for i, Y in (s.sketches or {}).items():
             if int(i) % old != r:
                 raise CheckpointFileError(f"{paths[r]} holds the sketch of layer {i}, which belongs to rank {int(i) % old}")
             sketches[int(i)] = Y
-    out = []
-    for k in range(world):
-        shard = {key: v for key, v in saved[0].items() if key not in ("rank", "merge_state", "sketches")}
-        shard.update(world=world, rank=k, merge_state=[m[k] for m in merge],
-                     sketches={i: Y.clone() for i, Y in sketches.items() if i % world == k})
-        out.append(shard)
-    return out
+    first = saved[0]
+    return [shards.ScaLoRAShard(config=first.config, totals=first.totals, world=world, layers=layers, rank=k,
+                                merge_state=[m[k] for m in merge],
+                                sketches={i: Y.clone() for i, Y in sketches.items() if i % world == k})
+            for k in range(world)]  # fmt: skip
 
 
-def elalora_shards(ckpt: ZeroCheckpoint, paths: list[str], world: int, adapter: str = "default") -> list[dict]:
-    """ElaLoRA's per-rank importance shards, re-cut for ``world`` ranks along the new ZeRO layout."""
-    saved = [load(p, mmap=False) for p in paths]
-    layers = saved[0]["layers"]
+def elalora_shards(ckpt: ZeroCheckpoint, paths: list[str], world: int,
+                   adapter: str = "default") -> list[shards.ElaLoRAShard]:
+    """ElaLoRA's per-rank importance records, re-cut for ``world`` ranks along the new ZeRO layout."""
+    saved = [shards.read(p, "elalora") for p in paths]
+    layers = saved[0].layers
     for p, s in zip(paths, saved):
-        if s["layers"] != layers:
+        if s.layers != layers:
             raise CheckpointFileError(f"{p} was written for other adapted layers than {paths[0]}")
     old, new = piece_ranges(ckpt, ckpt.world), piece_ranges(ckpt, world)
-    keys = sorted({key for s in saved for key in s["ema"]}, key=_natural_key)
-    out = [{"layers": layers, "ema": {}} for _ in range(world)]
+    keys = sorted({key for s in saved for key in s.ema}, key=_natural_key)
+    out = [shards.ElaLoRAShard(layers=layers, ema={}) for _ in range(world)]
     for key in keys:
         i, factor = key.split("/")
         name = f"{layers[int(i)]}.{PEFT_NAMES[factor]}.{adapter}"
@@ -382,21 +379,17 @@ def elalora_shards(ckpt: ZeroCheckpoint, paths: list[str], world: int, adapter: 
             start, n = old[name][r]
             if n == 0:
                 continue
-            if key not in s["ema"] or s["ema"][key].shape[-1] != n:
+            if key not in s.ema or s.ema[key].shape[-1] != n:
                 raise CheckpointFileError(f"{paths[r]}: importance entry {key} is missing or has another size than "
                                           f"this rank's piece of {name} ({n} elements)")
-            whole[:, start : start + n] = s["ema"][key].reshape(2, n)
+            whole[:, start : start + n] = s.ema[key].reshape(2, n)
         for k in range(world):
             start, n = new[name][k]
             if n:
-                out[k]["ema"][key] = whole[:, start : start + n].clone()
+                out[k].ema[key] = whole[:, start : start + n].clone()
     return out
 
 
 def _natural_key(key: str):
     i, factor = key.split("/")
     return int(i), factor
-
-
-def shard_name(rank: int, world: int, kind: str = "scalora") -> str:
-    return f"ds_{kind}_rank{rank:05d}_of{world:05d}.pt"

@@ -1,7 +1,7 @@
 """Reading DeepSpeed's checkpoint *files* (not a live engine): the only module that knows their layout.
 
 Tested against deepspeed==0.19.8 (the pinned version; ``ds_version`` of every file is checked). It reads
-one tag directory written by ``engine.save_checkpoint`` (plus ds_scalora's per-rank merge-state shards)
+one tag directory written by ``engine.save_checkpoint`` (the method shards beside it: :mod:`.shards`)
 tensor by tensor, so that a converter never holds more than one parameter's worth of data at a time:
 
 * files are opened with ``torch.load(mmap=True, weights_only=True)``: nothing pickled is executed (a
@@ -30,8 +30,9 @@ import re
 
 import torch
 
-TESTED_DEEPSPEED = "0.19.8"
-SHARD_PATTERN = re.compile(r"ds_scalora_rank(\d{5})_of(\d{5})\.pt$")
+from .layout import piece_numel
+
+TESTED_DEEPSPEED = "0.19.8"  # the pinned version (pyproject.toml); zero.state_access checks the live one
 
 
 class CheckpointFileError(ValueError):
@@ -85,7 +86,7 @@ def _files(tag_dir: str, pattern: str) -> list[str]:
     return sorted(glob.glob(os.path.join(tag_dir, pattern)), key=_natural)
 
 
-def _narrow_across(parts: list[torch.Tensor], offset: int, length: int) -> torch.Tensor:
+def narrow_across(parts: list[torch.Tensor], offset: int, length: int) -> torch.Tensor:
     """Elements ``[offset, offset + length)`` of the concatenation of ``parts`` (copies only those)."""
     out, pos = [], 0
     for t in parts:
@@ -193,25 +194,6 @@ class ZeroCheckpoint:
                    "checkpoint_parallel_dimensions", "ds_config", "ds_version"}  # fmt: skip
         return {k: v for k, v in self.model(0).items() if k not in ds_keys}
 
-    def scalora_shards(self) -> list[str]:
-        """Paths of the ScaLoRA merge-state shards, one per rank (empty for other methods)."""
-        found = {}
-        for path in glob.glob(os.path.join(self.dir, "ds_scalora_rank*_of*.pt")):
-            m = SHARD_PATTERN.search(os.path.basename(path))
-            if m:
-                found[int(m.group(1))] = (int(m.group(2)), path)
-        if not found:
-            return []
-        worlds = {w for w, _ in found.values()}
-        if worlds != {self.world}:
-            raise CheckpointFileError(f"{self.dir}: ScaLoRA shards written for {sorted(worlds)} ranks, DeepSpeed "
-                                      f"files for {self.world}")
-        missing = [r for r in range(self.world) if r not in found]
-        if missing:
-            raise CheckpointFileError(f"{self.dir}: missing ScaLoRA shard "
-                                      f"ds_scalora_rank{missing[0]:05d}_of{self.world:05d}.pt")
-        return [found[r][1] for r in range(self.world)]
-
     # -- frozen weights ---------------------------------------------------------------------------
 
     def frozen(self, name: str) -> torch.Tensor:
@@ -225,7 +207,7 @@ class ZeroCheckpoint:
             if frags is None or name not in frags:
                 raise CheckpointFileError(f"{self.model_files[r]} has no frozen fragment of {name}")
             parts.append(frags[name].view(-1))
-        return _narrow_across(parts, 0, shape.numel()).view(shape)
+        return narrow_across(parts, 0, shape.numel()).view(shape)
 
     # -- trainable parameters ---------------------------------------------------------------------
 
@@ -247,7 +229,7 @@ class ZeroCheckpoint:
             for shapes in self.param_shapes:
                 for name, shape in shapes.items():
                     self.where[name] = (0, offset, torch.Size(shape))
-                    offset += math.ceil(math.prod(shape) / self.world)
+                    offset += piece_numel(math.prod(shape), self.world)
 
     def trainable_names(self) -> list[str]:
         return list(self.where)
@@ -287,7 +269,7 @@ class ZeroCheckpoint:
             if state is not None:  # the inner optimizer's flats keep the partition padding: strip it
                 sizes = [self._flat(r, group, None)[0].numel() for r in range(self.world)]
                 parts = [p.view(-1)[:s] for p, s in zip(parts, sizes)]
-            return _narrow_across(parts, offset, numel).view(shape)
-        n = math.ceil(numel / self.world)
-        parts = [_narrow_across(self._flat(r, group, state), offset, n) for r in range(self.world)]
+            return narrow_across(parts, offset, numel).view(shape)
+        n = piece_numel(numel, self.world)
+        parts = [narrow_across(self._flat(r, group, state), offset, n) for r in range(self.world)]
         return torch.cat(parts)[:numel].view(shape)

@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from ..methods.scalora import MAX_SCALE, ScaLoRAConfig
+from ..methods.scalora import MAX_SCALE
 from ..precision import POLICY_NAMES
 from ..scaling import SOLVERS
+from .methods import METHODS
 from .packaged_models import is_packaged, locate
 
 
@@ -152,7 +153,7 @@ class RunConfig:
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "data.format": ("auto", "text", "prompt_completion", "chat"),
-    "method.name": ("lora", "rslora", "scalora", "elalora", "relora", "full"),
+    "method.name": tuple(METHODS),
     "method.scalora.solver": SOLVERS,
     "method.scalora.precision": ("auto", *POLICY_NAMES),
     "train.scheduler": ("cosine", "linear", "constant"),
@@ -246,21 +247,17 @@ def _validate(config: RunConfig, base_dir: str) -> None:
             raise ConfigError(f"{key} must be >= 1, got {_get(config, key)}")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
-    o = config.method.scalora
-    try:  # the method's own config owns these checks (strength, shrink, max_scale, ablation, ...)
-        ScaLoRAConfig(interval=o.interval, strength=o.strength, shrink=o.shrink, max_scale=o.max_scale,
-                      ablation=o.ablation, warmup_steps=o.warmup_steps, solver=o.solver, precision=o.precision,
-                      rank_sketch=o.rank_sketch)
+    try:  # the method's own config owns these checks (strength, shrink, max_scale, ablation, ...); always
+        METHODS["scalora"].config(config)  # checked: ReLoRA takes its precision and sketch from these options
     except ValueError as e:
         raise ConfigError(f"method.scalora: {e}") from None
     for key in ("method.relora.warmup_steps", "method.relora.rewarm_steps"):
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
-    if config.method.name == "elalora":
-        try:
-            elalora_config(config)
-        except ValueError as e:
-            raise ConfigError(f"method.elalora: {e}") from None
+    try:
+        METHODS[config.method.name].config(config)
+    except ValueError as e:
+        raise ConfigError(f"method.{config.method.name}: {e}") from None
     m = config.model
     if (m.path is None) == (m.random_init is None):
         raise ConfigError("set exactly one of model.path (a local model directory) and model.random_init")

@@ -12,10 +12,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..methods.scalora import ScaLoRAConfig
 from . import checkpoints
-from .config import RunConfig, check_batch_keys, elalora_config
+from .config import RunConfig, check_batch_keys
 from .data import collate, load_rows, pack, tokenize
+from .methods import method_of
 from .model import load_model_and_tokenizer
 
 
@@ -46,14 +46,11 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
 
 def lr_lambda(cfg: RunConfig):
     t = cfg.train
-    relora = cfg.method.relora if cfg.method.name == "relora" else None
+    method_factor = method_of(cfg).lr_factor(cfg)  # ReLoRA's re-warm-up after each restart
 
     def factor(step):
         base = schedule(step)
-        if relora is not None and relora.rewarm_steps and step >= relora.warmup_steps:
-            since = (step - relora.warmup_steps) % relora.interval  # steps since the last restart
-            base *= min(1.0, (since + 1) / relora.rewarm_steps)
-        return base
+        return base * method_factor(step) if method_factor is not None else base
 
     def schedule(step):
         if step < t.warmup_steps:
@@ -100,27 +97,10 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     """The training loop of :func:`run` on an initialised engine."""
     from tqdm import tqdm
 
-    from ..zero import attach, attach_elalora
-
-    controller = None
-    if cfg.method.name == "scalora":
-        o = cfg.method.scalora
-        controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, strength=o.strength, shrink=o.shrink,
-                                                         max_scale=o.max_scale, ablation=o.ablation,
-                                                         warmup_steps=o.warmup_steps, solver=o.solver,
-                                                         precision=o.precision, rank_sketch=o.rank_sketch,
-                                                         seed=cfg.train.seed))  # fmt: skip
-    elif cfg.method.name == "relora":  # the same refresh with α = β = 0, then a fresh lora_A
-        o = cfg.method.relora
-        controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, warmup_steps=o.warmup_steps, restart=True,
-                                                         precision=cfg.method.scalora.precision,
-                                                         rank_sketch=cfg.method.scalora.rank_sketch, seed=cfg.train.seed))  # fmt: skip
-    elif cfg.method.name == "elalora":
-        controller = attach_elalora(engine, model, elalora_config(cfg))
-    scalora = controller if cfg.method.name in ("scalora", "relora") else None
+    method = method_of(cfg)
+    controller = method.attach(engine, model, cfg)
     if hooks is not None and hasattr(hooks, "after_setup"):
         hooks.after_setup(engine, model)
-    elalora = controller if cfg.method.name == "elalora" else None
 
     start, history = 0, []
     resume = checkpoints.resolve_resume(cfg.train.resume, cfg.train.output_dir)
@@ -161,15 +141,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         record = {"step": step + 1, "loss": float(stats[0]) / world, "lr": scheduler.get_last_lr()[0]}
         norm = engine.get_global_grad_norm()
         record["grad_norm"] = None if norm is None else float(norm)
-        if scalora is not None and scalora.last_report is not None:
-            record.update(_scalora_stats(scalora.last_report))
-        ela_report = elalora.last_report if elalora is not None else None
-        if ela_report is not None:
-            record["elalora/total_rank"] = sum(ela_report.ranks)
-            if ela_report.orth_penalty is not None:
-                record["elalora/orth_penalty"] = ela_report.orth_penalty
-            if ela_report.moves:
-                record["elalora/moves"] = ela_report.moves
+        if controller is not None:
+            record.update(method.record(controller))
         done = step + 1 == cfg.train.max_steps
         if done or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world,
@@ -183,19 +156,10 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
             tokens, t0 = 0, time.perf_counter()
             if writer is not None:
                 for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step" and not key.startswith(("scalora/", "elalora/")):
+                    if isinstance(value, (int, float)) and key != "step" and not (method.log_prefix and key.startswith(method.log_prefix)):
                         writer.add_scalar(key, value, step + 1)
-        if writer is not None and ela_report is not None and (ela_report.moves or step == start):
-            _log_ranks(writer, elalora, ela_report, record, step + 1)  # ElaLoRA's, at every round
-        report = scalora.last_report if scalora is not None else None
-        if writer is not None and report is not None:  # ScaLoRA's own, at every refresh
-            for key, value in record.items():
-                if key.startswith("scalora/"):
-                    writer.add_scalar(key, value, step + 1)
-            if report.alpha_beta:
-                writer.add_histogram("scalora/alpha_beta", torch.cat(report.alpha_beta), step + 1)
-            if report.accumulated_rank:
-                writer.add_histogram("scalora/accumulated_rank_per_layer", torch.tensor(report.accumulated_rank), step + 1)
+        if writer is not None and controller is not None:  # the method's own: at its refreshes or rounds
+            method.tensorboard(writer, controller, record, step + 1, first=step == start)
         history.append(record)
         last_tps = record.get("tokens_per_s", last_tps)
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
@@ -207,9 +171,9 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
             checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
                              {"step": step + 1, "history": history, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)  # fmt: skip
     bar.close()
-    if elalora is not None:
-        _finish_elalora(cfg, elalora, rank)
-    summary = _summary(cfg, history, controller, world)
+    if controller is not None:
+        method.finish(cfg, controller, rank)
+    summary = _summary(cfg, history, method.summary(controller, history) if controller is not None else {}, world)
     if hooks is not None and hasattr(hooks, "before_summary"):
         hooks.before_summary(engine, model, summary)
     if rank == 0:
@@ -319,43 +283,6 @@ def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, synced_
     return texts
 
 
-def _scalora_stats(report) -> dict:
-    ab = torch.cat(report.alpha_beta) if report.alpha_beta else torch.ones(1)
-    return {"scalora/scalar_fraction": report.scalar_fraction, "scalora/alpha_beta_mean": float(ab.mean()),
-            "scalora/alpha_beta_min": float(ab.min()), "scalora/alpha_beta_max": float(ab.max()),
-            "scalora/merged_norm": report.merged_norm,
-            **({"scalora/accumulated_rank_mean": report.accumulated_rank_mean,
-                "scalora/accumulated_rank_max": max(report.accumulated_rank),
-                "scalora/energy_outside_top_r_mean": report.energy_outside_mean} if report.accumulated_rank else {})}  # fmt: skip
-
-
-def _log_ranks(writer, elalora, report, record: dict, step: int) -> None:
-    from .rank_plots import short_name
-
-    for key, value in record.items():
-        if key.startswith("elalora/"):
-            writer.add_scalar(key, value, step)
-    for layer, r in zip(elalora.layers, report.ranks):
-        writer.add_scalar(f"elalora_rank/{short_name(layer.name)}", r, step)
-    writer.add_histogram("elalora/rank_per_matrix", torch.tensor(report.ranks), step)
-
-
-def _finish_elalora(cfg: RunConfig, elalora, rank: int) -> None:
-    """The rank heatmap and a stock PEFT LoRA adapter with the final rank_pattern (collective)."""
-    from .rank_plots import write_rank_heatmap
-
-    out = cfg.train.output_dir
-    elalora.export_lora_adapter(os.path.join(out, "adapter"), cfg.model.path)
-    if rank == 0:
-        write_rank_heatmap(elalora.core.rounds, [layer.name for layer in elalora.layers],
-                           os.path.join(out, "rank_heatmap.png"), elalora.config.max_rank)  # fmt: skip
-
-
-def _last(history: list, key: str):
-    values = [h[key] for h in history if key in h]
-    return values[-1] if values else None
-
-
 def _sum_over_ranks(t: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor summed over ranks, through the engine's device: NCCL reduces device tensors
     only (a CPU tensor fails there), gloo either."""
@@ -378,18 +305,7 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def _elalora_summary(elalora) -> dict:
-    from .rank_plots import short_name
-
-    pattern = elalora.rank_pattern()
-    return {"elalora_rank_pattern": {short_name(k): v for k, v in pattern.items()},
-            "elalora_budget": elalora.core.budget, "elalora_total_rank": sum(pattern.values()),
-            "elalora_totals": dict(elalora.totals),
-            "elalora_layers": [short_name(layer.name) for layer in elalora.layers],
-            "elalora_rounds": elalora.core.rounds}  # fmt: skip
-
-
-def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
+def _summary(cfg: RunConfig, history: list, method_keys: dict, world: int) -> dict:
     last = history[-1] if history else {}
     evals = [h for h in history if "eval_loss" in h]
     start = evals[0] if evals and evals[0]["step"] == 0 else None
@@ -400,11 +316,11 @@ def _summary(cfg: RunConfig, history: list, controller, world: int) -> dict:
         "final_loss": last.get("loss"),
         "eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
         "eval_before_training": None if start is None else {k: v for k, v in start.items() if k.startswith("eval_")},
-        "scalora_totals": dict(controller.totals) if cfg.method.name in ("scalora", "relora") else None,
-        "scalora_accumulated_rank": _last(history, "scalora/accumulated_rank_mean"),
-        # share of the accumulated update's energy outside its top r directions (sketch estimate, mean over layers)
-        "scalora_energy_outside_top_r": _last(history, "scalora/energy_outside_top_r_mean"),
-        **(_elalora_summary(controller) if cfg.method.name == "elalora" else {}),
+        # one schema for every method: ScaLoRA's keys are null where the method (train/methods.py) sets none
+        "scalora_totals": None,
+        "scalora_accumulated_rank": None,
+        "scalora_energy_outside_top_r": None,
+        **method_keys,
         "config": cfg.to_dict(),
         "history": history,
     }

@@ -88,19 +88,7 @@ def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
 
 
 def apply_method(model, cfg: RunConfig):
-    """LoRA-family methods wrap the model with PEFT; ``full`` trains every parameter."""
-    m = cfg.method
-    if m.name == "full":
-        return model
-    if m.name == "elalora":
-        from ..methods.elalora import elastic_lora_model
-        from .config import elalora_config
+    """The run's method wraps the model (PEFT LoRA, ElaLoRA's SVD layers; ``full`` trains it as it is)."""
+    from .methods import method_of
 
-        e = elalora_config(cfg)
-        return elastic_lora_model(model, m.target_modules, init_rank=e.init_rank, max_rank=e.max_rank, alpha=m.alpha,
-                                  dropout=m.dropout, total_steps=e.total_steps)  # fmt: skip
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=list(m.target_modules),
-                      use_rslora=m.rslora or m.name == "rslora", task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, lora)
+    return method_of(cfg).wrap(model, cfg)

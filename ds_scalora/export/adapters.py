@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..methods.svd_layers import svd_scale
+
 
 def lora_scale(method: dict) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
@@ -28,7 +30,7 @@ def lora_delta(t: dict, method: dict) -> torch.Tensor:
 def elalora_delta(t: dict, method: dict) -> torch.Tensor:
     """PEFT AdaLoRA ``SVDLinear``: ``B (A ⊙ E) · alpha / (ranknum + 1e-5)``, inactive slots exactly 0."""
     ranknum = float(t["ranknum"].flatten()[0]) if "ranknum" in t else float(method["r"])
-    return (t["lora_B"].double() @ (t["lora_A"].double() * t["lora_E"].double())) * float(method["alpha"]) / (ranknum + 1e-5)
+    return (t["lora_B"].double() @ (t["lora_A"].double() * t["lora_E"].double())) * svd_scale(float(method["alpha"]), ranknum)
 
 
 DELTAS = {"lora": lora_delta, "rslora": lora_delta, "scalora": lora_delta, "relora": lora_delta, "elalora": elalora_delta}

@@ -39,7 +39,7 @@ import torch
 
 from .. import elastic
 from ..pieces import LocalAccess, Piece
-from .svd_layers import SVDAdapted, find_svd_layers
+from .svd_layers import SVDAdapted, find_svd_layers, svd_scale
 
 
 @dataclass
@@ -157,7 +157,7 @@ class ElasticRanks:
             if R != config.max_rank:
                 raise ValueError(f"{layer.name} has {R} slots but max_rank is {config.max_rank}: build the model "
                                  "with elastic_lora_model(..., max_rank=config.max_rank)")  # fmt: skip
-        self.scales = [float(layer.module.scaling[layer.adapter]) / (config.init_rank + 1e-5) for layer in layers]
+        self.scales = [svd_scale(float(layer.module.scaling[layer.adapter]), config.init_rank) for layer in layers]
         self.active = [torch.arange(config.max_rank) < config.init_rank for _ in layers]
         self.ema: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # this rank's pieces only
         self.rounds: list[dict] = [{"step": 0, "moves": 0, "ranks": self.ranks()}]

@@ -16,6 +16,12 @@ from peft.tuners.adalora.layer import AdaLoraLayer, SVDLinear
 # (attribute, slot axis): the slot index of an element runs along this axis of the row-major tensor
 FACTORS = (("Q", 0), ("lam", 0), ("P", 1))
 PEFT_NAMES = {"Q": "lora_A", "lam": "lora_E", "P": "lora_B"}  # the ParameterDict each factor lives in
+RANKNUM_EPS = 1e-5  # PEFT's SVDLinear divides by ranknum + 1e-5
+
+
+def svd_scale(scaling: float, ranknum: float) -> float:
+    """The factor PEFT's ``SVDLinear`` puts on ``P diag(λ) Q``: ``lora_alpha / (ranknum + 1e-5)``."""
+    return scaling / (ranknum + RANKNUM_EPS)
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class SVDAdapted:
     def scale(self) -> float:
         """``lora_alpha / ranknum``: ElaLoRA keeps ranknum at the initial rank r0 for the whole run."""
         ranknum = self.module.ranknum[self.adapter]  # under ZeRO-3, read it inside a parameter gather
-        return float(self.module.scaling[self.adapter]) / (float(ranknum.flatten()[0]) + 1e-5)
+        return svd_scale(float(self.module.scaling[self.adapter]), float(ranknum.flatten()[0]))
 
     @property
     def weight(self) -> torch.nn.Parameter:

@@ -127,12 +127,10 @@ def test_gpu_preset_cost_path_runs_shrunk_on_cpu(tmp_path):
 def test_a_cached_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
     """The cache is keyed by method, lr and seed in the file name; a run cached under other method or task
     settings (e.g. another ScaLoRA warm-up) must be set aside and re-run, not silently reported."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from ds_scalora.bench import runs as bench
+
     trained = []
 
     def fake_train_once(cfg, hooks=None, log_path=None):

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,133 +31,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from ds_scalora.bench import grid, measure, report  # noqa: E402
-
-
-def run_settings(task, method, steps, eval_every, sets=()) -> dict:
-    """What a cached run must match besides its file name (method, lr, seed): the method's and the
-    task's overrides, the schedule and the command line's ``--set``s. A run cached without them
-    (before 2026-11-23) is re-run."""
-    out = {"method": grid.method_overrides(method, steps), "task": task.overrides, "steps": steps,
-           "eval_every": eval_every}
-    return out | ({"sets": list(sets)} if sets else {})  # runs cached before --set existed stay valid
-
-
-def quality_runs(preset, task, methods, seeds, single_lr, work, sets=()) -> list[dict]:
-    runs = []
-    for method in grid.task_methods(preset, task, methods):
-        lrs = grid.task_lrs(preset, task, method)
-        steps, eval_every = grid.task_schedule(preset, task)
-        for lr in ([lrs[len(lrs) // 2]] if single_lr else lrs):
-            for seed in seeds:
-                key = f"{preset.name}_{task.name}_{method}_lr{lr:g}_s{seed}"
-                cached = os.path.join(work, key + ".json")
-                settings = run_settings(task, method, steps, eval_every, sets)
-                if os.path.isfile(cached):
-                    with open(cached) as f:
-                        run = json.load(f)
-                    if run.get("settings") == settings:
-                        runs.append(run)
-                        continue
-                    stale = cached.replace(".json", ".stale.json")
-                    os.replace(cached, stale)
-                    print(f"  {key}: cached run had other settings ({run.get('settings')}); kept as {stale}, re-running")
-                t0 = time.perf_counter()
-                cfg = grid.run_config(task, method, lr, seed, steps, eval_every,
-                                      os.path.join(work, key), os.path.join(work, "data"), user_sets=sets)  # fmt: skip
-                hooks = measure.UpdateRank(cfg.method.target_modules)
-                summary = grid.train_once(cfg, hooks, log_path=os.path.join(work, key + ".log"))
-                run = {"task": task.name, "method": method, "lr": lr, "seed": seed, "history": summary["history"],
-                       "final": summary["eval"], "update_rank_mean": summary.get("update_rank_mean"),
-                       "scalora_accumulated_rank": summary.get("scalora_accumulated_rank"),
-                       "elalora_rank_pattern": summary.get("elalora_rank_pattern"),
-                       "seconds": time.perf_counter() - t0, "settings": settings}  # fmt: skip
-                with open(cached + ".tmp", "w") as f:
-                    json.dump(run, f)
-                os.replace(cached + ".tmp", cached)
-                # the result is cached; the run's final checkpoint is not needed again (a full fine-tuning
-                # one is 2 GB: the preset's 84 runs kept about 70 GB before this)
-                shutil.rmtree(os.path.join(work, key, "checkpoints"), ignore_errors=True)
-                print(f"  {key}: {task.metric}={run['final'].get(task.metric)} loss={run['final'].get('eval_loss'):.4g} "
-                      f"rank={run['update_rank_mean']} ({run['seconds']:.0f} s)", flush=True)
-                runs.append(run)
-    return runs
-
-
-def cost_runs(preset, task, methods, work, sets=()) -> dict:
-    # the matmul peak is kept with the cost runs it belongs to: a report regenerated from cached runs
-    # divides by the peak measured when they ran, not by a new reading (it varied by 30% between days)
-    peak_path = os.path.join(work, f"cost_{preset.name}_{task.name}_peak.json")
-    if os.path.isfile(peak_path):
-        with open(peak_path) as f:
-            peak, peak_what = json.load(f)
-    else:
-        peak, peak_what = measure.matmul_peak_flops()
-        with open(peak_path, "w") as f:
-            json.dump([peak, peak_what], f)
-    out, rounds = {}, {}
-    for round_ in range(preset.cost_repeats):  # interleaved, so that a slow spell of the machine hits every method
-        for method in grid.task_methods(preset, task, methods):
-            path = os.path.join(work, f"cost_{preset.name}_{task.name}_{method}_{round_}.json")
-            argv = [os.path.abspath(__file__), "--cost-worker", "--preset", preset.name, "--tasks", task.name,
-                    "--methods", method, "--work", work, "--out", path, *(f"--set={s}" for s in sets)]  # fmt: skip
-            result = None
-            if os.path.isfile(path):  # cached from an earlier invocation, if with the same --sets
-                with open(path) as f:
-                    result = json.load(f)
-                if result.get("sets", []) != list(sets):
-                    result = None
-            if result is None:
-                result = measure.cost_in_subprocess(argv)
-            result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak
-            print(f"  cost {method} (round {round_ + 1}): {result['step_time_s'] * 1e3:.0f} ms/step, "
-                  f"{result['tokens_per_s']:.0f} tok/s, peak {result['peak_memory_gib']:.2f} GiB, MFU {result['mfu']:.1%}",
-                  flush=True)  # fmt: skip
-            rounds.setdefault(method, []).append(result["step_time_s"])
-            if method not in out or result["step_time_s"] < out[method]["step_time_s"]:
-                out[method] = result
-    for method, times in rounds.items():
-        out[method]["rounds_s"] = times
-    out["_peak"] = f"{peak / 1e9:.1f} GFLOP/s ({peak_what})"
-    out["_excluded"] = {m: why for m, why in (task.excluded or {}).items() if m in methods}
-    return out
-
-
-# A cost run measures the steady state: ScaLoRA's first refresh at step 2, so that the measured steps
-# (3 to cost_steps - 1) hold the steady share of refreshes (every step for I = 1, two in 21 for I = 10)
-# rather than the quality runs' warm-up.
-STEADY_STATE = {m: {"method.scalora.warmup_steps": 2} for m in ("scalora", "scalora-I")}
-
-
-def cost_worker(a) -> None:
-    """One cost run (``--cost-worker``): the method on the task's config, no eval, JSON to --out."""
-    preset = grid.PRESETS[a.preset]
-    task = next(t for t in preset.tasks if t.name == a.tasks[0])
-    method = a.methods[0]
-    lrs = grid.task_lrs(preset, task, method)
-    # ReLoRA's restart interval as in the quality runs (it is derived from their steps); only max_steps
-    # is cut to the cost run's length
-    steps, _ = grid.task_schedule(preset, task)
-    cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, steps, 0,
-                          os.path.join(a.work, f"costrun_{method}"), os.path.join(a.work, "data"),
-                          extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1,
-                                 "train.max_steps": preset.cost_steps, **STEADY_STATE.get(method, {})},
-                          user_sets=a.set)  # fmt: skip
-
-    class Count:
-        def after_setup(self, engine, model):
-            self.params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-
-    hooks = Count()
-    summary = grid.train_once(cfg, hooks, log_path=a.out + ".log")
-    result = measure.cost_summary(summary)
-    result["flops_per_token"] = measure.model_flops_per_token(hooks.params, full=method == "full",
-                                                              checkpointing=cfg.model.gradient_checkpointing)  # fmt: skip
-    result["params"] = hooks.params
-    result["sets"] = list(a.set)
-    with open(a.out, "w") as f:
-        json.dump(result, f)
-    shutil.rmtree(os.path.join(a.work, f"costrun_{method}", "checkpoints"), ignore_errors=True)
+from ds_scalora.bench import grid, report  # noqa: E402
+from ds_scalora.bench.runs import cost_runs, quality_runs  # noqa: E402
 
 
 SCALING_MODEL = """Model of one refresh at N data-parallel ranks (ZeRO-2, what the controller does; ZeRO-3 drops the
@@ -214,11 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-config override applied to every run (as launch/train.py's --set), e.g. "
                    "--set model.path=/models/Llama-3.2-1B to measure the cost on a real model")
-    p.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.cost_worker:  # --out is then the JSON result of one cost run
-        cost_worker(a)
-        return
     preset = grid.PRESETS[a.preset]
     tasks = [t for t in preset.tasks if a.tasks is None or t.name in a.tasks]
     if not tasks:

@@ -89,7 +89,7 @@ def model_flops_per_token(model_params: int, full: bool, checkpointing: bool = F
 
 
 def cost_in_subprocess(argv: list[str], timeout: float = 3600) -> dict:
-    """Run ``tools/benchmark.py --cost-worker ...`` in a fresh process and return its JSON result."""
+    """Run ``python <argv>`` (``-m ds_scalora.bench.cost_worker ...``) in a fresh process; its JSON result."""
     out = argv[argv.index("--out") + 1]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):

@@ -62,7 +62,9 @@ def main() -> None:
     if a.rank_mode:
         rank_main(a.rank_mode)
         return
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.load)]
+    # busy loops that end with this process, however it ends (a killed driver must not leave them spinning)
+    spin = f"import os\nwhile os.getppid() == {os.getpid()}: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(a.load)]
     try:
         for mode in a.modes:
             aborted = sum(not launch_pair(mode) for _ in range(a.runs))

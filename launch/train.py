@@ -27,13 +27,18 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         from ds_scalora.train.checkpoints import CheckpointError
-        from ds_scalora.train.loop import run
+        from ds_scalora.train.loop import Diverged, run
         from ds_scalora.zero import UnsupportedConfig, end_distributed
 
         try:
             run(cfg)
         except (DataError, UnsupportedConfig, CheckpointError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
+        except Diverged as e:  # every rank sees the same global loss and norm: all stop here together
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr)
+            end_distributed()
+            return 3
         # only after a run that finished: after a failure the barrier would wait for ranks that never come
         end_distributed()
     except ConfigError as e:

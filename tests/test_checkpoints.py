@@ -39,3 +39,16 @@ def test_a_failed_save_is_reported_and_keeps_the_earlier_checkpoint(tmp_path):
     checkpoints.save(engine, None, str(tmp_path), 30, {}, keep_last=1)
     assert checkpoints.complete_tags(str(tmp_path)) == ["step00000030"]
     assert checkpoints.incomplete_tags(str(tmp_path)) == []
+
+
+def test_a_new_run_never_mixes_its_checkpoints_with_an_earlier_runs(tmp_path):
+    """resume=never into an output_dir holding checkpoints is refused (keep_last would rotate the new run's
+    lower steps away first); a fresh directory is fine; a checkpoint past max_steps is refused on resume."""
+    assert checkpoints.resolve_resume("never", str(tmp_path)) is None
+    checkpoints.save(FakeEngine(), None, str(tmp_path), 12, {}, keep_last=2)
+    with pytest.raises(checkpoints.CheckpointError, match=r"train.resume=never, but .* \(step00000012\).*train.resume=auto"):
+        checkpoints.resolve_resume("never", str(tmp_path))
+    assert checkpoints.complete_tags(str(tmp_path)) == ["step00000012"]  # nothing was touched
+    checkpoints.check_resumed_step(12, 12, "x")  # a finished run resumed: nothing left, accepted
+    with pytest.raises(checkpoints.CheckpointError, match="at step 12, past train.max_steps=8"):
+        checkpoints.check_resumed_step(12, 8, "x")

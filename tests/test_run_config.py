@@ -132,3 +132,18 @@ def test_relative_paths_resolve_from_the_config_directory(tmp_path, monkeypatch)
     cfg = load_config(str(conf / "run.yaml"))
     assert cfg.data.train == str(conf / "data" / "t.jsonl") and cfg.deepspeed == str(conf / "ds.json")
     assert deepspeed_config(cfg, 1)["zero_optimization"] == {"stage": 2}  # the file is opened from anywhere
+
+
+def test_floats_written_without_a_dot_are_read(good, tmp_path):
+    """YAML 1.1 reads ``1e-3`` as a string; a float option takes it (and the --set form), text stays refused."""
+    raw = yaml.safe_load(good.read_text())
+    raw["train"]["learning_rate"] = "1e-3"
+    assert isinstance(yaml.safe_load("x: 1e-3")["x"], str)  # the premise
+    path = tmp_path / "dotless.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(str(path)).train.learning_rate == 1e-3
+    assert load_config(str(good), ["train.learning_rate=5e-5"]).train.learning_rate == 5e-5
+    assert load_config(str(good), ["method.scalora.strength=4e0"]).method.scalora.strength == 4.0
+    assert load_config(str(good), ["method.scalora.strength=auto"]).method.scalora.strength == "auto"
+    with pytest.raises(ConfigError, match="train.learning_rate must be float, got 'fast'"):
+        load_config(str(good), ["train.learning_rate=fast"])

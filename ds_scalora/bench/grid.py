@@ -13,7 +13,10 @@ import io
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
+
+from ..checkpoint.layout import checkpoint_root
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -232,6 +235,9 @@ def train_once(cfg, hooks=None, log_path: str | None = None) -> dict:
     from ..train.loop import run
 
     ensure_process_group()
+    # a benchmark run starts afresh (train.resume=never refuses a directory holding checkpoints): what an
+    # interrupted earlier attempt left is discarded
+    shutil.rmtree(checkpoint_root(cfg.train.output_dir), ignore_errors=True)
     sink = open(log_path, "w") if log_path else io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):

@@ -64,6 +64,12 @@ def _save_failed(root: str, tag: str, e: Exception) -> str:
 def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:
     """(checkpoint root, tag) to resume from, or None. ``auto``: the newest complete checkpoint."""
     if resume == "never":
+        done, partial = step_tags(checkpoint_root(output_dir))
+        if done or partial:  # keep_last keeps the highest steps: the new run's checkpoints would be the ones dropped
+            raise CheckpointError(
+                f"train.resume=never, but {checkpoint_root(output_dir)} holds checkpoints of an earlier run "
+                f"({', '.join((done + partial)[-3:])}); this run's checkpoints would be mixed with them (and rotated "
+                "away first). Use a new train.output_dir, remove that directory, or continue it with train.resume=auto")
         return None
     if resume == "auto":
         tags = complete_tags(output_dir)
@@ -72,6 +78,14 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
     return os.path.dirname(path), os.path.basename(path)
+
+
+def check_resumed_step(step: int, max_steps: int, where: str) -> None:
+    """A checkpoint past the run's end is refused: lowering max_steps does not undo the steps taken."""
+    if step > max_steps:
+        raise CheckpointError(f"{where} is at step {step}, past train.max_steps={max_steps}: that run already went "
+                              "further. Raise train.max_steps, resume from an earlier checkpoint "
+                              "(train.resume=<dir>), or start anew in another train.output_dir")
 
 
 def load(engine, controller, root: str, tag: str) -> dict:

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ class TrainConfig:
     gradient_clipping: float = 1.0
     seed: int = 0
     resume: str = "auto"  # auto | never | a checkpoint directory
+    divergence_patience: int = 3  # stop after this many steps in a row with a non-finite loss or a non-finite or zero gradient norm; 0 = never
 
 
 @dataclass
@@ -215,6 +217,9 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _check_type(where: str, value, hint):
     if hint is Any:
         return value
@@ -226,6 +231,8 @@ def _check_type(where: str, value, hint):
         base = typing.get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; everyone writes it that way
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, list, dict) and isinstance(value, base):

@@ -19,6 +19,10 @@ from .methods import method_of
 from .model import load_model_and_tokenizer
 
 
+class Diverged(RuntimeError):
+    """The run stopped on train.divergence_patience bad steps in a row; summary.json records it."""
+
+
 def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     """The run's DeepSpeed config: the given one (inline or JSON file) with "auto" values filled."""
     ds = cfg.deepspeed
@@ -109,8 +113,10 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     if resume is not None:
         client = checkpoints.load(engine, controller, *resume)
         start, history = int(client["step"]), list(client.get("history", []))
+        checkpoints.check_resumed_step(start, cfg.train.max_steps, os.path.join(*resume))
         if rank == 0:
-            print(f"resumed from {os.path.join(*resume)} at step {start}")
+            finished = " (train.max_steps: nothing left to train; the outputs are written again)" if start == cfg.train.max_steps else ""
+            print(f"resumed from {os.path.join(*resume)} at step {start}{finished}")
 
     writer = _tensorboard(cfg) if rank == 0 else None
     if cfg.eval.at_start and start == 0:
@@ -126,6 +132,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     global_batch = micro * gas * world
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     tokens, t0, last_tps, last_logged = 0, time.perf_counter(), None, start
+    bad_streak, diverged = 0, None
     for step in range(start, cfg.train.max_steps):
         rows = _global_rows(step, global_batch, len(train), cfg.train.seed)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -143,6 +150,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         record["grad_norm"] = None if norm is None else float(norm)
         if controller is not None:
             record.update(method.record(controller))
+        bad = _bad_step(record, engine)  # the loss and the norm are global: every rank agrees
+        bad_streak = bad_streak + 1 if bad else 0
         done = step + 1 == cfg.train.max_steps
         if done or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world,
@@ -167,13 +176,22 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
             shown["tok/s"] = f"{last_tps:.0f}"
         bar.set_postfix(shown)
         bar.update(1)
+        patience = cfg.train.divergence_patience
+        if patience and bad_streak >= patience:
+            diverged = {"step": step + 1, "reason": bad, "steps_in_a_row": bad_streak}
+            break
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
-            checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
-                             {"step": step + 1, "history": history, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)  # fmt: skip
+            if bad:  # never a bad state over a good checkpoint (keep_last would rotate the good one away)
+                if rank == 0:
+                    print(f"warning: step {step + 1}: {bad}; checkpoint not saved")
+            else:
+                checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
+                                 {"step": step + 1, "history": history, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)  # fmt: skip
     bar.close()
-    if controller is not None:
+    if controller is not None and diverged is None:
         method.finish(cfg, controller, rank)
     summary = _summary(cfg, history, method.summary(controller, history) if controller is not None else {}, world)
+    summary["diverged"] = diverged
     if hooks is not None and hasattr(hooks, "before_summary"):
         hooks.before_summary(engine, model, summary)
     if rank == 0:
@@ -182,7 +200,28 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         if writer is not None:
             writer.close()
         print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}, indent=2))
+    if diverged is not None:
+        good = checkpoints.complete_tags(cfg.train.output_dir)
+        raise Diverged(f"training diverged: {diverged['reason']} for {diverged['steps_in_a_row']} steps in a row (up to "
+                       f"step {diverged['step']}; train.divergence_patience={cfg.train.divergence_patience}). Lower "
+                       "train.learning_rate or raise train.warmup_steps; "
+                       + (f"the newest good checkpoint is {good[-1]} (train.resume=auto continues from it)" if good
+                          else "no checkpoint was saved") + f". Its history is in {cfg.train.output_dir}/summary.json")
     return summary
+
+
+def _bad_step(record: dict, engine) -> str | None:
+    """Why this step's state is bad (a non-finite loss, or a non-finite or exactly zero gradient norm: at a
+    huge learning rate the weights overflow and every gradient vanishes), or None. Under fp16's dynamic
+    loss scaling a skipped step's norm says nothing, so only the loss counts there."""
+    if not math.isfinite(record["loss"]):
+        return f"loss {record['loss']}"
+    norm = record.get("grad_norm")
+    if norm is None or engine.fp16_enabled():
+        return None
+    if not math.isfinite(norm) or norm == 0.0:
+        return f"gradient norm {norm}"
+    return None
 
 
 def _datasets(cfg: RunConfig, tokenizer, rank: int):

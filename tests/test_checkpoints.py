@@ -52,3 +52,44 @@ def test_a_new_run_never_mixes_its_checkpoints_with_an_earlier_runs(tmp_path):
     checkpoints.check_resumed_step(12, 12, "x")  # a finished run resumed: nothing left, accepted
     with pytest.raises(checkpoints.CheckpointError, match="at step 12, past train.max_steps=8"):
         checkpoints.check_resumed_step(12, 8, "x")
+
+
+class Payload:
+    """What an attacker plants: unpickling calls open(path, "w"), creating the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_pickled_code_before_deepspeed_reads_anything(tmp_path):
+    import torch
+
+    engine = FakeEngine()
+    checkpoints.save(engine, None, str(tmp_path), 12, {}, keep_last=2)
+    tag = tmp_path / "checkpoints" / "step00000012"
+    torch.save({"module": {"w": torch.zeros(2)}}, tag / "mp_rank_00_model_states.pt")
+    root, name = checkpoints.resolve_resume("auto", str(tmp_path))
+    loaded = []
+    engine.load_checkpoint = lambda root, tag: loaded.append(tag) or (tag, {"step": 12})
+    assert checkpoints.load(engine, None, root, name) == {"step": 12}  # plain data: accepted
+    marker = tmp_path / "pwned"
+    torch.save({"module": {}, "evil": Payload(str(marker))}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(checkpoints.CheckpointError, match=r"mp_rank_00_model_states.pt holds a pickled object .*run code"):
+        checkpoints.load(engine, None, root, name)
+    assert not marker.exists() and loaded == ["step00000012"]  # the second load never reached DeepSpeed
+
+
+def test_resume_at_another_world_size_names_reshard(tmp_path):
+    import torch
+
+    checkpoints.save(FakeEngine(), None, str(tmp_path), 6, {}, keep_last=2)
+    tag = tmp_path / "checkpoints" / "step00000006"
+    (tag / "mp_rank_00_model_states.pt").unlink()
+    for k in range(2):
+        torch.save({"optimizer_state_dict": {}}, tag / f"zero_pp_rank_{k}_mp_rank_00_optim_states.pt")
+    checkpoints.check_files(str(tag), 2)
+    with pytest.raises(checkpoints.CheckpointError, match=r"written at 2 data-parallel ranks; this run has 1\. .*convert.py reshard"):
+        checkpoints.check_files(str(tag), 1)

@@ -74,7 +74,13 @@ def load(path: str, mmap: bool = True) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:  # noqa: BLE001 - zipfile, pickle and torch raise many kinds on damaged files
-        raise CheckpointFileError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        text = str(e)
+        if "Unsupported global" in text or "Unsupported operand" in text:
+            what = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")[:200]
+            raise CheckpointFileError(f"{path} holds a pickled object that is not plain data ({what}): loading it "
+                                      "would run code, so it is refused. Use a checkpoint you wrote yourself, or "
+                                      "inspect this one in isolation") from None
+        raise CheckpointFileError(f"cannot read {path} ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
                                   "the file is truncated, damaged or not a DeepSpeed checkpoint file") from None
 
 

@@ -88,8 +88,35 @@ def check_resumed_step(step: int, max_steps: int, where: str) -> None:
                               "(train.resume=<dir>), or start anew in another train.output_dir")
 
 
+def check_files(tag_dir: str, world: int) -> None:
+    """Before DeepSpeed reads anything (it loads with ``weights_only=False``, so a planted object would
+    run code on every rank): every ``.pt`` file must load as plain data, and the checkpoint must have
+    been written at this run's world size."""
+    from ..checkpoint import shards
+    from ..checkpoint.deepspeed_files import CheckpointFileError
+    from ..checkpoint.deepspeed_files import load as safe_load
+
+    names = sorted(n for n in os.listdir(tag_dir) if n.endswith(".pt"))
+    for name in names:
+        try:
+            safe_load(os.path.join(tag_dir, name), mmap=True)
+        except CheckpointFileError as e:
+            raise CheckpointError(f"resume refused: {e}") from None
+    optim = [n for n in names if n.endswith("_optim_states.pt") and "zero_pp_rank_" in n]
+    saved = len(optim) or None
+    other = next((shards.other_world(tag_dir, kind, world) for kind in shards.KINDS
+                  if shards.other_world(tag_dir, kind, world)), None)  # fmt: skip
+    if (saved is not None and saved != world) or other:
+        written = f"{saved} data-parallel ranks" if saved and saved != world else f"another world size ({other})"
+        raise CheckpointError(f"{tag_dir} was written at {written}; this run has {world}. Convert it first: python "
+                              f"tools/convert.py reshard {tag_dir} NEW_DIR --world {world}, then resume with "
+                              "train.resume=NEW_DIR and the same global batch (micro_batch_size x "
+                              "gradient_accumulation_steps x ranks)")
+
+
 def load(engine, controller, root: str, tag: str) -> dict:
-    """Restore a checkpoint on every rank; returns its client state."""
+    """Restore a checkpoint on every rank (after :func:`check_files`); returns its client state."""
+    check_files(os.path.join(root, tag), dist.get_world_size() if dist.is_initialized() else 1)
     loader = controller.load_checkpoint if controller is not None else engine.load_checkpoint
     try:
         path, client_state = loader(root, tag=tag)

@@ -53,3 +53,20 @@ def test_packing_keeps_masks_and_fills_rows(tmp_path):
     ex = pack(tokenize(_rows(tmp_path, rows), byte_tokenizer(), "auto", 64, "d"), 16)
     assert all(len(ids) == 16 for ids in ex.input_ids)
     assert any(IGNORE in labels for labels in ex.labels)
+
+
+def test_malformed_and_empty_files_name_the_line_or_say_empty(tmp_path):
+    from ds_scalora.train.data import DataError, load_rows
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl could not be read as json: line 3 is not valid JSON"):
+        load_rows(str(bad))
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('{"text": "a"}\n["text", "b"]\n')
+    with pytest.raises(DataError, match=r"line 2 is a JSON list, not an object"):
+        load_rows(str(listed))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl is empty: it holds no rows"):
+        load_rows(str(empty))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,11 +62,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes some libraries put in their messages
+
+
+def _missing_ancestor(path: str) -> str | None:
+    """The outermost directory of ``path`` that does not exist yet (what this run would create)."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
+def _remove_empty(path: str | None, top: str | None) -> None:
+    """Remove the directories a failed export created and left empty, from ``path`` up to ``top``."""
+    if path is None or top is None:
+        return
+    path = os.path.abspath(path)
+    while path.startswith(top):
+        if os.path.isdir(path):
+            if os.listdir(path):
+                break
+            os.rmdir(path)
+        elif os.path.exists(path):
+            break
+        if path == top:
+            break
+        path = os.path.dirname(path)
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    out = top = None
     try:
         source = RunSource(a.checkpoint, a.config)
         out = a.out or default_out(source, a.command, getattr(a, "world", None))
+        top = _missing_ancestor(out)
         progress = not a.quiet
         if a.command == "merged":
             from ds_scalora.export.merged import export_merged
@@ -90,7 +121,8 @@ def main(argv=None) -> int:
         print(f"written: {os.path.abspath(out)}")
         return 0
     except (ExportError, CheckpointFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _remove_empty(out, top)
+        print(f"error: {ANSI.sub('', str(e))}", file=sys.stderr)
         return 2
 
 

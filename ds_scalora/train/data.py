@@ -13,6 +13,7 @@ truncation) are dropped, counted and reported by position; a dataset with no usa
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -57,10 +58,31 @@ def load_rows(path: str):
     builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
     if builder is None:
         raise DataError(f"{path}: unsupported file type {ext!r}; use .json, .jsonl, .parquet or a saved dataset directory")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty: it holds no rows")
     try:
-        return datasets.load_dataset(builder, data_files=path, split="train")
+        rows = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path} could not be read as {builder}: {e}") from None
+        where = _bad_json_line(path) if ext == ".jsonl" else None
+        raise DataError(f"{path} could not be read as {builder}: {where or e}") from None
+    if len(rows) == 0:
+        raise DataError(f"{path} holds no rows")
+    return rows
+
+
+def _bad_json_line(path: str) -> str | None:
+    """The first line of a JSONL file that is not one JSON object, with its number (1-based)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object: {line.strip()[:80]!r}"
+    return None
 
 
 def detect_format(columns) -> str:

@@ -39,6 +39,8 @@ def test_a_failed_save_is_reported_and_keeps_the_earlier_checkpoint(tmp_path):
     checkpoints.save(engine, None, str(tmp_path), 30, {}, keep_last=1)
     assert checkpoints.complete_tags(str(tmp_path)) == ["step00000030"]
     assert checkpoints.incomplete_tags(str(tmp_path)) == []
+    # DeepSpeed's 'latest' names the newest complete tag (zero_to_fp32.py and a tag-less load need it)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000030"
 
 
 def test_a_new_run_never_mixes_its_checkpoints_with_an_earlier_runs(tmp_path):

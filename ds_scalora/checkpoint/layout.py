@@ -37,6 +37,15 @@ def mark_complete(tag_dir: str, step: int) -> None:
     os.replace(tmp, os.path.join(tag_dir, MARKER))
 
 
+def write_latest(root: str, tag: str) -> None:
+    """Point DeepSpeed's ``latest`` at a complete tag (atomically), so that ``zero_to_fp32.py`` and
+    ``engine.load_checkpoint(root)`` find it without ``--tag``; resume itself goes by the marker."""
+    tmp = os.path.join(root, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(tag)
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
 def step_tags(root: str) -> tuple[list[str], list[str]]:
     """(complete, incomplete) step tags under a checkpoints directory, oldest first."""
     if not os.path.isdir(root):

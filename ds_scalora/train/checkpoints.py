@@ -4,7 +4,8 @@ A checkpoint is ``<output_dir>/checkpoints/step00000042/`` written by ``engine.s
 the method's per-rank shards); its layout (tag names, the ``COMPLETE`` marker) is
 :mod:`ds_scalora.checkpoint.layout`'s. Only after every rank has finished writing does rank 0 add the
 marker: a save interrupted at any moment leaves a directory without it, which resume skips (with a
-warning) and the next save removes. ``latest`` is never trusted.
+warning) and the next save removes. DeepSpeed's ``latest`` is written after the marker, for the ecosystem
+(``zero_to_fp32.py`` in every checkpoint folder, ``engine.load_checkpoint(dir)``); resume never trusts it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 
 import torch.distributed as dist
 
-from ..checkpoint.layout import MARKER, checkpoint_root, is_complete, mark_complete, step_tags, tag_for
+from ..checkpoint.layout import MARKER, checkpoint_root, is_complete, mark_complete, step_tags, tag_for, write_latest
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +46,7 @@ def save(engine, controller, output_dir: str, step: int, client_state: dict, kee
     _barrier()
     if rank0:
         mark_complete(os.path.join(root, tag), step)
+        write_latest(root, tag)  # for zero_to_fp32.py and a tag-less engine.load_checkpoint; resume ignores it
         for old in complete_tags(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()

@@ -51,6 +51,13 @@ def test_every_method_runs(ranks, method, tmp_path):
     assert all(h["loss"] == h["loss"] for h in s["history"])  # finite
     assert (tmp_path / "run" / "checkpoints" / "step00000006" / "COMPLETE").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    if method == "lora":  # DeepSpeed's own converter, copied into the checkpoint, finds it without --tag
+        ckpts = tmp_path / "run" / "checkpoints"
+        assert (ckpts / "latest").read_text() == "step00000006"
+        fp32 = subprocess.run([sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts),
+                               str(tmp_path / "fp32")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert fp32.returncode == 0, fp32.stdout[-2000:] + fp32.stderr[-2000:]
+        assert list((tmp_path / "fp32").glob("*.bin")) or list((tmp_path / "fp32").glob("*.safetensors"))
     if method == "scalora":
         assert s["scalora_totals"]["refreshes"] == 2  # steps 2 and 4 (warm-up 2, interval 2)
         assert any("scalora/scalar_fraction" in h for h in s["history"])

@@ -95,3 +95,11 @@ def test_resume_at_another_world_size_names_reshard(tmp_path):
     checkpoints.check_files(str(tag), 2)
     with pytest.raises(checkpoints.CheckpointError, match=r"written at 2 data-parallel ranks; this run has 1\. .*convert.py reshard"):
         checkpoints.check_files(str(tag), 1)
+
+
+def test_a_resume_keeps_the_checkpoints_global_batch():
+    checkpoints.check_resumed_batch({"step": 3}, 16, False, "x")  # written before the batch was recorded
+    checkpoints.check_resumed_batch({"global_batch": 16}, 16, False, "x")
+    with pytest.raises(checkpoints.CheckpointError, match=r"global batch of 16 rows .* this run has 8 .* product is 16"):
+        checkpoints.check_resumed_batch({"global_batch": 16}, 8, False, "x")
+    checkpoints.check_resumed_batch({"global_batch": 16}, 8, True, "x")  # allowed deliberately

@@ -90,6 +90,18 @@ def check_resumed_step(step: int, max_steps: int, where: str) -> None:
                               "(train.resume=<dir>), or start anew in another train.output_dir")
 
 
+def check_resumed_batch(client: dict, global_batch: int, allowed: bool, where: str) -> None:
+    """A resume must keep the global batch its checkpoint was trained with (recorded since 2026-11-25):
+    the rows of a step depend on the step and the global batch, so another one would not continue the run."""
+    saved = client.get("global_batch")
+    if saved is None or saved == global_batch or allowed:
+        return
+    raise CheckpointError(f"{where} was trained with a global batch of {saved} rows per step; this run has "
+                          f"{global_batch} (train.micro_batch_size x train.gradient_accumulation_steps x ranks), so it "
+                          f"would not continue that run. Choose them so that the product is {saved}, or set "
+                          "train.allow_batch_change=true to go on with the new batch deliberately")
+
+
 def check_files(tag_dir: str, world: int) -> None:
     """Before DeepSpeed reads anything (it loads with ``weights_only=False``, so a planted object would
     run code on every rank): every ``.pt`` file must load as plain data, and the checkpoint must have

@@ -112,6 +112,7 @@ class TrainConfig:
     gradient_clipping: float = 1.0
     seed: int = 0
     resume: str = "auto"  # auto | never | a checkpoint directory
+    allow_batch_change: bool = False  # resume with a global batch other than the checkpoint's (refused by default)
     divergence_patience: int = 3  # stop after this many steps in a row with a non-finite loss or a non-finite or zero gradient norm; 0 = never
 
 

@@ -106,6 +106,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     if hooks is not None and hasattr(hooks, "after_setup"):
         hooks.after_setup(engine, model)
 
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    global_batch = micro * gas * world
     start, history = 0, []
     resume = checkpoints.resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if rank == 0 and checkpoints.incomplete_tags(cfg.train.output_dir):
@@ -114,6 +116,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         client = checkpoints.load(engine, controller, *resume)
         start, history = int(client["step"]), list(client.get("history", []))
         checkpoints.check_resumed_step(start, cfg.train.max_steps, os.path.join(*resume))
+        checkpoints.check_resumed_batch(client, global_batch, cfg.train.allow_batch_change, os.path.join(*resume))
         if rank == 0:
             finished = " (train.max_steps: nothing left to train; the outputs are written again)" if start == cfg.train.max_steps else ""
             print(f"resumed from {os.path.join(*resume)} at step {start}{finished}")
@@ -128,8 +131,6 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
                 for key, value in baseline.items():
                     if key != "step":
                         writer.add_scalar(key, value, 0)
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    global_batch = micro * gas * world
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     tokens, t0, last_tps, last_logged = 0, time.perf_counter(), None, start
     bad_streak, diverged = 0, None
@@ -186,7 +187,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
                     print(f"warning: step {step + 1}: {bad}; checkpoint not saved")
             else:
                 checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
-                                 {"step": step + 1, "history": history, "config": cfg.to_dict()}, cfg.checkpoint.keep_last)  # fmt: skip
+                                 {"step": step + 1, "history": history, "config": cfg.to_dict(), "global_batch": global_batch}, cfg.checkpoint.keep_last)  # fmt: skip
     bar.close()
     if controller is not None and diverged is None:
         method.finish(cfg, controller, rank)

@@ -80,6 +80,10 @@ def test_reshard_2_to_1_and_4_resumes_with_the_same_losses(tmp_path):
             for i, Y in s["sketches"].items():
                 assert torch.equal(Y, old[i % 2]["sketches"][i])
 
+        if world == 1:  # a resume that would change the global batch (16 -> 8) is refused, naming the product
+            wrong = train(world, tmp_path / "wrong", *SETS, f"train.gradient_accumulation_steps={gas // 2}",
+                          f"train.resume={tag}", expect_ok=False)
+            assert wrong.returncode == 2 and "global batch of 16 rows" in wrong.stderr, wrong.stderr[-2000:]
         # resume at the new world size with the same global batch
         runs[world] = train(world, out, *SETS, f"train.gradient_accumulation_steps={gas}", f"train.resume={tag}")
         assert runs[world]["world_size"] == world and runs[world]["steps"] == 6

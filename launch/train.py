@@ -36,15 +36,17 @@ def main(argv=None) -> int:
             raise ConfigError(str(e)) from None
         except Diverged as e:  # every rank sees the same global loss and norm: all stop here together
             if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {e}", file=sys.stderr, flush=True)
             end_distributed()
             return 3
         # only after a run that finished: after a failure the barrier would wait for ranks that never come
         end_distributed()
     except ConfigError as e:
+        # every rank says it: the launcher kills the others as soon as one rank exits, so a message left to
+        # rank 0 alone can be lost (it was, 1 run in 20), and an error only one rank met is that rank's to tell
         rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"error: {e}\n(config: {args.config}; see README.md, 'Run configs')", file=sys.stderr)
+        who = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{who}error: {e}\n{who}(config: {args.config}; see README.md, 'Run configs')", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -99,6 +99,12 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     assert resumed["scalora_totals"] == full["scalora_totals"]
     # DeepSpeed's CPU shm op (69 MB of /dev/shm per rank, never removed) is kept out: see disable_cpu_shm_comm
     assert _shm_buffers() <= shm_before
+    # a damaged file that only rank 1 reads (its ScaLoRA shard): the error names it, through the launcher
+    shard = tmp_path / "full" / "checkpoints" / "step00000009" / "ds_scalora_rank00001_of00002.pt"
+    shard.write_bytes(shard.read_bytes()[:200])
+    proc = train(2, tmp_path / "full", "train.max_steps=12", "checkpoint.every=3", "eval.every=0", expect_ok=False)
+    assert proc.returncode == 2 and "ds_scalora_rank00001_of00002.pt" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_input_is_one_paragraph_and_nonzero(tmp_path):

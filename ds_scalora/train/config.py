@@ -119,7 +119,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 50  # optimizer steps; 0 = only at the end
-    max_batches: int = 50
+    max_batches: int = 50  # micro-batches of held-out rows in all, split over the ranks (the same rows at any world size)
     exact_match: bool = False  # greedy generation on prompt/completion or chat rows
     exact_match_every_eval: bool = True  # False: exact match only before training and at the end (it is slow)
     max_new_tokens: int = 16

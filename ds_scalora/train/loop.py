@@ -268,7 +268,7 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int,
         return {}
     engine.eval()
     micro = engine.train_micro_batch_size_per_gpu()
-    rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro * world]
+    rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro]  # the same rows at every world size
     sums = torch.zeros(4, dtype=torch.float64)  # loss·tokens, tokens, exact, answered
     per_rank = math.ceil(len(rows) / world)
     mine = rows[rank * per_rank : (rank + 1) * per_rank]

@@ -217,3 +217,12 @@ def test_elalora_at_zero3_resumes_exactly_and_exports_a_peft_adapter(tmp_path):
     assert len(lora) == 14 and all(m.scaling["default"] == 1.0 for m in lora)  # alpha_pattern = rank_pattern
     assert all(float(m.lora_B["default"].weight.abs().sum()) > 0 for m in lora)
     assert torch.isfinite(peft_model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_evaluation_is_the_same_at_any_world_size(tmp_path):
+    """eval.max_batches counts micro-batches in all: 1 and 2 ranks evaluate the same rows, so the held-out
+    loss of the same initial model agrees (the sums run in another order: relative 1e-6)."""
+    sets = ("train.max_steps=1", "eval.at_start=true", "eval.every=0", "checkpoint.every=0", "eval.max_batches=3")
+    one, two = (train(n, tmp_path / f"w{n}", *sets)["eval_before_training"] for n in (1, 2))
+    assert abs(one["eval_loss"] - two["eval_loss"]) <= 1e-6 * abs(one["eval_loss"]), (one, two)
+    assert one["eval_exact_match"] == two["eval_exact_match"]

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from ds_scalora.train import checkpoints
+from payloads import Payload
 
 
 class FakeEngine:
@@ -54,16 +55,6 @@ def test_a_new_run_never_mixes_its_checkpoints_with_an_earlier_runs(tmp_path):
     checkpoints.check_resumed_step(12, 12, "x")  # a finished run resumed: nothing left, accepted
     with pytest.raises(checkpoints.CheckpointError, match="at step 12, past train.max_steps=8"):
         checkpoints.check_resumed_step(12, 8, "x")
-
-
-class Payload:
-    """What an attacker plants: unpickling calls open(path, "w"), creating the file."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_resume_refuses_pickled_code_before_deepspeed_reads_anything(tmp_path):

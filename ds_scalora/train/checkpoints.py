@@ -103,29 +103,14 @@ def check_resumed_batch(client: dict, global_batch: int, allowed: bool, where: s
 
 
 def check_files(tag_dir: str, world: int) -> None:
-    """Before DeepSpeed reads anything (it loads with ``weights_only=False``, so a planted object would
-    run code on every rank): every ``.pt`` file must load as plain data, and the checkpoint must have
-    been written at this run's world size."""
-    from ..checkpoint import shards
+    """:func:`ds_scalora.checkpoint.preflight.check_tag` with the run's error type."""
     from ..checkpoint.deepspeed_files import CheckpointFileError
-    from ..checkpoint.deepspeed_files import load as safe_load
+    from ..checkpoint.preflight import check_tag
 
-    names = sorted(n for n in os.listdir(tag_dir) if n.endswith(".pt"))
-    for name in names:
-        try:
-            safe_load(os.path.join(tag_dir, name), mmap=True)
-        except CheckpointFileError as e:
-            raise CheckpointError(f"resume refused: {e}") from None
-    optim = [n for n in names if n.endswith("_optim_states.pt") and "zero_pp_rank_" in n]
-    saved = len(optim) or None
-    other = next((shards.other_world(tag_dir, kind, world) for kind in shards.KINDS
-                  if shards.other_world(tag_dir, kind, world)), None)  # fmt: skip
-    if (saved is not None and saved != world) or other:
-        written = f"{saved} data-parallel ranks" if saved and saved != world else f"another world size ({other})"
-        raise CheckpointError(f"{tag_dir} was written at {written}; this run has {world}. Convert it first: python "
-                              f"tools/convert.py reshard {tag_dir} NEW_DIR --world {world}, then resume with "
-                              "train.resume=NEW_DIR and the same global batch (micro_batch_size x "
-                              "gradient_accumulation_steps x ranks)")
+    try:
+        check_tag(tag_dir, world)
+    except CheckpointFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load(engine, controller, root: str, tag: str) -> dict:

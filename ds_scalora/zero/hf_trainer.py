@@ -13,7 +13,8 @@ What it changes, and why:
   of ``optimizer.step`` otherwise;
 * checkpoints: the stock Trainer saves DeepSpeed checkpoints of a PEFT model with
   ``exclude_frozen_parameters=True``, which would silently drop every merge into the frozen weights.
-  This subclass saves them whole, together with the ScaLoRA state, and restores both on resume.
+  This subclass saves them whole, together with the ScaLoRA state, and restores both on resume, after
+  reading every file of the checkpoint as plain data (no pickled code runs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.trainer import SCHEDULER_NAME
 
 from ..methods.scalora import ScaLoRA, ScaLoRAConfig
 from ..checkpoint.layout import TRAINER_STATE, latest_tag
+from ..checkpoint.preflight import check_tag
 from .controller import attach
 
 
@@ -35,6 +37,19 @@ class ScaLoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.scalora_config = scalora if isinstance(scalora, ScaLoRAConfig) else ScaLoRAConfig(**(scalora or {}))
         self.scalora = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; a DeepSpeed checkpoint to resume from is first read as plain data on every
+        rank (DeepSpeed itself loads with ``weights_only=False``; see ds_scalora/checkpoint/preflight.py)."""
+        if resume_from_checkpoint and self.is_deepspeed_enabled:
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)
+            if path:  # none found: the Trainer says so itself
+                check_tag(os.path.join(path, latest_tag(path)), self.args.world_size)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # Called right after accelerator.prepare(): the optimizer and the DeepSpeed engine now exist.

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from launch import run_deepspeed  # noqa: E402
+from launch import LaunchError, run_deepspeed  # noqa: E402
+from payloads import Payload  # noqa: E402
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).resolve().parent / "trainer_worker.py"
@@ -37,3 +38,11 @@ def test_trainer_with_deepspeed_checkpoints_merges_and_resumes(tmp_path):
     assert resumed["totals"] == full["totals"]
     for n, t in full["frozen"].items():
         assert torch.equal(resumed["frozen"][n], t), n
+    # a planted object in the checkpoint: refused before DeepSpeed (weights_only=False) would run it
+    marker = tmp_path / "pwned"
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=False), "evil": Payload(str(marker))}, states)
+    shutil.rmtree(run / "checkpoint-6", ignore_errors=True)
+    with pytest.raises(LaunchError, match="holds a pickled object that is not plain data"):
+        run_deepspeed(2, ["--run-dir", run, "--steps", 6, "--resume"], tmp_path / "c", worker=WORKER)
+    assert not marker.exists()

@@ -51,43 +51,39 @@ DEFAULT_SHRINK_I10 = 4.0
 
 @dataclass
 class ScaLoRAConfig:
-    """Options of the method.
+    """Options of the method (each field's ``help`` says what it does; PEFT's configs are the model). The
+    run config's ``method.scalora`` block is built from these fields (``ds_scalora.train.config``)."""
 
-    interval:     refresh every ``interval`` optimizer steps (1 = ScaLoRA, 10 = ScaLoRA-I).
-    strength:     the knob c = L·η of spec §3, or "auto": c chosen per layer and refresh so that the
-                  refresh divides the adapter's squared column norms by ``shrink``.
-    shrink:       with strength "auto", how much each refresh shrinks the adapter (and merges into the
-                  frozen weight about 1 − 1/shrink of it). 1.0 is the old norm-keeping "auto", which
-                  merges almost nothing; None = the measured default for the interval
-                  (:func:`default_shrink`, ``docs/scalora-strength.md``).
-    max_scale:    every α_j, β_j is kept within [1/max_scale, max_scale] (guard rail: a tiny column
-                  must not get a huge scale, nor its crossed second moment the square of one).
-    ablation:     None, or "constant_shrink" / "rebalance_only" (benchmark ablations, see solve_scaling).
-    warmup_steps: optimizer steps before the first refresh (PEFT's zero init makes step 0 degenerate).
-    solver:       "column" (the paper's, with its scalar fallback), "scalar", "nnls" (exact optimum) or
-                  "adam" (the exact optimum of the Adam-aware objective).
-    precision:    how merges accumulate in the frozen weight: "auto", "naive", "fp32_residual",
-                  "bf16_pair" or "stochastic" (see ds_scalora.precision).
-    seed:         seeds stochastic rounding; replicas that share it round identically.
-    rank_sketch:  columns k of the random sketch that estimates each layer's accumulated rank up to k
-                  (ds_scalora.spectrum.RankSketch; 4·k·d_out bytes per layer); 0 turns it off.
-    restart:      the ReLoRA-style baseline instead of ScaLoRA: every refresh merges the whole adapter
-                  (α = β = 0, so factors and moments become zero) and re-initialises ``lora_A`` as PEFT
-                  does; the learning-rate re-warm-up is the training loop's business.
-    """
-
-    interval: int = 1
-    strength: float | str = "auto"
-    shrink: float | None = None
-    max_scale: float = MAX_SCALE
-    ablation: str | None = None
-    warmup_steps: int = 10
-    solver: str = "column"
-    precision: str = "auto"
-    adapter: str = "default"
-    seed: int = 0
-    rank_sketch: int = 64
-    restart: bool = False
+    interval: int = field(default=1, metadata={"help": "refresh every `interval` optimizer steps (1 = ScaLoRA, 10 = ScaLoRA-I)"})
+    strength: float | str = field(default="auto", metadata={"help": (
+        "the knob c = L·η of spec §3, or 'auto': c chosen per layer and refresh so that the refresh divides the "
+        "adapter's squared column norms by `shrink`")})
+    shrink: float | None = field(default=None, metadata={"help": (
+        "with strength 'auto', how much each refresh shrinks the adapter (merging about 1 - 1/shrink of it into the "
+        "frozen weight); 1.0 is the old norm-keeping 'auto', which merges almost nothing; None = the measured default "
+        "for the interval (default_shrink, docs/scalora-strength.md)")})
+    max_scale: float = field(default=MAX_SCALE, metadata={"help": (
+        "every α_j, β_j is kept within [1/max_scale, max_scale] (a guard rail: a tiny column must not get a huge "
+        "scale, nor its crossed second moment the square of one)")})
+    ablation: str | None = field(default=None, metadata={"help": (
+        "None, or 'constant_shrink' / 'rebalance_only' (benchmark ablations, see solve_scaling)")})
+    warmup_steps: int = field(default=10, metadata={"help": (
+        "optimizer steps before the first refresh (PEFT's zero init makes step 0 degenerate)")})
+    solver: str = field(default="column", metadata={"help": (
+        "'column' (the paper's, with its scalar fallback), 'scalar', 'nnls' (exact optimum) or 'adam' (the exact "
+        "optimum of the Adam-aware objective)")})
+    precision: str = field(default="auto", metadata={"help": (
+        "how merges accumulate in the frozen weight: 'auto', 'naive', 'fp32_residual', 'bf16_pair' or 'stochastic' "
+        "(ds_scalora.precision)")})
+    adapter: str = field(default="default", metadata={"help": "the PEFT adapter name to refresh"})
+    seed: int = field(default=0, metadata={"help": "seeds stochastic rounding; replicas that share it round identically"})
+    rank_sketch: int = field(default=64, metadata={"help": (
+        "columns k of the random sketch that estimates each layer's accumulated rank up to k (ds_scalora.spectrum."
+        "RankSketch; 4·k·d_out bytes per layer); 0 turns it off")})
+    restart: bool = field(default=False, metadata={"help": (
+        "the ReLoRA-style baseline instead of ScaLoRA: every refresh merges the whole adapter (α = β = 0, so factors "
+        "and moments become zero) and re-initialises lora_A as PEFT does; the learning-rate re-warm-up is the "
+        "training loop's business")})
 
     def __post_init__(self):
         if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:

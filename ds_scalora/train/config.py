@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..methods.scalora import MAX_SCALE
+from ..methods.scalora import ScaLoRAConfig
 from ..precision import POLICY_NAMES
 from ..scaling import SOLVERS
 from .methods import METHODS
@@ -49,17 +49,20 @@ class DataConfig:
     packing: bool = False
 
 
-@dataclass
-class ScaLoRAOptions:
-    interval: int = 10
-    strength: float | str = "auto"
-    shrink: float | None = None  # with strength auto: each refresh divides the adapter's squared norm by this; None = the library's measured default for the interval (ds_scalora.methods.scalora.default_shrink)
-    max_scale: float = MAX_SCALE  # every α_j, β_j within [1/max_scale, max_scale] (a guard rail)
-    ablation: str | None = None  # None | constant_shrink | rebalance_only (benchmark ablations)
-    warmup_steps: int = 10
-    solver: str = "column"
-    precision: str = "auto"
-    rank_sketch: int = 64  # columns of the sketch behind the logged accumulated-rank estimate; 0 = off
+def run_options(cls, exclude: tuple = (), defaults: dict | None = None):
+    """A method config's block in the run config: the same fields, types, defaults and help as the library's
+    config class (one owner), less those the run sets itself, with the run's own defaults where they differ."""
+    hints, defaults = typing.get_type_hints(cls), defaults or {}
+    specs = [(f.name, hints[f.name], field(default=defaults.get(f.name, f.default), metadata=f.metadata))
+             for f in dataclasses.fields(cls) if f.name not in exclude]
+    options = dataclasses.make_dataclass(f"{cls.__name__.removesuffix('Config')}Options", specs)
+    options.__module__ = __name__
+    return options
+
+
+# ScaLoRAConfig's fields; the run trains ScaLoRA-I (interval 10) unless told otherwise, seeds from train.seed,
+# refreshes PEFT's default adapter, and gets ReLoRA as its own method (method.name: relora)
+ScaLoRAOptions = run_options(ScaLoRAConfig, exclude=("adapter", "seed", "restart"), defaults={"interval": 10})
 
 
 @dataclass

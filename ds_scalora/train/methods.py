@@ -41,6 +41,12 @@ class Method:
     def tensorboard(self, writer, controller, record: dict, step: int, first: bool) -> None:
         """The method's own TensorBoard entries for the step just taken (``first``: the run's first)."""
 
+    def log_own_scalars(self, writer, record: dict, step: int) -> None:
+        """The record's ``log_prefix`` entries, which the loop leaves to the method."""
+        for key, value in record.items():
+            if self.log_prefix and key.startswith(self.log_prefix):
+                writer.add_scalar(key, value, step)
+
     def finish(self, cfg, controller, rank: int) -> None:
         """After the last step, on every rank (collective)."""
 
@@ -112,9 +118,7 @@ class ScaLoRA(LoRA):
         report = controller.last_report
         if report is None:  # only at a refresh
             return
-        for key, value in record.items():
-            if key.startswith("scalora/"):
-                writer.add_scalar(key, value, step)
+        self.log_own_scalars(writer, record, step)
         if report.alpha_beta:
             writer.add_histogram("scalora/alpha_beta", torch.cat(report.alpha_beta), step)
         if report.accumulated_rank:
@@ -196,9 +200,7 @@ class ElaLoRA(Method):
         report = controller.last_report
         if report is None or not (report.moves or first):  # at every round
             return
-        for key, value in record.items():
-            if key.startswith("elalora/"):
-                writer.add_scalar(key, value, step)
+        self.log_own_scalars(writer, record, step)
         for layer, r in zip(controller.layers, report.ranks):
             writer.add_scalar(f"elalora_rank/{short_name(layer.name)}", r, step)
         writer.add_histogram("elalora/rank_per_matrix", torch.tensor(report.ranks), step)

@@ -70,5 +70,28 @@ class LocalAccess:
     def join_pieces(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer
 
+    # frozen weights: the one slice is the whole weight, flat (merges need it contiguous)
+
+    def weight_slice(self, W: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+        if not W.data.is_contiguous():
+            raise ValueError("ScaLoRA merges into the frozen weight in place; this weight is not contiguous")
+        return W.data.view(-1), 0
+
+    def weight_numel(self, W: torch.nn.Parameter) -> int:
+        return W.numel()
+
+    def weight_shape(self, W: torch.nn.Parameter) -> torch.Size:
+        return W.shape
+
+    def own_writable_copies(self, weights: list) -> None:
+        """As ``ZeroAccess.own_writable_copies``: weights mapped copy-on-write from a safetensors file are
+        rewritten once at start-up, so the first refresh does not pay the page faults."""
+        for W in weights:
+            if W.device.type == "cpu" and W.numel():
+                W.data.copy_(W.data.clone())
+
+    def share_replica_slices(self, weights: list) -> None:
+        """Nothing: one process holds the only copy."""
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t

@@ -63,20 +63,21 @@ def test_every_preset_learning_rate_reaches_the_config_as_a_float(tmp_path):
 @pytest.mark.skipif(os.environ.get("DS_SCALORA_SKIP_BENCH") == "1", reason="asked to skip")
 def test_quick_preset_writes_the_report(tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),
-                           "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "quality", "--preset", "quick", "--out",
+                           str(out), "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (out / "benchmarks.md").read_text()
     for method in PRESETS["quick"].methods:
         assert f"| {method} | " in text, method
-    assert "## Targets" in text and "python tools/benchmark.py --preset quick" in text
+    assert "## Targets" in text and "python tools/benchmark.py quality --preset quick" in text
     assert (out / "benchmark_lookup.png").read_bytes()[:4] == b"\x89PNG"
     table = [line for line in text.splitlines() if line.startswith("| lora | ")][0]
     assert table.count("1.000") >= 3  # LoRA's own cost ratios
     assert "## Cost per step" in text and "| every round (ms) |" in text  # the cost section with each round
     assert not list(work.glob("*/checkpoints")), "finished runs must not keep their checkpoints (GBs each)"
 
-    # --cost-only: the cost table on its own (the cost runs above are cached in --work, so this is quick)
+    # the cost subcommand, in the form used before subcommands (options only, --cost-only): the cost table
+    # on its own (the cost runs above are cached in --work, so this is quick)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "quick", "--out", str(out),
                            "--work", str(work), "--cost-only"], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -105,7 +106,7 @@ def test_gpu_preset_cost_path_runs_shrunk_on_cpu(tmp_path):
     from ds_scalora.train.model import byte_tokenizer
 
     out, work = tmp_path / "docs", tmp_path / "work"
-    argv = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--preset", "gpu", "--tasks", "12b", "--methods", "lora",
+    argv = [sys.executable, str(REPO / "tools" / "benchmark.py"), "cost", "--preset", "gpu", "--tasks", "12b", "--methods", "lora",
             "scalora-I", "full", "--set", TINY_SHAPE, "--set", "data.max_length=128", "--out", str(out), "--work", str(work)]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

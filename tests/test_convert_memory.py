@@ -1,16 +1,12 @@
 """``convert.py merged`` streams: its extra memory is bounded by the largest module, not the model.
 
-A synthetic 16-layer ZeRO-2 checkpoint (tools/bench_convert_memory.py, DeepSpeed 0.19.8's layout) is
+A synthetic 16-layer ZeRO-2 checkpoint (``ds_scalora.bench.convert_memory``, DeepSpeed 0.19.8's layout) is
 exported in a fresh process that samples its anonymous resident memory every millisecond (memory-mapped
 checkpoint pages are file-backed and not counted). The control export with one shard for the whole
 model must show the sampler sees a model-sized peak, so the bound is not an artefact of the measurement.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_convert_memory import measure  # noqa: E402
+from ds_scalora.bench.convert_memory import measure
 
 MIB = 1 << 20
 

@@ -64,7 +64,7 @@ def test_refresh_preserves_the_function_bf16_default_policy():
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     opt = adamw(model)
     scalora = ScaLoRA(model, opt, ScaLoRAConfig(warmup_steps=100))
-    assert scalora.policies[scalora.layers[0].name].name == "fp32_residual"
+    assert scalora.core.policies[0].name == "fp32_residual"
     _train(model, opt, scalora, 3)
     batch = fixed_batch(seed=7)
     model(**batch).loss.backward()
@@ -140,8 +140,8 @@ def test_high_rank_accumulation_is_real():
             # rank of W_now - W_0. Ω (d_in x k, full row rank) moves every singular value by a factor within
             # [σ_min(Ω), σ_max(Ω)], so the sketch's count at rtol = 1e-3 lies between the exact counts at
             # 1e-3·κ(Ω) and 1e-3/κ(Ω): directions that close to the threshold may fall either way.
-            for l in scalora.layers:
-                sketch = scalora.sketches[l.name]
+            for i, l in enumerate(scalora.layers):
+                sketch = scalora.core.sketches[i]
                 sv = torch.linalg.svdvals(sketch.omega().double())
                 kappa = float(sv[0] / sv[-1])
                 delta = scalora.effective_weight(l) - W0[l.name]

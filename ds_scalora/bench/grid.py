@@ -16,9 +16,9 @@ import random
 import shutil
 from dataclasses import dataclass, field
 
+from . import REPO
 from ..checkpoint.layout import checkpoint_root
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 # Every method as run-config overrides; {T} is the run's steps. Restart/refresh intervals follow the
 # papers' defaults scaled to short runs: ScaLoRA-I refreshes every 10 steps, ReLoRA restarts 4 times.

@@ -21,9 +21,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from . import REPO
 from ..methods.scalora import default_shrink
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RECORDS = os.path.join(REPO, "docs", "bench_records")
 
 LR = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -93,8 +93,9 @@ def regression_task() -> Task:
                 report_seeds=list(range(16)), floor=regression.lora_floor(4))
 
 
-# from 2026-11-25 with 5e-4: the first tuning runs put LoRA's and ScaLoRA-I's optimum at 1e-3, the lowest rate
-FACTS_LR = [5e-4, 1e-3, 2e-3, 4e-3]
+# facts128 (2026-12-01): the old benchmark's facts task put LoRA's optimum at 2e-3 inside [1e-3, 2e-3, 4e-3]
+FACTS_LR = [1e-3, 2e-3, 4e-3]
+FACTS_SHRINK = [1.5, 2.5, 4.0]
 
 
 def facts_arms(r: int = 4) -> list[Arm]:
@@ -107,7 +108,7 @@ def facts_arms(r: int = 4) -> list[Arm]:
         Arm("relora", {"method": "relora", "r": r}, lrs=FACTS_LR, what="ReLoRA-style restart every 20 steps"),
         Arm("scalora-I-auto", {**sc, "interval": 10, "shrink": 1.0}, lrs=FACTS_LR, what="ScaLoRA-I, old 'auto'"),
         # shrink 8 added on 2026-11-25: the first tuning runs were best at shrink 4, the top of [1.5, 2.5, 4]
-        Arm("scalora-I-tuned", {**sc, "interval": 10}, lrs=FACTS_LR, shrinks=[1.5, 2.5, 4.0, 8.0],
+        Arm("scalora-I-tuned", {**sc, "interval": 10}, lrs=FACTS_LR, shrinks=FACTS_SHRINK,
             what="ScaLoRA-I, shrink tuned with the learning rate"),
         Arm("scalora-I", {**sc, "interval": 10}, lrs=FACTS_LR, what=f"ScaLoRA-I, default shrink {default_shrink(10):g}"),
         Arm("scalora", {**sc, "interval": 1}, lrs=FACTS_LR, what=f"ScaLoRA (I=1), default shrink {default_shrink(1):g}"),
@@ -117,25 +118,32 @@ def facts_arms(r: int = 4) -> list[Arm]:
 
 
 class FactsTask(Task):
-    """Task (c): SmolLM2-135M memorising 256 random facts through the training entry point (one rank)."""
+    """Task (c): SmolLM2-135M memorising 128 random facts through the training entry point (one rank).
 
-    steps, eval_every, n_facts = 100, 10, 256
+    128, not the 256 issue 16 asked for: at 256 facts and 100 steps of 16 (6.25 epochs) every arm and
+    learning rate learned the answers' format and then stalled at a held-out NLL of 1.91-1.96 with exact
+    match 0 (25 runs, 2026-11-25, in this file's git history), so the task could not separate methods;
+    a longer run would break the 2-minute budget. At 128 facts (12.5 epochs) LoRA stores part of them
+    (the old benchmark: exact match 0.37 ± 0.24, full fine-tuning 1.00).
+    """
+
+    steps, eval_every, n_facts = 100, 10, 128
 
     def run(self, spec: dict, lr: float, seed: int) -> dict:
         import tempfile
 
         from . import grid
 
-        task = grid.Task("facts256", "ds_configs/demo.yaml", {
+        task = grid.Task("facts128", "ds_configs/demo.yaml", {
             "method.r": spec.get("r", 4), "data.max_length": 32, "eval.max_new_tokens": 8, "eval.max_batches": 8,
             "data.format": "prompt_completion", "train.micro_batch_size": 16, "eval.exact_match": True,
             "eval.exact_match_every_eval": False, "method.scalora.rank_sketch": 16}, "eval_loss", self.what)
         method = {"lora": "lora", "full": "full", "relora": "relora"}.get(spec["method"], "scalora-I")
         extra = {f"method.scalora.{k}": v for k, v in spec.items() if k not in ("method", "r")}
         with tempfile.TemporaryDirectory() as work:
-            # the seed fixes the facts too: train on all of them, evaluate on the first 128 (memorisation)
+            # the seed fixes the facts too: train on all of them, evaluate on all of them (memorisation)
             rows = grid.facts_rows(self.n_facts, seed=seed)
-            for key, subset in (("data.train", rows), ("data.eval", rows[:128])):
+            for key, subset in (("data.train", rows), ("data.eval", rows)):
                 extra[key] = os.path.join(work, key + ".jsonl")
                 with open(extra[key], "w") as f:
                     f.writelines(json.dumps(row) + "\n" for row in subset)
@@ -173,13 +181,14 @@ def distill_task() -> Task:
 
 
 def facts_task() -> Task:
-    return FactsTask("facts256", "(c) SmolLM2-135M-Instruct memorising 256 random 6-letter → 6-digit codes, rank 4 on "
-                     "every linear layer, 100 steps of 16 (6.25 epochs); teacher-forced answer NLL on the first 128 "
-                     "facts every 10 steps (the metric), greedy exact match beside it", facts_arms(),
+    return FactsTask("facts128", "(c) SmolLM2-135M-Instruct memorising 128 random 6-letter → 6-digit codes, rank 4 on "
+                     "every linear layer, 100 steps of 16 (12.5 epochs); teacher-forced answer NLL on all 128 facts "
+                     "every 10 steps (the metric), greedy exact match beside it (256 facts learned nothing beyond the "
+                     "format in 100 steps: FactsTask's docstring)", facts_arms(),
                      tune_seeds=[100, 101], report_seeds=list(range(8)), metric="nll", curve_every=10)
 
 
-TASKS = {"regression": regression_task, "distill": distill_task, "facts256": facts_task}
+TASKS = {"regression": regression_task, "distill": distill_task, "facts128": facts_task}
 
 
 # -- records ------------------------------------------------------------------------------------------
@@ -414,12 +423,12 @@ def targets(task: Task, figures: dict) -> list[str]:
                        f"improvement: gap closed {g['share']:.2f} [{g['low']:.2f}, {g['high']:.2f}], paired improvement "
                        f"{d['mean']:.3g} [{d['low']:.3g}, {d['high']:.3g}] → **{'met' if ok else 'missed'}**"
                        + ("" if ok else f" (by {max(0.5 - g['share'], 0):.2f} of the gap)"))
-    if task.name == "facts256":
+    if task.name == "facts128":
         ok = d["low"] > 0
         out.append(f"ScaLoRA-I (default) paired NLL improvement over LoRA with the interval excluding zero: "
                    f"{d['mean']:.3g} [{d['low']:.3g}, {d['high']:.3g}] → **{'met' if ok else 'missed'}**"
                    + ("" if ok else f" (the interval's low end is {d['low']:.3g})"))
-    if task.name in ("distill", "facts256"):
+    if task.name in ("distill", "facts128"):
         ratio = arm.get("steps_ratio")
         ok = ratio is not None and ratio <= 0.7
         out.append(f"ScaLoRA-I reaches LoRA's final {task.metric} in ≤ 0.7× LoRA's steps: median ratio "
@@ -429,7 +438,7 @@ def targets(task: Task, figures: dict) -> list[str]:
 
 def write_report(tasks: list, path: str, root: str = RECORDS, command: str = "") -> str:
     parts = ["# ScaLoRA's powered benchmark", "",
-             f"Generated by `{command or 'python tools/bench_power.py'}` from the records in "
+             f"Generated by `{command or 'python tools/benchmark.py power'}` from the records in "
              "`docs/bench_records/` (one line per finished run; the report regenerates from them alone).", ""]
     for task in tasks:
         text, figures = render(task, root)
@@ -439,3 +448,37 @@ def write_report(tasks: list, path: str, root: str = RECORDS, command: str = "")
         f.write(text)
     os.replace(path + ".tmp", path)
     return text
+
+
+def main(argv=None) -> None:
+    """``python tools/benchmark.py power``: run what is missing, then write the report.
+
+    python tools/benchmark.py power                     # every task: run what is missing, write docs/benchmarks_power.md
+    python tools/benchmark.py power --report-only       # regenerate the report from docs/bench_records/ alone
+    python tools/benchmark.py power --tasks facts128 --arms lora scalora-I --phase tune
+
+    Task (a), the single-layer regression: 570 runs, 4.1 min of run time in all on 2 cores (0.1-1.7 s a run);
+    task (c), facts128, about 5 min a run on 2 idle cores (9 arms: ~70 tuning runs and 72 report runs).
+    """
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(prog="tools/benchmark.py power", description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
+    p.add_argument("--phase", choices=["tune", "report", "both"], default="both")
+    p.add_argument("--report-only", action="store_true", help="no runs: regenerate the report from the records")
+    p.add_argument("--records", default=RECORDS)
+    p.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks_power.md"))
+    args = p.parse_args(argv)
+    tasks = [TASKS[name]() for name in args.tasks]
+    if all(t.name == "regression" for t in tasks):
+        torch.set_num_threads(1)  # its runs are tiny: one thread is faster and leaves the other core free
+    if not args.report_only:
+        phases = ("tune", "report") if args.phase == "both" else (args.phase,)
+        for task in tasks:
+            sweep(task, args.arms, phases, args.records)
+    write_report(tasks, args.out, args.records, command="python tools/benchmark.py power")
+    print(f"wrote {args.out}")

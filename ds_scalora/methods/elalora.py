@@ -44,36 +44,28 @@ from .svd_layers import SVDAdapted, find_svd_layers, svd_scale
 
 @dataclass
 class ElaLoRAConfig:
-    """Options of the method (defaults: the official GLUE scripts' β, k, b and regulariser weight).
+    """Options of the method (each field's ``help`` says what it does; defaults: the official GLUE scripts'
+    β, k, b and regulariser weight). The run config's ``method.elalora`` block is built from these fields
+    (``ds_scalora.train.config``)."""
 
-    init_rank:    r0, active slots per matrix at the start; the budget is r0 x matrices.
-    max_rank:     R, the fixed buffer size: the most ranks one matrix can reach.
-    total_steps:  T, optimizer steps of the run (the schedule depends on it).
-    init_warmup:  steps before the first reallocation (scores accumulate meanwhile).
-    final_warmup: final steps with frozen ranks (no scores, no moves).
-    interval:     ΔT, steps between reallocation rounds.
-    moves:        b0, ranks pruned (and as many grown) in the first round; decays cubically to 0.
-    per_matrix:   k, the most ranks one matrix offers (and can gain) per round.
-    beta1/beta2:  the importance averages' decay.
-    orth_reg:     weight of the orthogonality regulariser (0 = off).
-    init_value:   λ of a grown slot (the official 1e-13: the output does not change).
-    seed:         seeds the grown directions; every rank draws the same ones.
-    """
-
-    total_steps: int
-    init_rank: int = 8
-    max_rank: int = 16
-    init_warmup: int = 50
-    final_warmup: int = 50
-    interval: int = 10
-    moves: int = 4
-    per_matrix: int = 2
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg: float = 0.1
-    init_value: float = 1e-13
-    seed: int = 0
-    adapter: str = "default"
+    total_steps: int = field(metadata={"help": "T, optimizer steps of the run (the schedule depends on it)"})
+    init_rank: int = field(default=8, metadata={"help": "r0, active slots per matrix at the start; the budget is "
+                                                        "r0 x matrices"})
+    max_rank: int = field(default=16, metadata={"help": "R, the fixed buffer size: the most ranks one matrix can reach"})
+    init_warmup: int = field(default=50, metadata={"help": "steps before the first reallocation (scores accumulate "
+                                                           "meanwhile)"})
+    final_warmup: int = field(default=50, metadata={"help": "final steps with frozen ranks (no scores, no moves)"})
+    interval: int = field(default=10, metadata={"help": "ΔT, steps between reallocation rounds"})
+    moves: int = field(default=4, metadata={"help": "b0, ranks pruned (and as many grown) in the first round; decays "
+                                                    "cubically to 0"})
+    per_matrix: int = field(default=2, metadata={"help": "k, the most ranks one matrix offers (and can gain) per round"})
+    beta1: float = field(default=0.85, metadata={"help": "decay of the importance's moving average"})
+    beta2: float = field(default=0.85, metadata={"help": "decay of the importance uncertainty's moving average"})
+    orth_reg: float = field(default=0.1, metadata={"help": "weight of the orthogonality regulariser (0 = off)"})
+    init_value: float = field(default=1e-13, metadata={"help": "λ of a grown slot (the official 1e-13: the output "
+                                                               "does not change)"})
+    seed: int = field(default=0, metadata={"help": "seeds the grown directions; every rank draws the same ones"})
+    adapter: str = field(default="default", metadata={"help": "the PEFT adapter name"})
 
     def __post_init__(self):
         def whole(name, low):

@@ -15,7 +15,8 @@ A refresh rewrites every adapted layer at the same effective weight (spec §4): 
 ``s A diag(1 − α∘β) Bᵀ`` into the frozen weight through a precision policy, rescale the factors,
 and re-express the gradients and the optimizer moments (crossed). No optimizer reset, no
 re-warm-up. Under DDP every replica holds the same reduced gradients, so every replica computes the
-same refresh; nothing here communicates. The DeepSpeed integration reuses these pieces per shard.
+same refresh; nothing here communicates. The refresh itself is ``scalora_refresh.RefreshCore``, the
+same core the DeepSpeed controller runs on its ZeRO pieces.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..precision import POLICY_NAMES, get_policy
-from ..rescale import cross_gradients_, cross_moments_, merge_delta, rescale_factors_
 from ..pieces import LocalAccess
-from ..scaling import ABLATIONS, SOLVERS, ScalingSolution, restart_solution, solve_scaling
-from ..spectrum import RankSketch
-from .adapted_layers import AdaptedLinear, find_adapted_linears, fresh_lora_A
+from ..precision import POLICY_NAMES
+from ..scaling import ABLATIONS, SOLVERS
+from .adapted_layers import AdaptedLinear, find_adapted_linears
+from .scalora_refresh import RefreshCore, RefreshReport, restart_seed  # noqa: F401  (restart_seed: public here)
 
 
 # Guard rail on α_j, β_j (ScaLoRAConfig.max_scale): wide enough never to bind in a normal refresh
@@ -122,50 +122,6 @@ class ScaLoRAConfig:
         return step >= self.warmup_steps and (step - self.warmup_steps) % self.interval == 0
 
 
-@dataclass
-class RefreshReport:
-    """What one refresh did, for logging: solver outcomes, α∘β over all columns, merged norm."""
-
-    step: int
-    solvers: Counter = field(default_factory=Counter)  # solver_used -> layers
-    reasons: Counter = field(default_factory=Counter)  # fallback / skip reason -> layers
-    alpha_beta: list = field(default_factory=list)  # one tensor of α∘β per rescaled layer
-    merged_sq_norm: float = 0.0
-    accumulated_rank: list = field(default_factory=list)  # per layer, estimated (empty if rank_sketch=0)
-    # per layer, the estimated share of the accumulated update's energy outside its top-r directions
-    energy_outside: list = field(default_factory=list)
-
-    @property
-    def layers(self) -> int:
-        return sum(self.solvers.values())
-
-    @property
-    def scalar_fraction(self) -> float:
-        """Fraction of layers that used one scale per factor (the paper reports about 20%)."""
-        return self.solvers["scalar"] / max(1, self.layers)
-
-    @property
-    def merged_norm(self) -> float:
-        return math.sqrt(self.merged_sq_norm)
-
-    @property
-    def energy_outside_mean(self) -> float | None:
-        """Mean over layers of the share of the accumulated update's energy outside its top r directions:
-        unlike the numerical rank, tiny directions count only by their energy."""
-        vals = [v for v in self.energy_outside if v == v]
-        return sum(vals) / len(vals) if vals else None
-
-    @property
-    def accumulated_rank_mean(self) -> float | None:
-        """Mean over layers of the estimated rank of (everything merged + the current adapter)."""
-        return sum(self.accumulated_rank) / len(self.accumulated_rank) if self.accumulated_rank else None
-
-
-def restart_seed(seed: int, step: int, index: int) -> int:
-    """The seed of layer ``index``'s fresh ``lora_A`` at a restart: the same on every rank."""
-    return ((seed * 1_000_003 + step) * 10_007 + index) * 7 + 3
-
-
 class ScaLoRA:
     """Refreshes the LoRA layers of a PEFT model in place; see the module docstring for the loop.
     Build it once the model is on its device: the merge accumulator and rank sketches are allocated
@@ -184,15 +140,8 @@ class ScaLoRA:
                 f"the optimizer does not train the LoRA factors of {len(missing)} layer(s), e.g. {missing[0]}; "
                 "build it from the model's trainable parameters"
             )
-        self.policies = {layer.name: get_policy(self.config.precision, layer.weight.dtype) for layer in self.layers}
-        self.merge_state = {layer.name: self.policies[layer.name].init_state(layer.weight) for layer in self.layers}
-        k = self.config.rank_sketch
-        self.sketches = {
-            layer.name: RankSketch(layer.A.shape[0], layer.B.shape[0], k, seed=index, device=layer.weight.device)
-            for index, layer in enumerate(self.layers)
-        } if k else {}  # fmt: skip
+        self.core = RefreshCore(self.layers, self.config, LocalAccess(optimizer))
         self.step = 0  # optimizer steps seen so far
-        self.totals = Counter()  # over the run: refreshes, and layers per solver / reason
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -202,85 +151,20 @@ class ScaLoRA:
         self.step += 1
         return report
 
-    # -- the refresh --------------------------------------------------------------------------
-
-    @torch.no_grad()
     def refresh(self) -> RefreshReport:
         """Rescale every adapted layer now, from the gradients currently in ``.grad``."""
-        report = RefreshReport(step=self.step)
-        grads = [layer.grads() for layer in self.layers]
-        if not all(torch.isfinite(g).all() for pair in grads for g in pair):
-            # A non-finite gradient anywhere means this optimizer step is skipped (loss scaling,
-            # overflow checks) or the run is already corrupt: rescaling the other layers would only
-            # leave the factors inconsistent with a skipped step. No layer is touched.
-            report.solvers["none"] = len(self.layers)
-            report.reasons["nonfinite"] = len(self.layers)
-            self._count(report)
-            return report
-        for index, (layer, (grad_A, grad_B)) in enumerate(zip(self.layers, grads)):
-            if self.config.restart:
-                sol = restart_solution(layer.A.shape[1])
-            else:
-                sol = solve_scaling(
-                    layer.A, layer.B, grad_A, grad_B, self.config.strength, solver=self.config.solver,
-                    scale=layer.scale, directions=self.adam_directions(layer), **self.config.solve_options()
-                )
-            report.solvers[sol.solver_used] += 1
-            if sol.reason:
-                report.reasons[sol.reason] += 1
-            if sol.rescaled:
-                report.merged_sq_norm += self._apply(index, layer, sol)
-                report.alpha_beta.append((sol.alpha * sol.beta).float())
-        if self.sketches:
-            measured = [self.sketches[l.name].measure(l.A.shape[1], l.A, l.B, l.scale) for l in self.layers]
-            report.accumulated_rank = [rank for rank, _ in measured]
-            report.energy_outside = [share for _, share in measured]
-        self._count(report)
-        return report
-
-    def adam_directions(self, layer: AdaptedLinear):
-        """Adam's next step directions (U_A, U_B, paper orientation) for solver "adam", else None."""
-        if self.config.solver != "adam":
-            return None
-        access = LocalAccess(self.optimizer)
-        u_A = access.piece(layer.lora_B).adam_direction().view(layer.lora_B.shape)
-        u_B = access.piece(layer.lora_A).adam_direction().view(layer.lora_A.shape).T
-        return u_A, u_B
-
-    def _count(self, report: RefreshReport) -> None:
-        self.totals["refreshes"] += 1
-        self.totals.update({f"solver/{k}": v for k, v in report.solvers.items()})
-        self.totals.update({f"reason/{k}": v for k, v in report.reasons.items()})
-
-    def _apply(self, index: int, layer: AdaptedLinear, sol: ScalingSolution) -> float:
-        """Spec §4 steps 3 to 6 on one layer; returns ‖merged update‖_F²."""
-        weight = layer.weight
-        work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        delta = merge_delta(layer.A, layer.B, sol.alpha, sol.beta, layer.scale, dtype=work_dtype)
-        seed = (self.config.seed * 1_000_003 + self.step) * 10_007 + index
-        self.policies[layer.name].merge_(weight.data, layer.to_weight_layout(delta), self.merge_state[layer.name], seed=seed)
-        if self.sketches:
-            self.sketches[layer.name].add(layer.A, layer.B, 1 - sol.alpha * sol.beta, layer.scale)
-        rescale_factors_(layer.A.data, layer.B.data, sol.alpha, sol.beta)
-        grad_B = layer.lora_A.grad
-        cross_gradients_(layer.lora_B.grad, None if grad_B is None else grad_B.T, sol.alpha, sol.beta)
-        state = self.optimizer.state
-        cross_moments_(
-            dict(state.get(layer.lora_B, {})),
-            {k: (v.T if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in state.get(layer.lora_A, {}).items()},
-            sol.alpha,
-            sol.beta,
-        )
-        if self.config.restart:
-            gen = torch.Generator().manual_seed(restart_seed(self.config.seed, self.step, index))
-            layer.lora_A.data.copy_(fresh_lora_A(layer.lora_A.shape, gen))
-        return float(delta.pow(2).sum(dtype=torch.float64))
+        return self.core.refresh(self.step)
 
     # -- what the refreshes accumulated -----------------------------------------------------------
 
+    @property
+    def totals(self) -> Counter:
+        """Over the run: refreshes, and layers per solver / reason."""
+        return self.core.totals
+
     def merged_weight(self, layer: AdaptedLinear) -> torch.Tensor:
         """The frozen weight with everything merged into it, at the policy's full precision."""
-        return self.policies[layer.name].value(layer.weight.data, self.merge_state[layer.name])
+        return self.core.full_merged_weight(layer)
 
     @torch.no_grad()
     def effective_weight(self, layer: AdaptedLinear) -> torch.Tensor:
@@ -290,12 +174,14 @@ class ScaLoRA:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """Config, step, counters, and per layer (by name) the precision policy's state and rank sketch."""
+        names = [layer.name for layer in self.layers]
         return {
             "config": asdict(self.config),
             "step": self.step,
             "totals": dict(self.totals),
-            "merge_state": {k: v for k, v in self.merge_state.items() if v is not None},
-            "sketches": {name: sketch.Y for name, sketch in self.sketches.items()},
+            "merge_state": {names[i]: v for i, v in enumerate(self.core.merge_state) if v is not None},
+            "sketches": {names[i]: sketch.Y for i, sketch in self.core.sketches.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -305,16 +191,17 @@ class ScaLoRA:
                 f"checkpoint was written with precision={saved.precision!r}, adapter={saved.adapter!r}; "
                 f"this run uses precision={self.config.precision!r}, adapter={self.config.adapter!r}"
             )
-        names = {layer.name for layer in self.layers}
-        unknown = set(state["merge_state"]) - names
+        index = {layer.name: i for i, layer in enumerate(self.layers)}
+        unknown = set(state["merge_state"]) - set(index)
         if unknown:
             raise ValueError(f"checkpoint has merge state for layers this model lacks: {sorted(unknown)[:3]}")
         for name, tensor in state["merge_state"].items():
-            if self.merge_state[name] is None or self.merge_state[name].shape != tensor.shape:
+            mine = self.core.merge_state[index[name]]
+            if mine is None or mine.numel() != tensor.numel():
                 raise ValueError(f"merge state of {name} does not match this model's layer")
-            self.merge_state[name].copy_(tensor)
+            mine.copy_(tensor.reshape(-1))  # flat; states saved before 2026-12-01 were weight-shaped
         for name, Y in state.get("sketches", {}).items():
-            if name in self.sketches:
-                self.sketches[name].load_(Y)
+            if name in index and index[name] in self.core.sketches:
+                self.core.sketches[index[name]].load_(Y)
         self.step = int(state["step"])
-        self.totals = Counter(state["totals"])
+        self.core.totals = Counter(state["totals"])

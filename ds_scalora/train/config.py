@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..methods.elalora import ElaLoRAConfig
 from ..methods.scalora import ScaLoRAConfig
 from ..precision import POLICY_NAMES
 from ..scaling import SOLVERS
@@ -49,12 +50,17 @@ class DataConfig:
     packing: bool = False
 
 
-def run_options(cls, exclude: tuple = (), defaults: dict | None = None):
+def run_options(cls, exclude: tuple = (), defaults: dict | None = None, overrides: dict | None = None):
     """A method config's block in the run config: the same fields, types, defaults and help as the library's
-    config class (one owner), less those the run sets itself, with the run's own defaults where they differ."""
-    hints, defaults = typing.get_type_hints(cls), defaults or {}
-    specs = [(f.name, hints[f.name], field(default=defaults.get(f.name, f.default), metadata=f.metadata))
-             for f in dataclasses.fields(cls) if f.name not in exclude]
+    config class (one owner), less those the run sets itself, with the run's own defaults where they differ.
+    ``overrides`` maps a field to (type, help) where the run reads it differently (a fraction of the run)."""
+    hints, defaults, overrides = typing.get_type_hints(cls), defaults or {}, overrides or {}
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        kind, help_ = overrides.get(f.name, (hints[f.name], f.metadata.get("help", "")))
+        specs.append((f.name, kind, field(default=defaults.get(f.name, f.default), metadata={"help": help_})))
     options = dataclasses.make_dataclass(f"{cls.__name__.removesuffix('Config')}Options", specs)
     options.__module__ = __name__
     return options
@@ -65,19 +71,15 @@ def run_options(cls, exclude: tuple = (), defaults: dict | None = None):
 ScaLoRAOptions = run_options(ScaLoRAConfig, exclude=("adapter", "seed", "restart"), defaults={"interval": 10})
 
 
-@dataclass
-class ElaLoRAOptions:
-    """ElaLoRA's schedule (method.r is the initial rank per matrix; the budget is r x matrices)."""
-
-    max_rank: int = 0  # slots per matrix (the most one matrix can reach); 0 = 2 x method.r
-    init_warmup: float = 0.1  # steps before the first round: a fraction of train.max_steps if < 1, else a count
-    final_warmup: float = 0.2  # final steps with frozen ranks: same convention
-    interval: int = 10  # steps between rounds
-    moves: int = 4  # ranks moved in the first round, decaying cubically to 0
-    per_matrix: int = 2  # the most ranks one matrix gives up or gains per round
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg: float = 0.1
+# ElaLoRAConfig's fields; the run sets the total steps and the initial rank (method.r), seeds from train.seed,
+# and reads the warm-ups as fractions of train.max_steps (elalora_config resolves them)
+_RUN_FRACTION = "a fraction of train.max_steps if < 1, else a count"
+ElaLoRAOptions = run_options(
+    ElaLoRAConfig, exclude=("total_steps", "init_rank", "init_value", "seed", "adapter"),
+    defaults={"max_rank": 0, "init_warmup": 0.1, "final_warmup": 0.2},
+    overrides={"max_rank": (int, "slots per matrix (the most one matrix can reach); 0 = 2 x method.r"),
+               "init_warmup": (float, f"steps before the first reallocation: {_RUN_FRACTION}"),
+               "final_warmup": (float, f"final steps with frozen ranks: {_RUN_FRACTION}")})
 
 
 @dataclass
@@ -346,8 +348,6 @@ def _resolve_paths(config: RunConfig, base_dir: str) -> None:
 
 def elalora_config(config: RunConfig):
     """The run's :class:`~ds_scalora.methods.ElaLoRAConfig` (fractions of the run resolved to steps)."""
-    from ..methods.elalora import ElaLoRAConfig
-
     o, T = config.method.elalora, config.train.max_steps
 
     def steps(value, key):
@@ -355,10 +355,10 @@ def elalora_config(config: RunConfig):
             raise ValueError(f"{key} must be >= 0, got {value}")
         return int(round(value * T)) if value < 1 else int(value)
 
-    return ElaLoRAConfig(total_steps=T, init_rank=config.method.r, max_rank=o.max_rank or 2 * config.method.r,
-                         init_warmup=steps(o.init_warmup, "init_warmup"), final_warmup=steps(o.final_warmup, "final_warmup"),
-                         interval=o.interval, moves=o.moves, per_matrix=o.per_matrix, beta1=o.beta1, beta2=o.beta2,
-                         orth_reg=o.orth_reg, seed=config.train.seed)  # fmt: skip
+    options = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)}
+    options.update(max_rank=o.max_rank or 2 * config.method.r, init_warmup=steps(o.init_warmup, "init_warmup"),
+                   final_warmup=steps(o.final_warmup, "final_warmup"))
+    return ElaLoRAConfig(total_steps=T, init_rank=config.method.r, seed=config.train.seed, **options)
 
 
 def _get(config, dotted: str):

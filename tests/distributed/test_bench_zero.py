@@ -1,4 +1,4 @@
-"""tools/bench_zero.py (the refresh-scaling figures of the benchmark report): the bytes it counts on the
+"""``python tools/benchmark.py zero`` (ds_scalora.bench.zero_scaling: the refresh-scaling figures of the benchmark report): the bytes it counts on the
 wire must be what the stated communication model predicts at the measured shape.
 
 Independent sides: the counted bytes come from wrapping ``torch.distributed``'s collectives during a
@@ -41,7 +41,7 @@ def tables(stdout: str) -> list[dict[str, list[str]]]:
 
 
 def test_counted_bytes_match_the_communication_model():
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_zero.py"), "--quick", "--no-memory"],
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "zero", "--quick", "--no-memory"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     refresh, elalora = tables(proc.stdout)

@@ -6,7 +6,7 @@ resident memory (``RssAnon``: memory-mapped checkpoint pages are file-backed and
 they can be dropped at any time) every millisecond. Prints the peak increase, the model's size, the
 largest module, and their ratios.
 
-    python tools/bench_convert_memory.py --layers 48 --hidden 256
+    python tools/benchmark.py convert-memory --layers 48 --hidden 256
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections import OrderedDict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rss_anon() -> int:
@@ -65,8 +64,8 @@ def make_synthetic_checkpoint(run_dir: str, layers: int, hidden: int, world: int
     """A complete ZeRO-2 checkpoint of a random-init Llama + LoRA; returns its sizes in bytes (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ds_scalora.checkpoint.deepspeed_files import TESTED_DEEPSPEED
-    from ds_scalora.checkpoint.layout import mark_complete
+    from ..checkpoint.deepspeed_files import TESTED_DEEPSPEED
+    from ..checkpoint.layout import mark_complete
 
     fields = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}  # fmt: skip
@@ -109,8 +108,8 @@ def make_synthetic_checkpoint(run_dir: str, layers: int, hidden: int, world: int
 
 def export_and_sample(run: str, out: str, max_shard_size: str, dtype: str | None = None) -> int:
     """In this (fresh) process: export ``run`` and return the peak anonymous-memory increase."""
-    from ds_scalora.export import RunSource
-    from ds_scalora.export.merged import export_merged
+    from ..export import RunSource
+    from ..export.merged import export_merged
 
     source = RunSource(run)
     source.hf_config(), source.tokenizer()  # imports and the tokenizer build are fixed costs, not the model's
@@ -127,7 +126,7 @@ def measure(layers: int, hidden: int, workdir: str, max_shard_size: str | None =
     run = os.path.join(workdir, "run")
     sizes = make_synthetic_checkpoint(run, layers, hidden)
     shard = max_shard_size or str(sizes["largest_module_bytes"])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--export", run, os.path.join(workdir, "merged"),
+    proc = subprocess.run([sys.executable, "-m", "ds_scalora.bench.convert_memory", "--export", run, os.path.join(workdir, "merged"),
                            "--max-shard-size", shard, "--dtype", dtype], capture_output=True, text=True, check=False)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"export failed:\n{proc.stderr[-3000:]}")
@@ -136,14 +135,14 @@ def measure(layers: int, hidden: int, workdir: str, max_shard_size: str | None =
             "peak_over_largest_module": increase / sizes["largest_module_bytes"]}  # fmt: skip
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--max-shard-size", default=None, help="default: the largest module's size")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="exported dtype (default fp32)")
     p.add_argument("--export", nargs=2, metavar=("RUN", "OUT"), help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.export:
         print(export_and_sample(*a.export, a.max_shard_size, a.dtype))
         return

@@ -1,6 +1,6 @@
 """Where one ScaLoRA refresh spends its time, inside the real training entry point.
 
-    python tools/profile_refresh.py [--task dates] [--steps 6] [--top 25]
+    python tools/benchmark.py profile-refresh [--task dates] [--steps 6] [--top 25]
 
 Runs the benchmark's ``cpu`` preset task (SmolLM2-135M, one rank, in this process) as ScaLoRA with a
 refresh at every step from step 2, times every ``ZeroScaLoRA.refresh`` call and prints the cProfile
@@ -19,17 +19,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_scalora.bench import grid  # noqa: E402
+from . import grid
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="dates", choices=[t.name for t in grid.PRESETS["cpu"].tasks])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=25)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     task = next(t for t in grid.PRESETS["cpu"].tasks if t.name == a.task)
     work = tempfile.mkdtemp(prefix="profile_refresh_")
     cfg = grid.run_config(task, "scalora", grid.task_lrs(grid.PRESETS["cpu"], task, "scalora")[0], 0, a.steps, 0,
@@ -40,7 +39,7 @@ def main() -> None:
 
     class TimeRefreshes:
         def after_setup(self, engine, model):
-            from ds_scalora.zero.controller import ZeroScaLoRA
+            from ..zero.controller import ZeroScaLoRA
 
             original = ZeroScaLoRA.refresh
 

@@ -1,9 +1,9 @@
 """Cost of ScaLoRA under DeepSpeed, measured side by side with plain LoRA in one run.
 
-    python tools/bench_zero.py [--ranks 1 2 4] [--stage 2] [--dtype bf16] [--hidden 512 --layers 4 --r 16]
-                               [--steps 20] [--quick]
+    python tools/benchmark.py zero [--ranks 1 2 4] [--stage 2] [--dtype bf16] [--hidden 512 --layers 4 --r 16]
+                                   [--steps 20] [--quick]
 
-The driver launches itself with ``deepspeed --num_gpus N`` for each N (``DS_ACCELERATOR=cpu`` is set
+The driver launches this module with ``deepspeed --num_gpus N`` for each N (``DS_ACCELERATOR=cpu`` is set
 when no GPU is present) and prints the tables. Each launch builds one engine per method from the same
 random-init Llama shape with PEFT adapters on all block linears: plain LoRA, ScaLoRA-I, ScaLoRA and
 ElaLoRA (PEFT's SVD layers; same DeepSpeed config, same data), and measures
@@ -47,8 +47,8 @@ def worker(a) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ds_scalora.methods.elalora import elastic_lora_model
-    from ds_scalora.zero import attach, attach_elalora, disable_cpu_shm_comm
+    from ..methods.elalora import elastic_lora_model
+    from ..zero import attach, attach_elalora, disable_cpu_shm_comm
 
     disable_cpu_shm_comm()
     deepspeed.init_distributed()
@@ -219,7 +219,8 @@ def driver(a) -> None:
     def launch(n, *extra):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
-            cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29600 + n), __file__, "--worker", "--out", out]
+            cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29600 + n), "--module", __name__ if __name__ != "__main__"
+                   else "ds_scalora.bench.zero_scaling", "--worker", "--out", out]
             cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in WORKER_ARGS] + list(extra)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -302,7 +303,7 @@ def modelled_elalora_sent_bytes(r: dict) -> float:
 WORKER_ARGS = ("stage", "dtype", "hidden", "layers", "r", "seq", "micro_batch", "steps", "blocks", "repeats")
 
 
-def main():
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--stage", type=int, default=2)
@@ -322,14 +323,14 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.quick:
         a.ranks, a.hidden, a.layers, a.r, a.seq, a.steps, a.blocks, a.repeats = [1, 2], 128, 2, 4, 32, 3, 1, 1
     if not a.worker:
         driver(a)
         return
     worker(a)
-    from ds_scalora.zero import end_distributed, exit_process
+    from ..zero import end_distributed, exit_process
 
     end_distributed()
     exit_process(0)  # on gloo: os._exit, see ds_scalora/zero/teardown.py

@@ -5,8 +5,8 @@ stated against the training step it is amortised over. This script measures both
 
 How to run (from the repository root; nothing is downloaded, the model is randomly initialised)::
 
-    PYTHONPATH=. python tools/bench_refresh.py                  # r = 4, 16, 64; bf16 and fp32 bases
-    PYTHONPATH=. python tools/bench_refresh.py --quick          # smoke test: r = 4, 2 layers, 1 repeat
+    python tools/benchmark.py refresh                  # r = 4, 16, 64; bf16 and fp32 bases
+    python tools/benchmark.py refresh --quick          # smoke test: r = 4, 2 layers, 1 repeat
 
 What is measured, per (base dtype, r):
 
@@ -16,11 +16,11 @@ What is measured, per (base dtype, r):
 * total: ``ScaLoRA.refresh()`` (strength "auto"), median over repeats; the snapshot is restored
   before each repeat, so every repeat does the same work (the base weights keep accumulating
   merges, which does not change the cost).
-* solve / merge: the same layer-1 functions that ``refresh()`` calls, timed in separate loops over
-  the same layers, from the same restored snapshot: ``solve_scaling`` for all layers (it includes
-  ``build_problem``), then ``merge_delta`` + ``policy.merge_`` for all layers, using ScaLoRA's own
-  policies and merge state. "other" = total - solve - merge (factor rescale, crossed gradients and
-  moments, the merged-norm reduction, bookkeeping); being a difference of medians it can be noisy.
+* solve / merge: the refresh core's own phases (``ds_scalora.methods.scalora_refresh.RefreshCore``),
+  timed separately from the same restored snapshot: gather + ``solve_round_robin`` (``solve_scaling``
+  for every layer, including ``build_problem``), then ``merge_layer`` for every rescaled layer, with
+  the core's own policies and merge state. "other" = total - solve - merge (factor rescale, crossed
+  gradients and moments, the rank sketch, bookkeeping); being a difference of medians it can be noisy.
 * LoRA step: forward + backward + AdamW step on a 4 x 256 random-token batch, one untimed warm-up,
   median over repeats. Ratio = refresh / step; amortised overhead at interval I = refresh / (I step).
 """
@@ -38,11 +38,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ds_scalora.methods import ScaLoRA, ScaLoRAConfig
-from ds_scalora.methods.scalora import default_shrink
-from ds_scalora.precision import get_policy
-from ds_scalora.rescale import merge_delta
-from ds_scalora.scaling import SOLVERS, solve_scaling
+from ..methods import ScaLoRA, ScaLoRAConfig
+from ..methods.scalora import default_shrink
+from ..precision import get_policy
+from ..scaling import SOLVERS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,25 +94,18 @@ def timed(fn) -> float:
 
 
 def solve_all(scalora: ScaLoRA) -> list:
-    cfg = scalora.config
-    sols = []
-    for layer in scalora.layers:
-        grad_A, grad_B = layer.grads()
-        sols.append(solve_scaling(layer.A, layer.B, grad_A, grad_B, cfg.strength, solver=cfg.solver, scale=layer.scale,
-                                  directions=scalora.adam_directions(layer), **cfg.solve_options()))
-    return sols
+    """The refresh core's own gather and solve phases (all layers)."""
+    full, directions = scalora.core.gather_factors_and_grads()
+    return full, scalora.core.solve_round_robin(full, directions)
 
 
 @torch.no_grad()
-def merge_all(scalora: ScaLoRA, sols: list) -> None:
-    """The merge part of ScaLoRA._apply: merge_delta + policy.merge_, for every rescaled layer."""
-    for index, (layer, sol) in enumerate(zip(scalora.layers, sols)):
-        if not sol.rescaled:
-            continue
-        work = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        delta = merge_delta(layer.A, layer.B, sol.alpha, sol.beta, layer.scale, dtype=work)
-        scalora.policies[layer.name].merge_(layer.weight.data, layer.to_weight_layout(delta),
-                                            scalora.merge_state[layer.name], seed=index)
+def merge_all(scalora: ScaLoRA, solved) -> None:
+    """The refresh core's own merge phase (merge_delta_flat + policy.merge_) for every rescaled layer."""
+    full, sols = solved
+    for index, (layer, (A, B, _, _), (alpha, beta, used, _)) in enumerate(zip(scalora.layers, full, sols)):
+        if used != "none":
+            scalora.core.merge_layer(index, layer, A, B, alpha, beta, step=0)
 
 
 def bench(dtype_name: str, r: int, args) -> dict:
@@ -138,9 +130,9 @@ def bench(dtype_name: str, r: int, args) -> dict:
         totals.append(timed(run))
         mix = report.solvers
         restore(scalora, saved)
-        sols = []
-        solves.append(timed(lambda: sols.extend(solve_all(scalora))))
-        merges.append(timed(lambda: merge_all(scalora, sols)))
+        solved = []
+        solves.append(timed(lambda: solved.extend(solve_all(scalora))))
+        merges.append(timed(lambda: merge_all(scalora, solved)))
 
     opt.zero_grad(set_to_none=True)
     ids = batch(4, 256)
@@ -157,7 +149,7 @@ def bench(dtype_name: str, r: int, args) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--dtype", choices=list(DTYPES), help="base weight dtype (default: both)")
@@ -167,7 +159,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30, help="hidden layers (SmolLM2-135M has 30)")
     parser.add_argument("--rank-sketch", type=int, default=64, help="ScaLoRAConfig.rank_sketch (0: no rank estimate)")
     parser.add_argument("--quick", action="store_true", help="r=4, 2 hidden layers, 1 repeat: a smoke test")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.layers, args.repeats = [4], 2, 1
     if args.threads:

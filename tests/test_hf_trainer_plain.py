@@ -1,11 +1,13 @@
-"""ScaLoRATrainer without DeepSpeed: the reference controller hooked into a stock Trainer, with the
-merged base weights saved beside the PEFT checkpoint (which holds only the adapter) and restored."""
+"""ScaLoRATrainer, and ScaLoRACallback in a stock Trainer, without DeepSpeed: the single-process ScaLoRA
+hooked in front of the optimizer step, the merged base weights saved beside the PEFT checkpoint (which
+holds only the adapter) and restored; ``save_model`` writes the merged model, never a bare adapter."""
 
 import shutil
 
 import torch
 from transformers import TrainingArguments
 
+from ds_scalora.zero import ScaLoRACallback
 from ds_scalora.zero.hf_trainer import ScaLoRATrainer
 from tiny_models import fixed_batch, tiny_lora_model
 
@@ -42,3 +44,40 @@ def test_plain_trainer_resumes_with_the_merged_weights(tmp_path):
     assert resumed_totals == totals
     for name, w in weights.items():
         assert torch.equal(resumed_weights[name], w), name
+
+
+def test_callback_in_a_stock_trainer_resumes_and_saves_the_merged_model(tmp_path):
+    """Tolerance of the logits: the merged model holds W + s·B·A formed once in fp32, the PEFT model computes
+    W·x + s·B·(A·x); fp32 reordering only (~1e-7 relative here). A missing merge moves them by ~1e-2."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    def train(run_dir, resume=False):
+        args = TrainingArguments(
+            output_dir=str(run_dir), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2, save_steps=3,
+            logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        )  # fmt: skip
+        model = tiny_lora_model(torch.float32)
+        callback = ScaLoRACallback({"interval": 2, "warmup_steps": 1})
+        trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer, callback, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    trainer, callback, losses = train(tmp_path / "run")
+    assert callback.scalora.totals["refreshes"] == 3
+    out = tmp_path / "merged"
+    trainer.save_model(str(out))
+    assert not (out / "adapter_model.safetensors").exists()
+    batch = fixed_batch(seed=99)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"]).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=batch["input_ids"]).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+    weights = {layer.name: layer.weight.detach().clone() for layer in callback.scalora.layers}
+
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    _, resumed, resumed_losses = train(tmp_path / "run", resume=True)
+    assert resumed_losses == losses
+    assert dict(resumed.scalora.totals) == dict(callback.scalora.totals)
+    for layer in resumed.scalora.layers:
+        assert torch.equal(layer.weight, weights[layer.name]), layer.name

@@ -349,10 +349,15 @@ def scalora_shards(paths: list[str], world: int) -> list[shards.ScaLoRAShard]:
             if int(i) % old != r:
                 raise CheckpointFileError(f"{paths[r]} holds the sketch of layer {i}, which belongs to rank {int(i) % old}")
             sketches[int(i)] = Y
+    weights = None  # the frozen weights' slices, when the shards carry them (ScaLoRACallback): cut like the state
+    if all(s.weights is not None for s in saved):
+        weights = [_split_slices([s.weights[j] for s in saved], world, f"{paths[0]} layer {layers[j]} weight")
+                   for j in range(len(layers))]  # fmt: skip
     first = saved[0]
     return [shards.ScaLoRAShard(config=first.config, totals=first.totals, world=world, layers=layers, rank=k,
                                 merge_state=[m[k] for m in merge],
-                                sketches={i: Y.clone() for i, Y in sketches.items() if i % world == k})
+                                sketches={i: Y.clone() for i, Y in sketches.items() if i % world == k},
+                                weights=None if weights is None else [w[k] for w in weights])
             for k in range(world)]  # fmt: skip
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import glob
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
 from .deepspeed_files import CheckpointFileError, load
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 (2026-12-01): ScaLoRAShard.weights; schema-1 shards are read with weights None
 KINDS = ("scalora", "elalora")
 _PATTERN = re.compile(r"ds_(scalora|elalora)_rank(\d{5})_of(\d{5})\.pt$")
 
@@ -77,6 +77,10 @@ class ScaLoRAShard:
     rank: int
     merge_state: list
     sketches: dict = field(default_factory=dict)
+    # this rank's slice of every adapted frozen weight, merges included (ds_scalora.zero.weight_slice order),
+    # or None; written by ScaLoRACallback, whose host Trainer may save DeepSpeed checkpoints without frozen
+    # parameters (schema 2; a schema-1 shard has none)
+    weights: list | None = None
     kind = "scalora"
 
 
@@ -112,7 +116,8 @@ def read(path: str, kind: str, mmap: bool = False):
     if found != kind:
         raise CheckpointFileError(f"{path} holds {found} state where {kind} state was expected")
     cls = RECORDS[kind]
-    missing = [f.name for f in fields(cls) if f.name not in data and f.name != "sketches"]
+    optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+    missing = [f.name for f in fields(cls) if f.name not in data and f.name not in optional]
     if missing:
         raise CheckpointFileError(f"{path}: {kind} shard without {', '.join(missing)}: the file is damaged or not "
                                   "a ds-scalora shard")

@@ -262,3 +262,19 @@ def _refuse_unsupported(engine) -> None:
             "ScaLoRA cannot run with " + "; ".join(problems) + ": the merged weights or optimizer moments "
             "would not be reachable where the refresh needs them. Remove these options from the DeepSpeed config."
         )
+
+
+def find_engine(model: torch.nn.Module):
+    """The DeepSpeed engine wrapping ``model``, or None. A ``TrainerCallback`` is handed the model and the
+    optimizer but never the engine (the Trainer and Accelerate keep it to themselves); engines are found
+    among the live objects once, at the start of training (a scan of well under a second)."""
+    import gc
+    import sys
+
+    if "deepspeed" not in sys.modules:
+        return None
+    from deepspeed import DeepSpeedEngine
+
+    # type(), not isinstance(): the latter reads __class__, which some module proxies answer with a warning
+    found = [obj for obj in gc.get_objects() if issubclass(type(obj), DeepSpeedEngine) and obj.module is model]
+    return found[-1] if found else None

@@ -33,3 +33,16 @@ def test_deepspeed_loop_example_zero3_resume(tmp_path):
     resumed = _run(tmp_path, "--resume")
     assert [l for l in full if l.startswith("step") and int(l.split()[1]) >= 6] == [l for l in resumed if l.startswith("step")]
     assert [l for l in full if l.startswith("totals")] == [l for l in resumed if l.startswith("totals")]
+
+
+def test_sft_callback_example_runs_and_leaves_a_loadable_merged_model(tmp_path):
+    """examples/sft_callback.py as documented, one process (its ZeRO-3 path is what test_trainer_callback covers)."""
+    pytest.importorskip("trl")
+    import json
+
+    cmd = [sys.executable, str(REPO / "examples" / "sft_callback.py"), "--steps", "12", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["refreshes"] == 1 and result["reloaded_parameters"] > 0  # warm-up 5, interval 10: step 5
+    assert not (tmp_path / "run" / "merged" / "adapter_model.safetensors").exists()

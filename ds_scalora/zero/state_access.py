@@ -24,6 +24,9 @@ from inside the wrapped ``engine.optimizer.step``.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -53,15 +56,29 @@ class UnsupportedConfig(ValueError):
     """A DeepSpeed configuration ScaLoRA refuses rather than mis-train."""
 
 
+ALLOW_UNTESTED = "DS_SCALORA_ALLOW_UNTESTED_DEEPSPEED"  # =1: warn instead of refusing another DeepSpeed
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Refuse a DeepSpeed other than the tested one (this module reads its internals), unless the user
+    opts in with ``DS_SCALORA_ALLOW_UNTESTED_DEEPSPEED=1``; then warn once per engine."""
+    if version == SUPPORTED_DEEPSPEED:
+        return
+    what = (f"ds_scalora's ZeRO integration reads DeepSpeed internals and is tested with "
+            f"deepspeed=={SUPPORTED_DEEPSPEED}; found {version}")
+    if os.environ.get(ALLOW_UNTESTED) == "1":
+        warnings.warn(f"{what}: running anyway ({ALLOW_UNTESTED}=1). Check the results: a layout change would "
+                      "break the refresh or the checkpoints, possibly silently", stacklevel=3)
+        return
+    raise UnsupportedConfig(f"{what}. Install it (pip install deepspeed=={SUPPORTED_DEEPSPEED}), or set "
+                            f"{ALLOW_UNTESTED}=1 to run with {version} at your own risk")
+
+
 class ZeroAccess:
     def __init__(self, engine):
         import deepspeed
 
-        if deepspeed.__version__ != SUPPORTED_DEEPSPEED:
-            raise UnsupportedConfig(
-                f"ds_scalora's ZeRO integration is tested with deepspeed=={SUPPORTED_DEEPSPEED}, found "
-                f"{deepspeed.__version__}; install the pinned version (pip install deepspeed=={SUPPORTED_DEEPSPEED})"
-            )
+        check_deepspeed_version(deepspeed.__version__)
         self.engine = engine
         self.opt = engine.optimizer
         self.stage = engine.zero_optimization_stage()

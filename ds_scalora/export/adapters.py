@@ -8,29 +8,26 @@ ElaLoRA's AdaLoRA layers ``lora_E``, ``ranknum``), the run's ``method`` config, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..methods.svd_layers import svd_scale
+from ..methods.adapted_layers import lora_scaling, lora_update
+from ..methods.svd_layers import svd_scale, svd_update
 
 
 def lora_scale(method: dict) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    r, alpha = int(method["r"]), float(method["alpha"])
-    rs = method.get("rslora") or method["name"] == "rslora"
-    return alpha / math.sqrt(r) if rs else alpha / r
+    """PEFT's scaling for the run's method config (rsLoRA by flag or by name)."""
+    return lora_scaling(int(method["r"]), float(method["alpha"]), bool(method.get("rslora") or method["name"] == "rslora"))
 
 
 def lora_delta(t: dict, method: dict) -> torch.Tensor:
     """LoRA, rsLoRA, ScaLoRA, ReLoRA: ``scale · B A`` (merges are already in the frozen weight)."""
-    return lora_scale(method) * (t["lora_B"].double() @ t["lora_A"].double())
+    return lora_update(t["lora_A"], t["lora_B"], lora_scale(method), torch.float64)
 
 
 def elalora_delta(t: dict, method: dict) -> torch.Tensor:
     """PEFT AdaLoRA ``SVDLinear``: ``B (A ⊙ E) · alpha / (ranknum + 1e-5)``, inactive slots exactly 0."""
     ranknum = float(t["ranknum"].flatten()[0]) if "ranknum" in t else float(method["r"])
-    return (t["lora_B"].double() @ (t["lora_A"].double() * t["lora_E"].double())) * svd_scale(float(method["alpha"]), ranknum)
+    return svd_update(t["lora_B"], t["lora_E"], t["lora_A"], svd_scale(float(method["alpha"]), ranknum))
 
 
 DELTAS = {"lora": lora_delta, "rslora": lora_delta, "scalora": lora_delta, "relora": lora_delta, "elalora": elalora_delta}

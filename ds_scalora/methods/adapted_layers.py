@@ -17,6 +17,18 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (what ``module.scaling`` holds)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dtype: torch.dtype | None = None):
+    """The adapter's update ``s · B A`` (d_out x d_in) from PEFT's tensors, in ``dtype`` (default: lora_B's):
+    the one formula behind training (``AdaptedLinear.effective_weight``), export and inspection."""
+    dtype = dtype or lora_B.dtype
+    return scale * (lora_B.to(dtype) @ lora_A.to(dtype))
+
+
 @dataclass(frozen=True)
 class AdaptedLinear:
     """One PEFT LoRA ``Linear`` for one adapter: ``W_eff = W + scale · A Bᵀ``."""
@@ -63,7 +75,7 @@ class AdaptedLinear:
         """``W + s A Bᵀ`` in the base weight's layout, at ``base``'s precision (default: the frozen weight;
         ScaLoRA passes its full-precision merged weight)."""
         W = self.weight.detach() if base is None else base
-        return W + self.to_weight_layout(self.scale * (self.A.to(W.dtype) @ self.B.to(W.dtype).T))
+        return W + self.to_weight_layout(lora_update(self.lora_A, self.lora_B, self.scale, W.dtype))
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad_A, grad_B) in the paper's orientation; zeros where autograd left no gradient."""

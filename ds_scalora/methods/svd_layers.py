@@ -24,6 +24,12 @@ def svd_scale(scaling: float, ranknum: float) -> float:
     return scaling / (ranknum + RANKNUM_EPS)
 
 
+def svd_update(P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor, scale: float, dtype=torch.float64) -> torch.Tensor:
+    """The update ``scale · P diag(λ) Q`` (d_out x d_in) of PEFT's AdaLoRA tensors (``lora_B``, ``lora_E``,
+    ``lora_A``); inactive slots hold zeros and contribute exactly nothing."""
+    return (P.to(dtype) @ (Q.to(dtype) * lam.to(dtype).view(-1, 1))) * scale
+
+
 @dataclass(frozen=True)
 class SVDAdapted:
     """One PEFT AdaLoRA ``SVDLinear`` for one adapter: ``W_eff = W + scale · P diag(λ) Q``."""

@@ -27,3 +27,12 @@ def test_the_override_warns_instead(monkeypatch):
     monkeypatch.setenv(ALLOW_UNTESTED, "1")
     with pytest.warns(UserWarning, match="0.18.0"):
         check_deepspeed_version("0.18.0")
+
+
+def test_the_pin_in_pyproject_is_the_tested_version():
+    """pyproject.toml cannot import the constant, so the two spellings of the pin are held equal here."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.findall(r'"deepspeed==([0-9.]+)"', text) == [TESTED_DEEPSPEED]

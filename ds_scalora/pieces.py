@@ -86,12 +86,18 @@ class LocalAccess:
     def own_writable_copies(self, weights: list) -> None:
         """As ``ZeroAccess.own_writable_copies``: weights mapped copy-on-write from a safetensors file are
         rewritten once at start-up, so the first refresh does not pay the page faults."""
-        for W in weights:
-            if W.device.type == "cpu" and W.numel():
-                W.data.copy_(W.data.clone())
+        rewrite_private(weights)
 
     def share_replica_slices(self, weights: list) -> None:
         """Nothing: one process holds the only copy."""
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+
+def rewrite_private(weights: list) -> None:
+    """Rewrite CPU weights bit for bit, so that pages mapped copy-on-write from a safetensors file become
+    this process's own before the first merge (which would otherwise fault every page at once)."""
+    for W in weights:
+        if W.device.type == "cpu" and W.numel():
+            W.data.copy_(W.data.clone())

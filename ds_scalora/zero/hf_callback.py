@@ -36,13 +36,12 @@ import os
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR as CHECKPOINT_PREFIX  # checkpoint-<global_step>
 
 from ..checkpoint.layout import TRAINER_STATE, latest_tag
 from ..methods.scalora import ScaLoRA, ScaLoRAConfig
 from .controller import ZeroScaLoRA, attach
 from .state_access import find_engine
-
-CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: checkpoint-<global_step>
 
 
 class ScaLoRACallback(TrainerCallback):
@@ -135,10 +134,10 @@ class ScaLoRACallback(TrainerCallback):
         main = (dist.get_rank() == 0) if is_main_process is None else is_main_process
         scalora, base = self.scalora, self.model.get_base_model()
         with torch.no_grad(), deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-            effective = {layer.name: layer.effective_weight(scalora.full_merged_weight(layer)).to(layer.weight.dtype)
+            effective = {layer.weight: layer.effective_weight(scalora.full_merged_weight(layer)).to(layer.weight.dtype)
                          for layer in scalora.layers}  # fmt: skip
             if main:
-                _write_merged(base, effective, directory)
+                _write_merged(base, _by_state_name(base, effective), directory)
         if dist.is_initialized():
             dist.barrier()
 
@@ -186,23 +185,23 @@ def save_merged(model, scalora, directory: str) -> None:
     effective = {}
     for layer in scalora.layers:
         value = scalora.effective_weight(layer) if isinstance(scalora, ScaLoRA) else layer.effective_weight()
-        effective[layer.name] = value.to(layer.weight.dtype)
-    _write_merged(model.get_base_model(), effective, directory)
+        effective[layer.weight] = value.to(layer.weight.dtype)
+    base = model.get_base_model()
+    _write_merged(base, _by_state_name(base, effective), directory)
+
+
+def _by_state_name(base, by_weight: dict) -> dict:
+    """Re-key {frozen weight parameter: tensor} by the parameter's name in ``base`` (found by identity, so
+    no assumption about how PEFT prefixes module names)."""
+    return {name: by_weight[p] for name, p in base.named_parameters() if p in by_weight}
 
 
 def _write_merged(base, effective: dict, directory: str) -> None:
     """``base.save_pretrained`` with PEFT's wrapping undone: LoRA tensors dropped, ``base_layer`` names
-    restored, adapted weights replaced by ``effective`` (keyed by the adapted layer's name)."""
+    restored, adapted weights replaced by ``effective`` (keyed by their name in ``base.state_dict()``)."""
     state = {}
     for name, tensor in base.state_dict().items():
         if ".lora_" in name or "lora_dropout" in name:
             continue
-        module = name.removesuffix(".base_layer.weight")
-        clean = name.replace(".base_layer.", ".")
-        state[clean] = effective.get(_peft_name(module), tensor) if name.endswith(".base_layer.weight") else tensor
+        state[name.replace(".base_layer.", ".")] = effective.get(name, tensor)
     base.save_pretrained(directory, state_dict=state)
-
-
-def _peft_name(module: str) -> str:
-    """A module name inside the base model, as the PEFT wrapper (``find_adapted_linears``) names it."""
-    return "base_model.model." + module

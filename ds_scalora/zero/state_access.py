@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..checkpoint.deepspeed_files import TESTED_DEEPSPEED as SUPPORTED_DEEPSPEED
 from ..checkpoint.layout import piece_numel, piece_range
-from ..pieces import LocalAccess, Piece
+from ..pieces import LocalAccess, Piece, rewrite_private
 
 
 def disable_cpu_shm_comm() -> None:
@@ -194,11 +194,8 @@ class ZeroAccess:
         start-up keeps refreshes uniform. Replicas are rewritten whole (the shares' all-gather writes
         all of them); a ZeRO-3 partition is already a private copy. Accelerator memory is skipped.
         """
-        if not self.replicated_weights:
-            return
-        for W in weights:
-            if W.device.type == "cpu" and W.numel():
-                W.data.copy_(W.data.clone())
+        if self.replicated_weights:
+            rewrite_private(weights)
 
     def share_replica_slices(self, weights: list, max_bytes: int = 256 << 20) -> None:
         """All-gather each rank's merged 1/N share of every replica, in chunks of at most ``max_bytes``.

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         from ds_scalora.train.checkpoints import CheckpointError
-        from ds_scalora.train.loop import Diverged, run
+        from ds_scalora.train.loop import Diverged, FinalModelError, run
         from ds_scalora.zero import UnsupportedConfig, end_distributed
 
         try:
@@ -39,6 +39,10 @@ def main(argv=None) -> int:
                 print(f"error: {e}", file=sys.stderr, flush=True)
             end_distributed()
             return 3
+        except FinalModelError as e:  # rank 0 only; the others wait for it in end_distributed
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            end_distributed()
+            return 4
         # only after a run that finished: after a failure the barrier would wait for ranks that never come
         end_distributed()
     except ConfigError as e:

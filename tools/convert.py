@@ -1,6 +1,7 @@
 """Convert a ds_scalora / DeepSpeed checkpoint: a merged HF model, a PEFT adapter, a look inside.
 
     python tools/convert.py merged  RUN_OR_CHECKPOINT [OUT] [--dtype bf16|fp32|fp16] [--max-shard-size 2GB]
+    python tools/convert.py adapter RUN_OR_CHECKPOINT [OUT]   (the exact PEFT adapter of a LoRA, rsLoRA or ElaLoRA run)
     python tools/convert.py peft    RUN_OR_CHECKPOINT [OUT] [--rank R | --energy 0.99]
     python tools/convert.py inspect RUN_OR_CHECKPOINT [OUT] [--rtol 1e-3]
     python tools/convert.py reshard RUN_OR_CHECKPOINT [OUT] --world M   (ZeRO-1/2/3; resume with train.resume=OUT)
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     m = common("merged", "a Hugging Face model with the adapter and every merge folded in")
     m.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="default: the run's model.dtype")
     m.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    common("adapter", "the run's own adapter as a stock PEFT adapter, exactly (LoRA, rsLoRA, ElaLoRA)")
     e = common("peft", "a PEFT LoRA adapter from a truncated SVD of the total update")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--rank", type=int, default=None, help="keep this rank in every module")
@@ -103,6 +105,10 @@ def main(argv=None) -> int:
 
             info = export_merged(source, out, a.dtype, a.max_shard_size, a.overwrite, progress)
             print(json.dumps(info, indent=1))
+        elif a.command == "adapter":
+            from ds_scalora.export.adapter_export import export_adapter
+
+            print(json.dumps(export_adapter(source, out, a.overwrite, progress), indent=1))
         elif a.command == "peft":
             from ds_scalora.export.peft_export import REPORT, export_peft, format_report
 

@@ -194,7 +194,7 @@ def run_config(task: Task, method: str, lr: float, seed: int, steps: int, eval_e
 
     sets = {**task.overrides, **method_overrides(method, steps), "train.learning_rate": lr, "train.seed": seed,
             "train.max_steps": steps, "eval.every": eval_every, "train.output_dir": out_dir, "train.resume": "never",
-            "checkpoint.every": 0, "checkpoint.keep_last": 1, "logging.every": 1, "logging.tensorboard": False,
+            "checkpoint.every": 0, "checkpoint.keep_last": 1, "checkpoint.final_model": "none", "logging.every": 1, "logging.tensorboard": False,
             **(extra or {})}  # fmt: skip
     if task.make_data:
         sets.update(make_facts(data_dir, int(task.make_data.removeprefix("facts"))))

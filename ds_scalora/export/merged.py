@@ -13,6 +13,7 @@ import os
 import torch
 from tqdm import tqdm
 
+from .model_card import write_model_card
 from .output import ShardedSafetensorsWriter, atomic_dir, parse_size
 from .source import DTYPES, ExportError, RunSource
 from .weights import EffectiveWeights
@@ -51,7 +52,8 @@ def export_merged(source: RunSource, out: str, dtype: str | None = None, max_sha
         write_model_files(source, tmp, torch_dtype)
         info = {"checkpoint": source.tag_dir, "step": source.step, "method": source.method["name"],
                 "zero_stage": source.ckpt.stage, "world_size": source.ckpt.world, "dtype": str(torch_dtype),
-                "tensors": len(names), "adapted_layers": len(weights.adapted()), "shards": len(files)}  # fmt: skip
+                "kind": "merged", "tensors": len(names), "adapted_layers": len(weights.adapted()), "shards": len(files)}  # fmt: skip
         with open(os.path.join(tmp, "ds_scalora_export.json"), "w") as f:
             json.dump(info, f, indent=2)
+        write_model_card(tmp, source, "merged")
     return info

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .merged import write_model_files
+from .model_card import write_model_card
 from .output import ShardedSafetensorsWriter, atomic_dir, parse_size
 from .source import DTYPES, ExportError, RunSource
 from .weights import EffectiveWeights
@@ -74,10 +75,7 @@ def export_peft(source: RunSource, out: str, rank: int | None = None, energy: fl
     report = {"checkpoint": source.tag_dir, "step": source.step, "rank": rank, "energy": None if rank else energy,
               "overall_relative_error": math.sqrt(tail / total) if total > 0 else 0.0, "modules": modules}  # fmt: skip
     with atomic_dir(out, overwrite) as tmp:
-        base = source.base_path()
-        if base is None:  # a random-init run: ship the base model it is relative to
-            base = os.path.join(out, "base_model")
-            _write_base(source, weights, os.path.join(tmp, "base_model"))
+        base = adapter_base(source, weights, tmp, out)
         r = max(rank_pattern.values())
         config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(rank_pattern), rank_pattern=rank_pattern,
                             alpha_pattern=dict(rank_pattern), task_type="CAUSAL_LM",
@@ -86,7 +84,20 @@ def export_peft(source: RunSource, out: str, rank: int | None = None, energy: fl
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, REPORT), "w") as f:
             json.dump(report, f, indent=2)
+        write_model_card(tmp, source, "peft")
     return report
+
+
+def adapter_base(source: RunSource, weights: EffectiveWeights, tmp: str, out: str) -> str | None:
+    """The ``base_model_name_or_path`` of an adapter written to ``out`` (being built in ``tmp``): the run's
+    portable base name, or, for a random-init run, ``out/base_model``, which is written beside it; None
+    where that base cannot be rebuilt (random init at ZeRO-3, see ``RunSource.base_weight``)."""
+    if source.base_path() is not None:
+        return source.base_name()
+    if source.ckpt.stage == 3:
+        return None
+    _write_base(source, weights, os.path.join(tmp, "base_model"))
+    return os.path.join(out, "base_model")
 
 
 def _write_base(source: RunSource, weights: EffectiveWeights, directory: str) -> None:

@@ -85,6 +85,27 @@ def hf_name(ckpt_name: str) -> str | None:
     return name.replace(".base_layer.", ".")
 
 
+def portable_base_name(path: str | None) -> str | None:
+    """A base model name that means the same thing on another machine, as PEFT and the Hub expect it:
+
+    * a ``package:`` model: the Hub repository it was quantised from (``packaged_models.HUB_IDS``);
+    * a snapshot in the Hugging Face cache (``.../models--org--name/snapshots/<rev>``): ``org/name``;
+    * any other path: as the run config wrote it (PEFT's behaviour: the name the model was loaded with);
+    * ``model.random_init``: None (the export then carries the base model itself).
+    """
+    if not path:
+        return None
+    from ..train.packaged_models import hub_id, is_packaged
+
+    if is_packaged(path):
+        return hub_id(path) or path
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return path
+
+
 class RunSource:
     """A checkpoint tag plus the run configuration and base model behind it."""
 
@@ -115,6 +136,11 @@ class RunSource:
             if not os.path.isdir(self._base_path):
                 raise ExportError(f"the run's base model {self._base_path} (model.path) is not a directory here")
         return self._base_path
+
+    def base_name(self) -> str | None:
+        """The base model's name as others can resolve it (``base_model_name_or_path`` of an adapter, a model
+        card's ``base_model``): see :func:`portable_base_name`."""
+        return portable_base_name(self.model_cfg.get("path"))
 
     def hf_config(self):
         from transformers import AutoConfig, LlamaConfig

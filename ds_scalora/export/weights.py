@@ -73,11 +73,14 @@ class EffectiveWeights:
         """The effective value: float64 for adapted layers, else the stored value."""
         if name not in self.module_of:
             return self.stored(name)
-        module = self.module_of[name]
-        ck = self.src.ckpt
-        tensors = {s: (ck.master(c) if c in ck.where else ck.frozen(c)) for s, c in self.adapter[module].items()}
-        delta = adapter_delta(tensors, self.src.method)  # d_out x d_in
+        delta = adapter_delta(self.adapter_tensors(name), self.src.method)  # d_out x d_in
         return self.merged_frozen(name) + (delta.T if name in self.transposed else delta)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter of the layer whose weight is ``name``, by PEFT suffix (``lora_A``, ...), as stored
+        (trainable: the fp32 master)."""
+        ck = self.src.ckpt
+        return {s: (ck.master(c) if c in ck.where else ck.frozen(c)) for s, c in self.adapter[self.module_of[name]].items()}
 
     def update_out_in(self, name: str) -> torch.Tensor:
         """:meth:`update` as d_out x d_in (the layout of LoRA's ``B A``), whatever the layer stores."""

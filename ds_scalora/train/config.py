@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..export.final_model import FINAL_MODEL_CHOICES, final_kind
 from ..methods.elalora import ElaLoRAConfig
 from ..methods.scalora import ScaLoRAConfig
 from ..precision import POLICY_NAMES
@@ -141,6 +142,7 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 0  # optimizer steps; 0 = only at the end
     keep_last: int = 2
+    final_model: str = "auto"  # <output_dir>/model at the end: auto | merged | adapter | none (export/final_model.py)
 
 
 @dataclass
@@ -165,6 +167,7 @@ CHOICES = {
     "method.scalora.solver": SOLVERS,
     "method.scalora.precision": ("auto", *POLICY_NAMES),
     "train.scheduler": ("cosine", "linear", "constant"),
+    "checkpoint.final_model": FINAL_MODEL_CHOICES,
 }
 
 
@@ -271,6 +274,10 @@ def _validate(config: RunConfig, base_dir: str) -> None:
         METHODS[config.method.name].config(config)
     except ValueError as e:
         raise ConfigError(f"method.{config.method.name}: {e}") from None
+    try:
+        final_kind(config.method.name, config.checkpoint.final_model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     m = config.model
     if (m.path is None) == (m.random_init is None):
         raise ConfigError("set exactly one of model.path (a local model directory) and model.random_init")

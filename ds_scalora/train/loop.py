@@ -23,6 +23,10 @@ class Diverged(RuntimeError):
     """The run stopped on train.divergence_patience bad steps in a row; summary.json records it."""
 
 
+class FinalModelError(RuntimeError):
+    """Training finished and its checkpoint is intact, but writing ``<output_dir>/model`` failed (rank 0)."""
+
+
 def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     """The run's DeepSpeed config: the given one (inline or JSON file) with "auto" values filled."""
     ds = cfg.deepspeed
@@ -193,6 +197,9 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         method.finish(cfg, controller, rank)
     summary = _summary(cfg, history, method.summary(controller, history) if controller is not None else {}, world)
     summary["diverged"] = diverged
+    final_error = None
+    if rank == 0 and diverged is None:  # the other ranks go on to the end and wait there
+        summary["final_model"], final_error = _final_model(cfg)
     if hooks is not None and hasattr(hooks, "before_summary"):
         hooks.before_summary(engine, model, summary)
     if rank == 0:
@@ -201,6 +208,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         if writer is not None:
             writer.close()
         print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}, indent=2))
+    if final_error is not None:
+        raise FinalModelError(final_error)
     if diverged is not None:
         good = checkpoints.complete_tags(cfg.train.output_dir)
         raise Diverged(f"training diverged: {diverged['reason']} for {diverged['steps_in_a_row']} steps in a row (up to "
@@ -209,6 +218,28 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
                        + (f"the newest good checkpoint is {good[-1]} (train.resume=auto continues from it)" if good
                           else "no checkpoint was saved") + f". Its history is in {cfg.train.output_dir}/summary.json")
     return summary
+
+
+def _final_model(cfg: RunConfig) -> tuple[dict | None, str | None]:
+    """Write ``<output_dir>/model`` from the final checkpoint (rank 0): (summary entry, error message or None)."""
+    from ..checkpoint.layout import checkpoint_root, is_complete, tag_for
+    from ..export.final_model import FINAL_MODEL_DIR, final_kind, write_final_model
+
+    kind = final_kind(cfg.method.name, cfg.checkpoint.final_model)
+    if kind is None:
+        return None, None
+    tag = os.path.join(checkpoint_root(cfg.train.output_dir), tag_for(cfg.train.max_steps))
+    if not is_complete(tag):  # the last step was bad (train.divergence_patience not reached): nothing to export
+        print(f"warning: no final model: the checkpoint of step {cfg.train.max_steps} was not saved")
+        return None, None
+    try:
+        entry = write_final_model(tag, cfg.train.output_dir, cfg.checkpoint.final_model)
+    except Exception as e:  # noqa: BLE001 - the run's checkpoint is intact: say so and how to retry
+        return {"error": f"{type(e).__name__}: {e}"}, (
+            f"training finished and {tag} is complete, but writing the final model failed ({type(e).__name__}: {e}). "
+            f"Retry with: python tools/convert.py {kind} {tag} {os.path.join(cfg.train.output_dir, FINAL_MODEL_DIR)} --overwrite")
+    print(f"final model ({entry['kind']}, step {entry['step']}): {entry['path']}")
+    return entry, None
 
 
 def _bad_step(record: dict, engine) -> str | None:

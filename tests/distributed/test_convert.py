@@ -100,6 +100,9 @@ def test_merged_export_reproduces_the_engine(runs, stage, tmp_path):
     got = _logits(out, ids)
     tol = (1e-4 if RUNS[stage] == "fp32" else 3e-2) * engine.abs().max()
     assert (got - engine).abs().max() <= tol, float((got - engine).abs().max() / engine.abs().max())
+    # the run's own final model (<output_dir>/model, merged for ScaLoRA, in the run's dtype) is the same model
+    own = _logits(run / "model", ids)
+    assert (own - engine).abs().max() <= (1e-4 if RUNS[stage] == "fp32" else 3e-2) * engine.abs().max()
     # the comparison can fail: the same model without the adapter's delta is far off
     for name, d in ref["layers"].items():
         saved[name] = d["merged_frozen"].float()

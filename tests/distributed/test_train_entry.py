@@ -74,6 +74,42 @@ def test_every_method_runs(ranks, method, tmp_path):
         assert lrs[1] == lrs[3] == 0.5 * lrs[2] == 0.5 * lrs[4]  # re-warmed over 2 steps after each restart
     else:
         assert s["scalora_totals"] is None
+    _check_final_model(tmp_path / "run", s, method)
+
+
+def _check_final_model(run: Path, s: dict, method: str) -> None:
+    """The run leaves <output_dir>/model: the exact PEFT adapter (LoRA, rsLoRA) or the merged model, with a
+    model card, loadable with AutoModelForCausalLM.from_pretrained. An adapter's logits (PEFT applying the
+    r, lora_alpha and use_rslora written in adapter_config.json) must match the merged export of the same
+    checkpoint (ds_scalora's own formula): both fp32, 1e-5 of max |logit|; rsLoRA's scale differs from
+    LoRA's by sqrt(r) = 2 here, far beyond that."""
+    import torch
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert
+
+    kind = "adapter" if method in ("lora", "rslora") else "merged"
+    assert s["final_model"] == {"path": str(run / "model"), "kind": kind, "step": 6}
+    card = ModelCard.load(run / "model" / "README.md")
+    assert card.data.library_name == ("peft" if kind == "adapter" else "transformers") and method in card.data.tags
+    assert "eval_loss" in card.text
+    ids = torch.tensor([[5, 9, 30, 41, 7, 3]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)(input_ids=ids).logits
+    if kind == "adapter":
+        assert (run / "model" / "adapter_config.json").is_file() and not (run / "model" / "config.json").exists()
+        assert convert.main(["merged", str(run), str(run / "merged"), "--dtype", "fp32", "--quiet"]) == 0
+        with torch.no_grad():
+            want = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)(input_ids=ids).logits
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), float((got - want).abs().max())
+    assert torch.isfinite(got).all()
+    if kind == "merged":  # the README's way to ask it a question runs on it
+        sys.path.insert(0, str(REPO / "examples"))
+        from ask_model import ask
+
+        assert isinstance(ask(str(run / "model"), "2024-01-31?", max_new_tokens=3), str)
 
 
 def _shm_buffers() -> set:
@@ -209,7 +245,7 @@ def test_elalora_at_zero3_resumes_exactly_and_exports_a_peft_adapter(tmp_path):
 
     cfg = load_config(TINY)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=len(byte_tokenizer()), **cfg.model.random_init))
-    peft_model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    peft_model = PeftModel.from_pretrained(base, str(out / "model"))  # the final model: the exact adapter
     ranks = {name.split("layers.", 1)[1]: m.lora_A["default"].weight.shape[0]
              for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert ranks == full["elalora_rank_pattern"]

@@ -8,9 +8,9 @@ Layers, imports pointing down only:
   3. zero:     ds_scalora.zero (both methods inside a DeepSpeed engine, ZeRO stages 0 to 3)
 """
 
-from .methods import ElaLoRA, ElaLoRAConfig, ScaLoRA, ScaLoRAConfig, elastic_lora_model
+from .methods import ElaLoRA, ElaLoRAConfig, ScaLoRA, ScaLoRAConfig, ScaLoRAOptimizer, elastic_lora_model
 from .precision import get_policy
 from .scaling import ScalingSolution, solve_scaling
 
-__all__ = ["ElaLoRA", "ElaLoRAConfig", "elastic_lora_model", "ScaLoRA", "ScaLoRAConfig", "ScalingSolution", "get_policy", "solve_scaling"]
+__all__ = ["ElaLoRA", "ElaLoRAConfig", "elastic_lora_model", "ScaLoRA", "ScaLoRAConfig", "ScaLoRAOptimizer", "ScalingSolution", "get_policy", "solve_scaling"]
 __version__ = "0.1.0"

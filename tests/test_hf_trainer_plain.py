@@ -81,3 +81,48 @@ def test_callback_in_a_stock_trainer_resumes_and_saves_the_merged_model(tmp_path
     assert dict(resumed.scalora.totals) == dict(callback.scalora.totals)
     for layer in resumed.scalora.layers:
         assert torch.equal(layer.weight, weights[layer.name]), layer.name
+
+
+def test_elalora_callback_in_a_stock_trainer_resumes_and_saves_an_exact_adapter(tmp_path):
+    """ElaLoRACallback without DeepSpeed: rounds move ranks, a resume from step 3 reproduces the losses and the
+    final rank pattern, and ``save_model`` writes a plain LoRA adapter of the active slots whose logits under
+    stock PEFT equal the trained model's (fp32 reordering only: 1e-5 relative; PEFT's own AdaLoRA file would
+    reload with scale alpha/max_rank = half the run's, far outside it)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import Trainer
+
+    from ds_scalora.zero import ElaLoRACallback
+    from tiny_models import tiny_elastic_model, tiny_llama
+
+    def train(run_dir, resume=False):
+        args = TrainingArguments(
+            output_dir=str(run_dir), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2, save_steps=3,
+            logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        )  # fmt: skip
+        model = tiny_elastic_model(torch.float32, init_rank=2, max_rank=4)
+        callback = ElaLoRACallback(init_warmup=1, final_warmup=1, interval=1, moves=2, per_matrix=1)
+        trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer, callback, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    trainer, callback, losses = train(tmp_path / "run")
+    pattern = callback.rank_pattern()
+    assert sum(pattern.values()) == 2 * 14 and len(set(pattern.values())) > 1  # budget kept, ranks moved
+    assert (tmp_path / "run" / "checkpoint-3" / "ds_elalora_state.pt").is_file()
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and sum(saved["rank_pattern"].values()) == 2 * 14
+    batch = fixed_batch(seed=99)
+    with torch.no_grad():
+        expected = trainer.model.eval()(input_ids=batch["input_ids"]).logits
+        got = PeftModel.from_pretrained(tiny_llama(torch.float32), str(out)).eval()(input_ids=batch["input_ids"]).logits
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-8")
+    _, resumed, resumed_losses = train(tmp_path / "run", resume=True)
+    assert resumed_losses == losses
+    assert resumed.rank_pattern() == pattern

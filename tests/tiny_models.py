@@ -36,12 +36,17 @@ def tiny_elastic_model(dtype=torch.float32, init_rank=2, max_rank=4, alpha=8, se
     """The same 2-layer Llama with ElaLoRA's fixed max-rank SVD adapters (PEFT AdaLoRA layers)."""
     from ds_scalora.methods import elastic_lora_model
 
+    base = tiny_llama(dtype, seed)
+    return elastic_lora_model(base, TARGETS, init_rank=init_rank, max_rank=max_rank, alpha=alpha, total_steps=total_steps)
+
+
+def tiny_llama(dtype=torch.float32, seed=0):
+    """The bare 2-layer Llama the elastic model wraps (the same weights for the same seed)."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)  # fmt: skip
-    base = LlamaForCausalLM(config).to(dtype)
-    return elastic_lora_model(base, TARGETS, init_rank=init_rank, max_rank=max_rank, alpha=alpha, total_steps=total_steps)
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def fixed_batch(seed=1, batch=4, length=16):

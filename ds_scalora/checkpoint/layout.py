@@ -15,6 +15,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TAG_PREFIX = "step"
 LATEST = "latest"  # DeepSpeed's file naming the newest tag of a save_dir
 TRAINER_STATE = "ds_scalora_state.pt"  # ScaLoRATrainer's merge state in a checkpoint without DeepSpeed
+ELALORA_TRAINER_STATE = "ds_elalora_state.pt"  # ElaLoRACallback's masks and history in a Trainer checkpoint
 
 
 def checkpoint_root(output_dir: str) -> str:

@@ -108,7 +108,9 @@ def elastic_lora_model(base: torch.nn.Module, target_modules, init_rank: int = 8
                            orth_reg_weight=0.0, task_type=task_type)  # fmt: skip
     model = get_peft_model(base, config)
     inner = model.base_model
-    inner.forward = inner.model.forward  # no PEFT regulariser pass (it would gather every factor under ZeRO-3)
+    # no PEFT regulariser pass (it would gather every factor under ZeRO-3). Looked up at each call, not bound
+    # now: hosts patch the base model's forward later (TRL's SFTTrainer adds a fused LM head)
+    inner.forward = lambda *args, **kwargs: inner.model.forward(*args, **kwargs)
     with torch.no_grad():
         for layer in find_svd_layers(model):
             layer.module.ranknum[layer.adapter].fill_(float(init_rank))
@@ -358,14 +360,17 @@ class ElasticRanks:
 class ElaLoRA:
     """ElaLoRA on a PEFT AdaLoRA model with a stock torch optimizer: the single-process reference."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ElaLoRAConfig):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ElaLoRAConfig,
+                 resuming: bool = False):  # fmt: skip
+        """``resuming``: the factors already hold a checkpoint's (moved) slots; :meth:`load_state_dict` follows."""
         layers = find_svd_layers(model, config.adapter)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [layer.name for layer in layers if not {id(p) for _, p, _ in layer.factors()} <= in_optimizer]
         if missing:
             raise ValueError(f"the optimizer does not train the factors of {missing[0]}; build it from the "
                              "model's trainable parameters")  # fmt: skip
-        _check_inactive_slots_zero(layers, config)
+        if not resuming:
+            _check_inactive_slots_zero(layers, config)
         self.optimizer = optimizer
         self.core = ElasticRanks(layers, config, LocalAccess(optimizer))
         self.step = 0

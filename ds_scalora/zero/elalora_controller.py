@@ -67,10 +67,27 @@ class ZeroElaLoRA:
         tag = str(tag if tag is not None else f"global_step{self.engine.global_steps}")
         client_state = {**(client_state or {}), "ds_elalora": self.state_dict()}
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, **kwargs)
-        path = self.shard_path(os.path.join(save_dir, tag))
-        shards.write(path, shards.ElaLoRAShard(layers=[layer.name for layer in self.layers], ema=self.core.ema_state()))
+        self.save_shard(os.path.join(save_dir, tag))
         if dist.is_initialized():
             dist.barrier()
+
+    def save_shard(self, tag_dir: str) -> None:
+        """This rank's importance averages, beside DeepSpeed's files in ``tag_dir`` (every rank)."""
+        shards.write(self.shard_path(tag_dir), shards.ElaLoRAShard(layers=[layer.name for layer in self.layers],
+                                                                   ema=self.core.ema_state()))  # fmt: skip
+
+    def load_shard(self, tag_dir: str, state: dict) -> None:
+        """The replicated ``state`` (masks, history: :meth:`state_dict`) and this rank's averages from its shard."""
+        self.core.load_state_dict(state)
+        shard = self.shard_path(tag_dir)
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"missing ElaLoRA shard {shard}: the checkpoint is incomplete or was written "
+                                    f"at another world size (this run has {self.access.world} ranks)")  # fmt: skip
+        saved = shards.read(shard, "elalora")
+        if saved.layers != [layer.name for layer in self.layers]:
+            raise ValueError(f"{shard} was written for different adapted layers than this model has")
+        device = self.layers[0].P.device
+        self.core.load_ema_state({k: v.to(device) for k, v in saved.ema.items()})
 
     def load_checkpoint(self, load_dir: str, tag=None, **kwargs):
         """``engine.load_checkpoint`` plus the masks, history and this rank's averages."""
@@ -80,16 +97,7 @@ class ZeroElaLoRA:
             return path, client_state
         if "ds_elalora" not in (client_state or {}):
             raise ValueError(f"{os.path.join(load_dir, str(tag))} holds no ElaLoRA state: it was not written by ElaLoRA")
-        self.core.load_state_dict(client_state["ds_elalora"])
-        shard = self.shard_path(os.path.join(load_dir, str(tag)))
-        if not os.path.isfile(shard):
-            raise FileNotFoundError(f"missing ElaLoRA shard {shard}: the checkpoint is incomplete or was written "
-                                    f"at another world size (this run has {self.access.world} ranks)")  # fmt: skip
-        saved = shards.read(shard, "elalora")
-        if saved.layers != [layer.name for layer in self.layers]:
-            raise ValueError(f"{shard} was written for different adapted layers than this model has")
-        device = self.layers[0].P.device
-        self.core.load_ema_state({k: v.to(device) for k, v in saved.ema.items()})
+        self.load_shard(os.path.join(load_dir, str(tag)), client_state["ds_elalora"])
         return path, client_state
 
 

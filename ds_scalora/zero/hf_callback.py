@@ -78,7 +78,17 @@ class ScaLoRACallback(TrainerCallback):
             self.scalora = ScaLoRA(model, inner, self.config)
             inner.register_step_pre_hook(self._refresh)
         self.model = model
-        _guard_save_pretrained(model, self)
+        # once a refresh has merged, a PEFT adapter alone would lack the merges: the merged model instead
+        guard_save_pretrained(model, self._save_instead, when=lambda: bool(self.scalora.totals.get("refreshes")))
+
+    def _save_instead(self, directory: str, is_main_process: bool) -> None:
+        if self.deepspeed and self.scalora.access.kind == "zero3":
+            raise ValueError(
+                "ScaLoRA merged updates into the frozen weights, which ZeRO-3 partitions across ranks: one rank "
+                "cannot write the merged model here, and a PEFT adapter alone would silently be wrong. Call "
+                "ScaLoRACallback.save_merged_model(directory) on every rank instead of trainer.save_model()")
+        if is_main_process:
+            save_merged(self.model, self.scalora, directory)
 
     def _refresh(self, *_):
         # the Trainer clips before optimizer.step(): the refresh sees clipped gradients. The scaling is
@@ -155,22 +165,17 @@ def resume_dir(args, state) -> str:
     return folder
 
 
-def _guard_save_pretrained(model, callback: ScaLoRACallback) -> None:
-    """Replace ``model.save_pretrained`` (this instance only): outside a Trainer checkpoint folder, once a
-    refresh has merged, the merged model is written instead of an adapter that lacks the merges."""
+def guard_save_pretrained(model, save_instead, when=lambda: True) -> None:
+    """Replace ``model.save_pretrained`` (this instance only): outside a Trainer checkpoint folder, and while
+    ``when()`` holds, ``save_instead(directory, is_main_process)`` writes what a stock reload needs (or
+    raises saying why it cannot); inside a checkpoint folder the method's shards complete PEFT's file."""
     original = model.save_pretrained
 
     def save_pretrained(save_directory, *args, **kwargs):
         inside_checkpoint = os.path.basename(os.path.normpath(str(save_directory))).startswith(CHECKPOINT_PREFIX + "-")
-        if inside_checkpoint or not callback.scalora.totals.get("refreshes"):
+        if inside_checkpoint or not when():
             return original(save_directory, *args, **kwargs)
-        if callback.deepspeed and callback.scalora.access.kind == "zero3":
-            raise ValueError(
-                "ScaLoRA merged updates into the frozen weights, which ZeRO-3 partitions across ranks: one rank "
-                "cannot write the merged model here, and a PEFT adapter alone would silently be wrong. Call "
-                "ScaLoRACallback.save_merged_model(directory) on every rank instead of trainer.save_model()")
-        if kwargs.get("is_main_process", True):
-            save_merged(model, callback.scalora, str(save_directory))
+        save_instead(str(save_directory), kwargs.get("is_main_process", True))
 
     model.save_pretrained = save_pretrained
 

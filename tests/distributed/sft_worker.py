@@ -1,10 +1,12 @@
 """TRL's SFTTrainer with ``ScaLoRACallback`` (and DeepSpeed), for tests/distributed/test_trainer_callback.py.
 
     deepspeed --num_gpus 2 tests/distributed/sft_worker.py --run-dir DIR --out F.pt [--stage 2|3] [--resume]
-                                                            [--merged DIR]
+                                                            [--merged DIR] [--method scalora|elalora]
 
 A tiny random-init Llama with the byte tokenizer; TRL wraps it with PEFT LoRA (``peft_config``) and
-tokenizes a text dataset itself. Saves a checkpoint every 3 steps. With ``--merged``: after training,
+tokenizes a text dataset itself (``--method elalora``: the model is ``elastic_lora_model``'s, with
+``ElaLoRACallback``; ``--merged`` then receives its exact LoRA adapter, and the base is saved in
+``DIR/base``). Saves a checkpoint every 3 steps. With ``--merged``: after training,
 ``trainer.save_model(DIR)`` (ZeRO-2: the callback's guard writes the merged model; ZeRO-3: it refuses,
 and every rank then calls ``ScaLoRACallback.save_merged_model(DIR)``). Rank 0 writes {"losses",
 "frozen" (the full frozen weights), "totals", "logits" (the engine's, on a fixed batch, eval mode),
@@ -14,6 +16,7 @@ and every rank then calls ``ScaLoRACallback.save_merged_model(DIR)``). Rank 0 wr
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -43,6 +46,7 @@ def main():
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--merged", default=None)
+    p.add_argument("--method", choices=["scalora", "elalora"], default="scalora")
     p.add_argument("--local_rank", type=int, default=-1)
     a = p.parse_args()
     ds_config = {
@@ -64,10 +68,21 @@ def main():
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                                         eos_token_id=tok.eos_token_id))  # fmt: skip
-    callback = ScaLoRACallback({"interval": 2, "warmup_steps": 1})
-    trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok,
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
-                         callbacks=[callback])  # fmt: skip
+    if a.method == "elalora":  # the elastic model is the PEFT model; the callback reads its ranks
+        from ds_scalora.methods import elastic_lora_model
+        from ds_scalora.zero import ElaLoRACallback
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            base.save_pretrained(os.path.join(a.run_dir, "base"))  # for the test's stock PEFT reload
+        model = elastic_lora_model(base, TARGETS, init_rank=2, max_rank=4, alpha=8, total_steps=a.steps)
+        callback = ElaLoRACallback(init_warmup=1, final_warmup=1, interval=1, moves=2, per_matrix=1)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok,
+                             callbacks=[callback])  # fmt: skip
+    else:
+        callback = ScaLoRACallback({"interval": 2, "warmup_steps": 1})
+        trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok,
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
+                             callbacks=[callback])  # fmt: skip
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     model = trainer.model
     ids = torch.tensor([tok("gamma delta omega alpha kappa")["input_ids"]])
@@ -82,7 +97,7 @@ def main():
         except ValueError as e:  # ZeRO-3: raised on the saving rank only
             refusal = str(e)
         if a.stage == 3:
-            callback.save_merged_model(a.merged)
+            (callback.save_adapter if a.method == "elalora" else callback.save_merged_model)(a.merged)
     frozen = {}
     for name, q in model.named_parameters():
         if not q.requires_grad:
@@ -90,7 +105,9 @@ def main():
                 frozen[name] = q.detach().clone()
     if trainer.args.process_index == 0:
         torch.save({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "frozen": frozen,
-                    "totals": dict(callback.scalora.totals), "logits": logits, "ids": ids, "refusal": refusal, "meta": {}}, a.out)
+                    "totals": dict((callback.ela if a.method == "elalora" else callback.scalora).totals),
+                    "rank_pattern": callback.rank_pattern() if a.method == "elalora" else None,
+                    "logits": logits, "ids": ids, "refusal": refusal, "meta": {}}, a.out)  # fmt: skip
 
 
 if __name__ == "__main__":

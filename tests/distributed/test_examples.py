@@ -46,3 +46,18 @@ def test_sft_callback_example_runs_and_leaves_a_loadable_merged_model(tmp_path):
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["refreshes"] == 1 and result["reloaded_parameters"] > 0  # warm-up 5, interval 10: step 5
     assert not (tmp_path / "run" / "merged" / "adapter_model.safetensors").exists()
+
+
+def test_sft_callback_example_with_elalora_leaves_an_exact_adapter(tmp_path):
+    """examples/sft_callback.py --method elalora, one process: ranks move and the saved adapter reloads with PEFT."""
+    pytest.importorskip("trl")
+    import json
+
+    cmd = [sys.executable, str(REPO / "examples" / "sft_callback.py"), "--steps", "16", "--method", "elalora",
+           "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert sum(result["rank_pattern"].values()) == 4 * 14 and result["reloaded_parameters"] > 0
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["rank_pattern"]

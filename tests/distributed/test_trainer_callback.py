@@ -65,3 +65,34 @@ def test_sft_trainer_with_callback_resumes_exactly_and_saves_the_merged_model(tm
     assert resumed["totals"] == full["totals"]
     for name, t in full["frozen"].items():
         assert torch.equal(resumed["frozen"][name], t), name
+
+
+def test_sft_trainer_with_elalora_callback_resumes_exactly_and_saves_an_exact_adapter(tmp_path):
+    """ElaLoRACallback in TRL's SFTTrainer at ZeRO-2 on 2 ranks: rounds move ranks under the budget, each rank's
+    importance averages and the masks go beside the Trainer's checkpoint, a resume from step 3 reproduces
+    the losses and the final rank pattern, and ``save_model`` writes a plain LoRA adapter of the active
+    slots whose logits under stock PEFT match the engine's (fp32, reordering only: 1e-5 relative)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, adapter = tmp_path / "run", tmp_path / "adapter"
+    args = ["--run-dir", run, "--steps", 8, "--stage", 2, "--method", "elalora"]
+    full = run_deepspeed(2, [*args, "--merged", adapter], tmp_path / "a", worker=WORKER)
+    pattern = full["rank_pattern"]
+    assert sum(pattern.values()) == 2 * 14 and len(set(pattern.values())) > 1 and full["totals"]["moved"] > 0
+    assert full["refusal"] is None and (run / "checkpoint-3" / "ds_elalora_state.pt").is_file()
+    tag_dir = next((run / "checkpoint-3").glob("global_step*"))
+    assert sorted(p.name for p in tag_dir.glob("ds_elalora_rank*")) == ["ds_elalora_rank00000_of00002.pt",
+                                                                        "ds_elalora_rank00001_of00002.pt"]
+    base = AutoModelForCausalLM.from_pretrained(run / "base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=full["ids"]).logits.float()
+    err = float((logits - full["logits"]).norm() / full["logits"].norm())
+    assert err < 1e-5, err
+
+    shutil.rmtree(run / "checkpoint-6")
+    shutil.rmtree(run / "checkpoint-8")
+    resumed = run_deepspeed(2, args + ["--resume"], tmp_path / "b", worker=WORKER)
+    assert resumed["losses"] == full["losses"]
+    assert resumed["rank_pattern"] == pattern

@@ -83,7 +83,7 @@ def check_supported(ckpt: ZeroCheckpoint) -> None:
                                "the default (rigid) layout is supported")
         if "param_alignment_paddings" not in osd or "single_partition_of_fp32_groups" not in osd:
             raise ReshardError(f"{ckpt.optim_files[r]} lacks param_alignment_paddings: written by another DeepSpeed "
-                               "version than the pinned 0.19.8")
+                               "version than the tested 0.19.6 to 0.19.8")
         pc = osd["partition_count"]
         if any(int(c) != ckpt.world for c in (pc if isinstance(pc, list) else [pc])):
             raise ReshardError(f"{ckpt.optim_files[r]}: partition_count {pc} differs from the data-parallel world "
@@ -231,7 +231,7 @@ def _check_zero3(ckpt: ZeroCheckpoint) -> None:
         osd = ckpt.optim(r)["optimizer_state_dict"]
         if "fp32_flat_groups" not in osd or "optimizer_state_dict" not in osd:
             raise ReshardError(f"{ckpt.optim_files[r]} lacks fp32_flat_groups: written by another DeepSpeed "
-                               "version than the pinned 0.19.8, or with optimizer offload")
+                               "version than the tested 0.19.6 to 0.19.8, or with optimizer offload")
         if osd.get("ds_zero_partition_groups") is not None:
             raise ReshardError(f"{ckpt.optim_files[r]} uses expert (AutoEP) partition groups, which are not supported")
         if int(osd["partition_count"]) != ckpt.world:

@@ -1,6 +1,6 @@
 """Where ScaLoRA's tensors live inside a DeepSpeed engine: the only module that reads its internals.
 
-Tested against deepspeed==0.19.8 (pinned in pyproject.toml). The rest of the package sees a narrow
+Tested against deepspeed 0.19.6 to 0.19.8 (the range pinned in pyproject.toml; checkpoint.deepspeed_files owns it). The rest of the package sees a narrow
 surface, in the spirit of ``deepspeed/utils/tensor_fragment.py``:
 
 * :meth:`ZeroAccess.piece` — this rank's piece of a trainable parameter: which flat elements of the
@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.deepspeed_files import TESTED_DEEPSPEED as SUPPORTED_DEEPSPEED
+from ..checkpoint.deepspeed_files import OLDEST_DEEPSPEED, TESTED_DEEPSPEED, supported_deepspeed
 from ..checkpoint.layout import piece_numel, piece_range
 from ..pieces import LocalAccess, Piece, rewrite_private
 
@@ -60,17 +60,17 @@ ALLOW_UNTESTED = "DS_SCALORA_ALLOW_UNTESTED_DEEPSPEED"  # =1: warn instead of re
 
 
 def check_deepspeed_version(version: str) -> None:
-    """Refuse a DeepSpeed other than the tested one (this module reads its internals), unless the user
-    opts in with ``DS_SCALORA_ALLOW_UNTESTED_DEEPSPEED=1``; then warn once per engine."""
-    if version == SUPPORTED_DEEPSPEED:
+    """Refuse a DeepSpeed outside the tested range (this module reads its internals), unless the user opts
+    in with ``DS_SCALORA_ALLOW_UNTESTED_DEEPSPEED=1``; then warn once per engine."""
+    if supported_deepspeed(version):
         return
-    what = (f"ds_scalora's ZeRO integration reads DeepSpeed internals and is tested with "
-            f"deepspeed=={SUPPORTED_DEEPSPEED}; found {version}")
+    what = (f"ds_scalora's ZeRO integration reads DeepSpeed internals and is tested with deepspeed "
+            f"{OLDEST_DEEPSPEED} to {TESTED_DEEPSPEED}; found {version}")
     if os.environ.get(ALLOW_UNTESTED) == "1":
         warnings.warn(f"{what}: running anyway ({ALLOW_UNTESTED}=1). Check the results: a layout change would "
                       "break the refresh or the checkpoints, possibly silently", stacklevel=3)
         return
-    raise UnsupportedConfig(f"{what}. Install it (pip install deepspeed=={SUPPORTED_DEEPSPEED}), or set "
+    raise UnsupportedConfig(f"{what}. Install a tested one (pip install deepspeed=={TESTED_DEEPSPEED}), or set "
                             f"{ALLOW_UNTESTED}=1 to run with {version} at your own risk")
 
 

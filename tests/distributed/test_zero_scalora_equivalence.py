@@ -155,8 +155,8 @@ def test_scalora_two_node_loopback_matches_one_node(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(stage, tmp_path):
     """Save after step 3 (between refreshes), resume in a new launch: the same losses and state, exactly.
     ZeRO-1 is left out (80 s of CI): DeepSpeed runs ZeRO-1 and 2 through one optimizer and ZeroAccess reads
-    both as "fragments", so stage 2 covers its save and load; ZeRO-1 checkpoints are read and resharded in
-    test_convert.py and test_reshard.py."""
+    both as "fragments", so stage 2 covers its save and load; ZeRO-1 checkpoint files are read in
+    test_convert.py."""
     ckpt = tmp_path / "ckpt"
     full = run_deepspeed(2, worker_args(stage, "fp32", micro=2, extra=("--save-at", 3, "--ckpt", ckpt)), tmp_path / "a")
     resumed = run_deepspeed(2, worker_args(stage, "fp32", micro=2, extra=("--resume", ckpt)), tmp_path / "b")

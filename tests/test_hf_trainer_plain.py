@@ -126,3 +126,57 @@ def test_elalora_callback_in_a_stock_trainer_resumes_and_saves_an_exact_adapter(
     _, resumed, resumed_losses = train(tmp_path / "run", resume=True)
     assert resumed_losses == losses
     assert resumed.rank_pattern() == pattern
+
+
+def test_convert_reads_trainer_checkpoints_without_a_run_config(tmp_path):
+    """tools/convert.py on a Trainer's output dir (no DeepSpeed, no launch YAML): the run is described by PEFT's
+    adapter_config.json and the method files beside it, the frozen weights come from the base model named
+    there, ScaLoRA's merges from the callback's file. The merged export of a ScaLoRA run and the exact adapter
+    of a LoRA run reproduce the trained model's logits (fp32 reordering only: 1e-5 relative); the base model
+    alone is far off, so the comparison can fail."""
+    import sys
+    from pathlib import Path
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from ds_scalora.train.model import byte_tokenizer
+    from tiny_models import TARGETS, tiny_llama
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import convert
+
+    base_dir = tmp_path / "base"
+    tiny_llama(torch.float32).save_pretrained(base_dir)
+    byte_tokenizer().save_pretrained(base_dir)  # a real base directory ships its tokenizer; the exports copy it
+    ids = fixed_batch(seed=99)["input_ids"]
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    def train(run, callbacks):
+        args = TrainingArguments(output_dir=str(run), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
+                                 save_steps=3, report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)  # fmt: skip
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=callbacks)
+        trainer.train()
+        return logits(trainer.model)
+
+    def close(got, want):
+        return float((got - want).norm() / want.norm()) < 1e-5
+
+    bare = logits(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
+    want = train(tmp_path / "scalora", [ScaLoRACallback({"interval": 2, "warmup_steps": 1})])
+    assert convert.main(["merged", str(tmp_path / "scalora"), str(tmp_path / "merged"), "--dtype", "fp32", "--quiet"]) == 0
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32))
+    assert close(got, want) and not close(bare, want)
+    info = __import__("json").loads((tmp_path / "merged" / "ds_scalora_export.json").read_text())
+    assert info["method"] == "scalora" and info["step"] == 6
+
+    want = train(tmp_path / "lora", [])
+    assert convert.main(["adapter", str(tmp_path / "lora"), str(tmp_path / "adapter"), "--quiet"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    got = logits(PeftModel.from_pretrained(base, str(tmp_path / "adapter")))
+    assert close(got, want) and not close(bare, want)

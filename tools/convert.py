@@ -27,7 +27,7 @@ from ds_scalora.checkpoint.deepspeed_files import CheckpointFileError  # noqa: E
 
 def default_out(source: RunSource, command: str, world: int | None = None) -> str:
     tag = source.tag_dir
-    run = os.path.dirname(os.path.dirname(tag))
+    run = source.run_dir
     if command == "reshard":  # a run-like tree, so that train.output_dir=<...>/world{M} resumes it with 'auto'
         return os.path.join(run, "exports", f"world{world}", "checkpoints", os.path.basename(tag))
     return os.path.join(run, "exports", f"{command}-{os.path.basename(tag)}")

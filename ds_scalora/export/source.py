@@ -31,11 +31,16 @@ def _is_tag(path: str) -> bool:
 
 def resolve_checkpoint(path: str) -> str:
     """The tag directory to read: the newest complete one under a run or ``checkpoints/`` directory."""
+    from .trainer_checkpoint import is_trainer_folder, newest_trainer_checkpoint
+
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ExportError(f"{path} is not a directory: pass a run's output dir, its checkpoints/ dir or one step tag")
     if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
         path = os.path.join(path, CHECKPOINTS_DIR)
+    path = newest_trainer_checkpoint(path) or path  # a Trainer's output dir: its newest checkpoint-N
+    if is_trainer_folder(path) and not os.path.isfile(os.path.join(path, LATEST)) and not _is_tag(path):
+        return path  # a Trainer checkpoint written without DeepSpeed
     if _is_tag(path):
         parent = os.path.dirname(path)
         if os.path.basename(path).startswith(TAG_PREFIX) and not is_complete(path):
@@ -85,6 +90,19 @@ def hf_name(ckpt_name: str) -> str | None:
     return name.replace(".base_layer.", ".")
 
 
+def resolve_base_dir(path: str) -> str:
+    """A local directory for a base model name: the path itself, or, for a Hub id (``org/name``) that is no
+    directory here, its snapshot in the local Hugging Face cache (offline: nothing is downloaded)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not a Hub id, or not in the cache: the caller says so
+        return path
+
+
 def portable_base_name(path: str | None) -> str | None:
     """A base model name that means the same thing on another machine, as PEFT and the Hub expect it:
 
@@ -110,15 +128,30 @@ class RunSource:
     """A checkpoint tag plus the run configuration and base model behind it."""
 
     def __init__(self, path: str, config_path: str | None = None):
+        from .trainer_checkpoint import BaseFilled, TrainerFolder, trainer_client_state, trainer_config, trainer_folder_of
+
         self.tag_dir = resolve_checkpoint(path)
-        self.ckpt = ZeroCheckpoint(self.tag_dir)
+        self.trainer_folder = trainer_folder_of(self.tag_dir)  # a Hugging Face Trainer's checkpoint-N, or None
+        self.ckpt = ZeroCheckpoint(self.tag_dir) if _is_tag(self.tag_dir) else TrainerFolder(self.tag_dir)
         self.client = self.ckpt.client_state()
-        self.config = _find_config(self.tag_dir, self.client, config_path)
+        if self.trainer_folder is not None and "config" not in self.client:
+            self.client = {**trainer_client_state(self.trainer_folder), **self.client}
+        if config_path is None and self.trainer_folder is not None and "config" not in self.client:
+            self.config = trainer_config(self.trainer_folder, self.tag_dir)
+        else:
+            self.config = _find_config(self.tag_dir, self.client, config_path)
         self.model_cfg = self.config["model"]
         self.method = self.config["method"]
         self.dtype = DTYPES[self.model_cfg.get("dtype", "bf16")]
         self._base_path = None
         self._random_base = None
+        if self.trainer_folder is not None:  # frozen parameters the Trainer left out come from the base model
+            self.ckpt = BaseFilled(self.ckpt, self)
+
+    @property
+    def run_dir(self) -> str:
+        """The run's output directory: above ``checkpoints/<tag>``, or above a Trainer's ``checkpoint-N``."""
+        return os.path.dirname(self.trainer_folder or os.path.dirname(self.tag_dir))
 
     @property
     def step(self) -> int:
@@ -132,9 +165,10 @@ class RunSource:
             from ..train.packaged_models import is_packaged, materialize
 
             path = self.model_cfg["path"]
-            self._base_path = materialize(path) if is_packaged(path) else path
+            self._base_path = materialize(path) if is_packaged(path) else resolve_base_dir(path)
             if not os.path.isdir(self._base_path):
-                raise ExportError(f"the run's base model {self._base_path} (model.path) is not a directory here")
+                raise ExportError(f"the run's base model {self._base_path} (model.path) is not a directory here, nor a "
+                                  "Hub repository in the local Hugging Face cache")
         return self._base_path
 
     def base_name(self) -> str | None:

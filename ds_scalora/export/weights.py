@@ -109,7 +109,11 @@ class EffectiveWeights:
             if state is not None and state.numel() != hi - lo:
                 raise CheckpointFileError(f"{self.src.ckpt.dir}: ScaLoRA shard of rank {r} holds {state.numel()} "
                                           f"elements of {module}, its slice has {hi - lo}: shards do not match")
-            out[lo:hi] = policy.value(flat[lo:hi], None if state is None else state.view(-1)).double()
+            # ScaLoRACallback's shards carry the rank's slice of the merged weight itself (its host Trainer's
+            # checkpoint has no frozen weights): it replaces the stored (base) values
+            own = shard.weights[index] if shard.weights is not None else None
+            stored = flat[lo:hi] if own is None else own.view(-1).to(W.dtype)
+            out[lo:hi] = policy.value(stored, None if state is None else state.view(-1)).double()
         return out.view(W.shape)
 
     def shards(self) -> list[shard_files.ScaLoRAShard]:

@@ -78,7 +78,12 @@ def main():
         callback = ElaLoRACallback(init_warmup=1, final_warmup=1, interval=1, moves=2, per_matrix=1)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok,
                              callbacks=[callback])  # fmt: skip
-    else:
+    else:  # the base saved as a directory and named as from_pretrained names it, so that the Trainer's
+        base_dir = os.path.join(a.run_dir, "base")  # adapter_config.json says where it is (tools/convert.py)
+        if int(os.environ.get("RANK", "0")) == 0:
+            base.save_pretrained(base_dir)
+            tok.save_pretrained(base_dir)
+        base.name_or_path = base_dir  # what PEFT writes as base_model_name_or_path
         callback = ScaLoRACallback({"interval": 2, "warmup_steps": 1})
         trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok,
                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),

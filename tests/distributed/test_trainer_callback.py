@@ -58,6 +58,18 @@ def test_sft_trainer_with_callback_resumes_exactly_and_saves_the_merged_model(tm
     assert err < 1e-4, err
     print("merged-model logits relative error", err)
 
+    # tools/convert.py reads the Trainer's own checkpoint (no run config: adapter_config.json names the base;
+    # the frozen weights the Trainer left out come from it, the merges from the callback's shards)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import convert
+
+    assert convert.main(["merged", str(run), str(tmp_path / "converted"), "--dtype", "fp32", "--quiet"]) == 0
+    converted = _merged_logits(tmp_path / "converted", full["ids"])
+    err = float((converted - full["logits"]).norm() / full["logits"].norm())
+    assert err < 1e-4, err
+
     # interrupt after step 3: drop the later checkpoint and resume
     shutil.rmtree(run / "checkpoint-6")
     resumed = run_deepspeed(2, args + ["--resume"], tmp_path / "b", worker=WORKER)

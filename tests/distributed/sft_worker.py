@@ -74,6 +74,8 @@ def main():
 
         if int(os.environ.get("RANK", "0")) == 0:
             base.save_pretrained(os.path.join(a.run_dir, "base"))  # for the test's stock PEFT reload
+            tok.save_pretrained(os.path.join(a.run_dir, "base"))
+        base.name_or_path = os.path.join(a.run_dir, "base")  # adapter_config.json names it (tools/convert.py)
         model = elastic_lora_model(base, TARGETS, init_rank=2, max_rank=4, alpha=8, total_steps=a.steps)
         callback = ElaLoRACallback(init_warmup=1, final_warmup=1, interval=1, moves=2, per_matrix=1)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok,

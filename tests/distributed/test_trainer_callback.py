@@ -102,6 +102,15 @@ def test_sft_trainer_with_elalora_callback_resumes_exactly_and_saves_an_exact_ad
         logits = model(input_ids=full["ids"]).logits.float()
     err = float((logits - full["logits"]).norm() / full["logits"].norm())
     assert err < 1e-5, err
+    # tools/convert.py on the Trainer's own checkpoint: ElaLoRA's masks and init_rank from ds_elalora_state.pt
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import convert
+
+    assert convert.main(["merged", str(run), str(tmp_path / "converted"), "--dtype", "fp32", "--quiet"]) == 0
+    converted = _merged_logits(tmp_path / "converted", full["ids"])
+    assert float((converted - full["logits"]).norm() / full["logits"].norm()) < 1e-5
 
     shutil.rmtree(run / "checkpoint-6")
     shutil.rmtree(run / "checkpoint-8")

@@ -20,14 +20,15 @@ import os
 import re
 
 import torch
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG  # PEFT's and transformers' own file names
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
+from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE_JSON
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint.layout import ELALORA_TRAINER_STATE, TRAINER_STATE
 from .source import PEFT_PREFIX, ExportError
 
-ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names (peft.utils.CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAINER_STATE_JSON = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + global step
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # checkpoint-<global step>
 _DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
 

@@ -180,3 +180,45 @@ def test_convert_reads_trainer_checkpoints_without_a_run_config(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     got = logits(PeftModel.from_pretrained(base, str(tmp_path / "adapter")))
     assert close(got, want) and not close(bare, want)
+
+
+def test_convert_of_a_bf16_trainer_checkpoint_keeps_the_merges_full_precision(tmp_path):
+    """A bf16 model in a stock Trainer: the weights the checkpoint stores are bf16, and the precision policy's
+    remainder (fp32 residual, saved in ds_scalora_state.pt) carries what bf16 rounding dropped at each
+    merge. ``tools/convert.py merged --dtype fp32`` adds it back: every adapted weight equals the callback's
+    own full-precision effective weight (fp32 reordering only: < 1e-6 relative), while the stored bf16
+    weight plus the adapter is off by up to half a bf16 unit (~1e-3 relative), so the check can fail."""
+    import sys
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from ds_scalora.train.model import byte_tokenizer
+    from tiny_models import TARGETS, tiny_llama
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import convert
+
+    base_dir = tmp_path / "base"
+    tiny_llama(torch.bfloat16).save_pretrained(base_dir)
+    byte_tokenizer().save_pretrained(base_dir)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=6,
+                             learning_rate=1e-2, save_steps=6, report_to=[], use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))  # fmt: skip
+    callback = ScaLoRACallback({"interval": 1, "warmup_steps": 1})
+    Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[callback]).train()
+    assert callback.scalora.totals["refreshes"] == 5
+
+    assert convert.main(["merged", str(tmp_path / "run"), str(tmp_path / "merged"), "--dtype", "fp32", "--quiet"]) == 0
+    exported = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    worst_export, worst_stored = 0.0, 0.0
+    for layer in callback.scalora.layers:
+        name = layer.name.removeprefix("base_model.model.") + ".weight"
+        want = callback.scalora.effective_weight(layer).float()
+        stored = layer.effective_weight().float()  # the bf16 stored weight + s·B·A, without the remainder
+        worst_export = max(worst_export, float((exported[name] - want).abs().max() / want.abs().max()))
+        worst_stored = max(worst_stored, float((stored - want).abs().max() / want.abs().max()))
+    assert worst_export < 1e-6 and worst_stored > 1e-4, (worst_export, worst_stored)

@@ -204,6 +204,12 @@ class ZeroCheckpoint:
             self._model[rank] = load(self.model_files[rank])
         return self._model[rank]
 
+    def scalora_shards(self) -> list:
+        """ScaLoRA's shard of every rank, beside DeepSpeed's files (:func:`.shards.read_scalora`)."""
+        from .shards import read_scalora  # shards reads its files through this module
+
+        return read_scalora(self.dir, self.world)
+
     def client_state(self) -> dict:
         """What the training loop passed as ``client_state`` (the non-DeepSpeed top-level keys)."""
         ds_keys = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",

@@ -59,6 +59,17 @@ def find(tag_dir: str, kind: str, world: int) -> list[str]:
     return [found[r][1] for r in range(world)]
 
 
+def read_scalora(tag_dir: str, world: int) -> list[ScaLoRAShard]:
+    """Every rank's ScaLoRA shard of ``tag_dir`` in rank order (empty when ScaLoRA wrote none), checked to
+    list the same adapted layers."""
+    paths = find(tag_dir, "scalora", world)
+    records = [read(p, "scalora", mmap=True) for p in paths]
+    for p, s in zip(paths, records):
+        if s.layers != records[0].layers or len(s.merge_state) != len(s.layers):
+            raise CheckpointFileError(f"{p} lists other adapted layers than the other shards")
+    return records
+
+
 def other_world(tag_dir: str, kind: str, world: int) -> str | None:
     """The name of a ``kind`` shard written for a world size other than ``world``, if any (for errors)."""
     names = sorted(os.path.basename(p) for w, p in _found(tag_dir, kind).values() if w != world)

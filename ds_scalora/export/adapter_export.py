@@ -18,7 +18,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..methods.elalora import lora_adapter_tensors
+from ..methods.elalora import active_slots_lora_fields, lora_adapter_tensors
 from ..methods.svd_layers import svd_scale
 from .output import atomic_dir
 from .source import PEFT_PREFIX, ExportError, RunSource
@@ -60,15 +60,13 @@ def export_adapter(source: RunSource, out: str, overwrite: bool = False, progres
         raise ExportError(f"{source.tag_dir} holds no adapter tensors")
     m = source.method
     if active is None:
-        r = int(m["r"])
-        extra = {"lora_alpha": m["alpha"], "use_rslora": bool(m.get("rslora") or name == "rslora")}
+        fields = {"r": int(m["r"]), "lora_alpha": m["alpha"], "use_rslora": bool(m.get("rslora") or name == "rslora")}
     else:
-        r = max(rank_pattern.values())
-        extra = {"lora_alpha": r, "rank_pattern": rank_pattern, "alpha_pattern": dict(rank_pattern)}
+        fields = active_slots_lora_fields(rank_pattern)
     with atomic_dir(out, overwrite) as tmp:
         base = adapter_base(source, weights, tmp, os.path.abspath(out))
-        config = LoraConfig(r=r, target_modules=sorted(rank_pattern), task_type="CAUSAL_LM",
-                            fan_in_fan_out=bool(weights.transposed), base_model_name_or_path=base, **extra)  # fmt: skip
+        config = LoraConfig(target_modules=sorted(rank_pattern), task_type="CAUSAL_LM",
+                            fan_in_fan_out=bool(weights.transposed), base_model_name_or_path=base, **fields)  # fmt: skip
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         source.tokenizer().save_pretrained(tmp)

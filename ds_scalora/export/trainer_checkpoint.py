@@ -25,7 +25,9 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE_JSON
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..checkpoint.deepspeed_files import load
 from ..checkpoint.layout import ELALORA_TRAINER_STATE, TRAINER_STATE
+from ..checkpoint.shards import ScaLoRAShard
 from .source import PEFT_PREFIX, ExportError
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # checkpoint-<global step>
@@ -110,13 +112,19 @@ class TrainerFolder:
         self.dir = folder
         self._adapter = safe_open(path, framework="pt")
         self.where = {name: None for name in self._adapter.keys()}  # noqa: SIM118 - a safetensors handle
-        self.shared, self.frozen_shapes, self._merged = {}, {}, {}
+        self.shared, self.frozen_shapes, self._merged, self._scalora = {}, {}, {}, []
         merged = os.path.join(folder, TRAINER_STATE)
         if os.path.isfile(merged):
-            saved = torch.load(merged, map_location="cpu", weights_only=True)
+            saved = load(merged)
             for module, weight in saved["merged_weights"].items():
                 self._merged[f"{module}.base_layer.weight"] = weight
                 self.frozen_shapes[f"{module}.base_layer.weight"] = weight.shape
+            # the one process's ScaLoRA state as a shard of world 1: its merge state (the precision policy's
+            # remainder, below one unit in the stored weight's last place) completes the stored weights
+            state, layers = saved["scalora"], list(saved["merged_weights"])
+            self._scalora = [ScaLoRAShard(config=state["config"], totals=state["totals"], world=1, layers=layers, rank=0,
+                                          merge_state=[state["merge_state"].get(m) for m in layers],
+                                          weights=[saved["merged_weights"][m] for m in layers])]  # fmt: skip
 
     def trainable_names(self) -> list[str]:
         return list(self.where)
@@ -126,6 +134,9 @@ class TrainerFolder:
 
     def frozen(self, name: str) -> torch.Tensor:
         return self._merged[name]
+
+    def scalora_shards(self) -> list:
+        return self._scalora
 
     def client_state(self) -> dict:
         return trainer_client_state(self.dir)
@@ -162,6 +173,9 @@ class BaseFilled:
         if name in self._from_base:
             return self.source.base_weight(self._from_base[name])
         return self.inner.frozen(name)
+
+    def scalora_shards(self) -> list:
+        return self.inner.scalora_shards()
 
     def client_state(self) -> dict:
         return self.inner.client_state()

@@ -117,10 +117,7 @@ class EffectiveWeights:
         return out.view(W.shape)
 
     def shards(self) -> list[shard_files.ScaLoRAShard]:
+        """ScaLoRA's per-rank state as the checkpoint reader finds it (its shard files, or a Trainer's file)."""
         if self._shards is None:
-            paths = shard_files.find(self.src.ckpt.dir, "scalora", self.src.ckpt.world)
-            self._shards = [shard_files.read(p, "scalora", mmap=True) for p in paths]
-            for p, s in zip(paths, self._shards):
-                if s.layers != self._shards[0].layers or len(s.merge_state) != len(s.layers):
-                    raise CheckpointFileError(f"{p} lists other adapted layers than the other shards")
+            self._shards = self.src.ckpt.scalora_shards()
         return self._shards

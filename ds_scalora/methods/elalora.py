@@ -418,6 +418,14 @@ def _check_inactive_slots_zero(layers: list[SVDAdapted], config: ElaLoRAConfig) 
                              "ds_scalora.methods.elastic_lora_model(..., init_rank=r0)")  # fmt: skip
 
 
+def active_slots_lora_fields(rank_pattern: dict[str, int]) -> dict:
+    """The ``LoraConfig`` fields of the plain LoRA adapter :func:`lora_adapter_tensors` builds: each module's
+    own rank (``rank_pattern``) and scaling 1 (``alpha_pattern`` = ``rank_pattern``; ``r`` = ``lora_alpha`` =
+    the largest rank)."""
+    r = max(rank_pattern.values())
+    return {"r": r, "lora_alpha": r, "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(rank_pattern)}
+
+
 def lora_adapter_tensors(P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor, active: torch.Tensor, scale: float):
     """(lora_A, lora_B) of a plain LoRA layer with PEFT scaling 1 that equals ``scale·P diag(λ) Q`` on
     the active slots: lora_A = Q[active], lora_B = scale·P[:, active]·λ[active]."""

@@ -18,13 +18,17 @@ same refresh; nothing here communicates. Not for DeepSpeed (its engine owns the 
 
 ``state_dict()`` holds the wrapped optimizer's state and ScaLoRA's (step, counters, precision state,
 sketches). The merged frozen weights are model parameters: save ``model.state_dict()`` (the whole model,
-not only the adapter) beside it, or export the merged model.
+not only the adapter) beside it for resume. For the trained model, ``save_merged_model(dir)`` writes the
+merged Hugging Face model; once a refresh has merged, the PEFT model's ``save_pretrained`` writes that
+too, since an adapter file alone would silently leave every merge out. ``examples/plain_pytorch.py`` is
+the complete loop (scheduler, clipping, checkpoint and resume, DDP, the merged model).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .merged_model import guard_save_pretrained, save_merged
 from .scalora import ScaLoRA, ScaLoRAConfig
 
 
@@ -38,7 +42,10 @@ class ScaLoRAOptimizer(torch.optim.Optimizer):
             raise TypeError("this optimizer is already a ScaLoRAOptimizer: wrap the inner optimizer once")
         # no Optimizer.__init__: the wrapped optimizer owns the parameter groups and the state
         self.optimizer = optimizer
+        self.model = model
         self.scalora = ScaLoRA(model, optimizer, config)
+        if hasattr(model, "get_base_model"):  # a PEFT model: once a refresh merged, its adapter alone is wrong
+            guard_save_pretrained(model, self._save_instead, when=lambda: bool(self.scalora.totals.get("refreshes")))
 
     # the wrapped optimizer's, so that schedulers, clipping and scalers see a normal optimizer
     @property
@@ -73,6 +80,18 @@ class ScaLoRAOptimizer(torch.optim.Optimizer):
             return loss
         self.scalora.refresh_if_due()
         return self.optimizer.step()
+
+    # -- the trained model ------------------------------------------------------------------------
+
+    def save_merged_model(self, directory: str) -> None:
+        """Write the merged Hugging Face model: each adapted weight = frozen weight with every merge (at the
+        precision policy's full precision) + s·B·A, cast to the model's dtype; LoRA tensors dropped. It loads
+        with ``AutoModelForCausalLM.from_pretrained(directory)``. Under DDP call it on one rank."""
+        save_merged(self.model, self.scalora, directory)
+
+    def _save_instead(self, directory: str, is_main_process: bool) -> None:
+        if is_main_process:
+            self.save_merged_model(directory)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -26,8 +26,11 @@ What it does, and why:
   command that converts the last checkpoint (``tools/convert.py merged``). Inside a Trainer checkpoint
   folder the adapter is written as usual: the shards beside it complete it.
 
-DeepSpeed's own loader unpickles checkpoint files (``weights_only=False``); a callback runs too late to
-check them first. ``ScaLoRATrainer`` (``ds_scalora.zero.hf_trainer``) adds that preflight.
+DeepSpeed's own loader unpickles checkpoint files (``weights_only=False``), and the Trainer loads a DeepSpeed
+checkpoint before ``on_train_begin``. The callback therefore reads the checkpoint named in
+``TrainingArguments(resume_from_checkpoint=...)`` as plain data at ``on_init_end`` (the HF and TRL example
+scripts pass that field on to ``train``); a checkpoint given only to ``trainer.train(...)`` is not visible
+to a callback: call :func:`preflight_resume` on it first (``ScaLoRATrainer.train`` does).
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ import os
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR as CHECKPOINT_PREFIX  # checkpoint-<global_step>
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint.layout import TRAINER_STATE, latest_tag
+from ..checkpoint.preflight import check_tag
+from ..methods.merged_model import by_state_name, guard_save_pretrained, save_merged, write_merged
 from ..methods.scalora import ScaLoRA, ScaLoRAConfig
 from .controller import ZeroScaLoRA, attach
 from .state_access import find_engine
@@ -56,6 +62,9 @@ class ScaLoRACallback(TrainerCallback):
         self.model = None
 
     # -- attach --------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, **kwargs):
+        preflight_resume(args, args.resume_from_checkpoint)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.scalora is None:
@@ -147,9 +156,23 @@ class ScaLoRACallback(TrainerCallback):
             effective = {layer.weight: layer.effective_weight(scalora.full_merged_weight(layer)).to(layer.weight.dtype)
                          for layer in scalora.layers}  # fmt: skip
             if main:
-                _write_merged(base, _by_state_name(base, effective), directory)
+                write_merged(base, by_state_name(base, effective), directory)
         if dist.is_initialized():
             dist.barrier()
+
+
+def preflight_resume(args, checkpoint) -> None:
+    """Before a DeepSpeed Trainer resumes from ``checkpoint`` (a ``checkpoint-N`` folder, or True for the newest
+    in ``args.output_dir``; None, False or "" do nothing): read every file of its DeepSpeed tag as plain data
+    on this rank and check its world size (:func:`ds_scalora.checkpoint.preflight.check_tag`), since
+    DeepSpeed's loader unpickles with ``weights_only=False``. Raises ``CheckpointFileError`` naming the file."""
+    if not checkpoint or not getattr(args, "deepspeed", None):
+        return  # without DeepSpeed the Trainer loads its files itself, as plain data
+    path = checkpoint
+    if path is True or path == "True":
+        path = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if path and os.path.isdir(path):  # anything else: the Trainer says what is wrong itself
+        check_tag(os.path.join(path, latest_tag(path)), args.world_size)
 
 
 def resume_dir(args, state) -> str:
@@ -163,50 +186,3 @@ def resume_dir(args, state) -> str:
         raise FileNotFoundError(f"the Trainer resumed at step {state.global_step} but {folder} does not exist: pass "
                                 "the checkpoint folder as TrainingArguments(resume_from_checkpoint=...)")
     return folder
-
-
-def guard_save_pretrained(model, save_instead, when=lambda: True) -> None:
-    """Replace ``model.save_pretrained`` (this instance only): outside a Trainer checkpoint folder, and while
-    ``when()`` holds, ``save_instead(directory, is_main_process)`` writes what a stock reload needs (or
-    raises saying why it cannot); inside a checkpoint folder the method's shards complete PEFT's file."""
-    original = model.save_pretrained
-
-    def save_pretrained(save_directory, *args, **kwargs):
-        inside_checkpoint = os.path.basename(os.path.normpath(str(save_directory))).startswith(CHECKPOINT_PREFIX + "-")
-        if inside_checkpoint or not when():
-            return original(save_directory, *args, **kwargs)
-        save_instead(str(save_directory), kwargs.get("is_main_process", True))
-
-    model.save_pretrained = save_pretrained
-
-
-@torch.no_grad()
-def save_merged(model, scalora, directory: str) -> None:
-    """The base model with every adapted weight replaced by its effective weight (frozen weight with its
-    merges + s·B·A), as a plain Hugging Face checkpoint in the model's dtype. Needs whole weights on this
-    rank (ZeRO-0/1/2 replicas, or one process); the single-process ScaLoRA adds its full-precision merge
-    state, a DeepSpeed replica is used as stored (its accumulator is sharded; the difference is below one
-    unit in the weight's last place)."""
-    effective = {}
-    for layer in scalora.layers:
-        value = scalora.effective_weight(layer) if isinstance(scalora, ScaLoRA) else layer.effective_weight()
-        effective[layer.weight] = value.to(layer.weight.dtype)
-    base = model.get_base_model()
-    _write_merged(base, _by_state_name(base, effective), directory)
-
-
-def _by_state_name(base, by_weight: dict) -> dict:
-    """Re-key {frozen weight parameter: tensor} by the parameter's name in ``base`` (found by identity, so
-    no assumption about how PEFT prefixes module names)."""
-    return {name: by_weight[p] for name, p in base.named_parameters() if p in by_weight}
-
-
-def _write_merged(base, effective: dict, directory: str) -> None:
-    """``base.save_pretrained`` with PEFT's wrapping undone: LoRA tensors dropped, ``base_layer`` names
-    restored, adapted weights replaced by ``effective`` (keyed by their name in ``base.state_dict()``)."""
-    state = {}
-    for name, tensor in base.state_dict().items():
-        if ".lora_" in name or "lora_dropout" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = effective.get(name, tensor)
-    base.save_pretrained(directory, state_dict=state)

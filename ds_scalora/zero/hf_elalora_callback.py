@@ -36,10 +36,11 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR as CHECKPOINT_PREFIX
 
 from ..checkpoint.layout import ELALORA_TRAINER_STATE, latest_tag
-from ..methods.elalora import ElaLoRA, ElaLoRAConfig, lora_adapter_tensors
+from ..methods.elalora import ElaLoRA, ElaLoRAConfig, active_slots_lora_fields, lora_adapter_tensors
+from ..methods.merged_model import guard_save_pretrained
 from ..methods.svd_layers import find_svd_layers
 from .elalora_controller import ZeroElaLoRA, attach_elalora
-from .hf_callback import guard_save_pretrained, resume_dir
+from .hf_callback import preflight_resume, resume_dir
 from .state_access import find_engine
 
 RANK_PATTERN_FILE = "elalora_rank_pattern.json"
@@ -63,6 +64,9 @@ class ElaLoRACallback(TrainerCallback):
         self.model = None
 
     # -- attach --------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, **kwargs):
+        preflight_resume(args, args.resume_from_checkpoint)  # before DeepSpeed's unpickling loader (see hf_callback)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.ela is None:
@@ -187,9 +191,8 @@ def _write_lora_adapter(ela, factors: list[dict], directory: str, base: str | No
         tensors[f"{layer.name}.lora_A.weight"] = A.contiguous()  # PEFT keys adapters by the PeftModel's module names
         tensors[f"{layer.name}.lora_B.weight"] = B.contiguous()
         rank_pattern[layer.name.removeprefix("base_model.model.")] = int(active.sum())
-    r = max(rank_pattern.values())
-    config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(rank_pattern), rank_pattern=rank_pattern,
-                        alpha_pattern=dict(rank_pattern), task_type="CAUSAL_LM", base_model_name_or_path=base)  # fmt: skip
+    config = LoraConfig(target_modules=sorted(rank_pattern), task_type="CAUSAL_LM", base_model_name_or_path=base,
+                        **active_slots_lora_fields(rank_pattern))
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -24,10 +24,8 @@ from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME
 
-from ..checkpoint.layout import latest_tag
-from ..checkpoint.preflight import check_tag
 from ..methods.scalora import ScaLoRAConfig
-from .hf_callback import ScaLoRACallback
+from .hf_callback import ScaLoRACallback, preflight_resume
 
 
 class ScaLoRATrainer(Trainer):
@@ -48,14 +46,8 @@ class ScaLoRATrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``; a DeepSpeed checkpoint to resume from is first read as plain data on every
         rank (DeepSpeed itself loads with ``weights_only=False``; see ds_scalora/checkpoint/preflight.py)."""
-        if resume_from_checkpoint and self.is_deepspeed_enabled:
-            path = resume_from_checkpoint
-            if path is True:
-                from transformers.trainer_utils import get_last_checkpoint
-
-                path = get_last_checkpoint(self.args.output_dir)
-            if path:  # none found: the Trainer says so itself
-                check_tag(os.path.join(path, latest_tag(path)), self.args.world_size)
+        if self.is_deepspeed_enabled:
+            preflight_resume(self.args, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -6,11 +6,23 @@ Layers, imports pointing down only:
                elastic (ElaLoRA's scores, schedule and moves), pieces (a rank's piece of a parameter)
   2. methods:  ds_scalora.methods (PEFT layers; the single-process ScaLoRA and ElaLoRA references)
   3. zero:     ds_scalora.zero (both methods inside a DeepSpeed engine, ZeRO stages 0 to 3)
+
+The names below are imported on first use (PEP 562), so that ``ds_scalora.train.config`` (or any
+light submodule) loads without PEFT and transformers: a run config's mistake is reported at once.
 """
 
-from .methods import ElaLoRA, ElaLoRAConfig, ScaLoRA, ScaLoRAConfig, ScaLoRAOptimizer, elastic_lora_model
-from .precision import get_policy
-from .scaling import ScalingSolution, solve_scaling
+from importlib import import_module
 
-__all__ = ["ElaLoRA", "ElaLoRAConfig", "elastic_lora_model", "ScaLoRA", "ScaLoRAConfig", "ScaLoRAOptimizer", "ScalingSolution", "get_policy", "solve_scaling"]
+_EXPORTS = {
+    "ElaLoRA": ".methods", "ElaLoRAConfig": ".methods", "elastic_lora_model": ".methods", "ScaLoRA": ".methods",
+    "ScaLoRAConfig": ".methods", "ScaLoRAOptimizer": ".methods", "get_policy": ".precision",
+    "ScalingSolution": ".scaling", "solve_scaling": ".scaling",
+}  # fmt: skip
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ds_scalora' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

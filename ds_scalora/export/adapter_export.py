@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from ..methods.elalora import active_slots_lora_fields, lora_adapter_tensors
 from ..methods.svd_layers import svd_scale
+from .final_model import EXACT_ADAPTER_METHODS
 from .output import atomic_dir
 from .source import PEFT_PREFIX, ExportError, RunSource
 from .weights import EffectiveWeights
 
-EXACT_ADAPTER_METHODS = ("lora", "rslora", "elalora")
 INFO = "ds_scalora_export.json"
 
 

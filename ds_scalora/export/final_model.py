@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .adapter_export import EXACT_ADAPTER_METHODS
-
 FINAL_MODEL_DIR = "model"
+EXACT_ADAPTER_METHODS = ("lora", "rslora", "elalora")  # their whole update is the adapter (adapter_export)
 FINAL_MODEL_CHOICES = ("auto", "merged", "adapter", "none")
 
 

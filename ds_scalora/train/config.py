@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from ..export.final_model import FINAL_MODEL_CHOICES, final_kind
-from ..methods.elalora import ElaLoRAConfig
-from ..methods.scalora import ScaLoRAConfig
+from ..methods.elalora_config import ElaLoRAConfig
+from ..methods.scalora_config import ScaLoRAConfig
 from ..precision import POLICY_NAMES
 from ..scaling import SOLVERS
 from .methods import METHODS

@@ -86,6 +86,8 @@ class Preset:
     cost_steps: int = 24
     cost_repeats: int = 2  # interleaved rounds over the methods; the fastest round of each counts
     quality: bool = True  # False: the tasks are cost configurations only (no learning-rate sweep, no seeds)
+    # the methods whose cost is measured (None: all); each costs a fresh process (~16 s on 2 cores)
+    cost_methods: list | None = None
 
 
 def facts_rows(n: int, seed: int = 0) -> list[dict]:
@@ -116,12 +118,12 @@ def make_facts(out_dir: str, n: int) -> dict:
 
 LR_ADAPTER = [1e-3, 2e-3, 4e-3]
 PRESETS = {
-    # CI: the whole harness end to end on the tiny random-init model, in about a minute
+    # CI: the whole harness end to end on the tiny random-init model, in about a minute (cost: two methods)
     "quick": Preset("quick", [
         Task("lookup", "ds_configs/tiny.yaml", {"method.r": 4, "eval.max_batches": 2}, "eval_exact_match",
              "tiny random-init Llama, 3-digit codes of 6-letter words (ds_configs/data/lookup_*)"),
     ], steps=12, eval_every=6, seeds=[0], lrs={m: [5e-3] for m in METHODS} | {"full": [1e-3]}, cost_steps=6,
-        cost_repeats=1),  # fmt: skip
+        cost_repeats=1, cost_methods=["lora", "scalora-I"]),  # fmt: skip
     # the development machine (2 CPU cores): SmolLM2-135M on the demo task and on memorising facts
     "cpu": Preset("cpu", [
         # evaluated every 5 steps: at every 10 (until 2026-11-23) all methods reached exact match 1.0 at the

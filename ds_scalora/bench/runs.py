@@ -74,8 +74,9 @@ def cost_runs(preset, task, methods, work, sets=()) -> dict:
         with open(peak_path, "w") as f:
             json.dump([peak, peak_what], f)
     out, rounds = {}, {}
+    measured = [m for m in grid.task_methods(preset, task, methods) if preset.cost_methods is None or m in preset.cost_methods]
     for round_ in range(preset.cost_repeats):  # interleaved, so that a slow spell of the machine hits every method
-        for method in grid.task_methods(preset, task, methods):
+        for method in measured:
             path = os.path.join(work, f"cost_{preset.name}_{task.name}_{method}_{round_}.json")
             argv = ["-m", "ds_scalora.bench.cost_worker", "--preset", preset.name, "--task", task.name,
                     "--method", method, "--work", work, "--out", path, *(f"--set={s}" for s in sets)]  # fmt: skip
@@ -98,6 +99,8 @@ def cost_runs(preset, task, methods, work, sets=()) -> dict:
         out[method]["rounds_s"] = times
     out["_peak"] = f"{peak / 1e9:.1f} GFLOP/s ({peak_what})"
     out["_excluded"] = {m: why for m, why in (task.excluded or {}).items() if m in methods}
+    out["_excluded"] |= {m: f"the {preset.name} preset measures the cost of {', '.join(preset.cost_methods)} only"
+                         for m in methods if m not in measured and m not in out["_excluded"]}  # fmt: skip
     return out
 
 

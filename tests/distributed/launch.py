@@ -1,7 +1,8 @@
 """Launch ``zero_worker.py`` under the DeepSpeed launcher on this machine (CPU accelerator, gloo).
 
-* ``run_deepspeed(num_ranks, args, tmp_path, timeout)``: one launcher,
-  ``deepspeed --num_gpus N --master_port <free> tests/distributed/zero_worker.py <args> --out <tmp>/...``.
+* ``run_deepspeed(num_ranks, args, tmp_path, timeout)``: one launcher, DeepSpeed's per-node
+  ``python -m deepspeed.launcher.launch --world_info=<b64 {"localhost": [0..N-1]}> ... zero_worker.py <args>
+  --out <tmp>/...``, the command ``deepspeed --num_gpus N`` execs (its runner is tested elsewhere).
 * ``run_deepspeed_two_nodes(ranks_per_node, args, tmp_path, timeout, launcher=...)``: two launcher
   processes that rendezvous over loopback as two "nodes" (node_rank 0 and 1), no ssh/pdsh:
 
@@ -143,15 +144,19 @@ def _run_all(cmds: list[list[str]], logs: list[Path], out: Path, timeout: float)
 
 def run_deepspeed(num_ranks: int, args, tmp_path, timeout: float = 600, name: str | None = None,
                   worker: Path = WORKER) -> dict:
-    """``deepspeed --num_gpus num_ranks worker`` on this machine; returns rank 0's result dictionary."""
+    """``num_ranks`` ranks of ``worker`` on this machine; returns rank 0's result dictionary.
+
+    The command is DeepSpeed's per-node launcher, exactly what ``deepspeed --num_gpus N`` (the runner) execs
+    for one node: the runner's own start (~3.5 s of imports on 2 cores) is skipped, since nothing here is
+    about it. The runner itself runs in every ``launch/train.py`` test and in the two-node tests."""
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     name = name or f"ds{num_ranks}_{int(time.time() * 1000) % 10**8}"
     out = tmp_path / f"{name}.pt"
+    info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(num_ranks))}).encode()).decode()
     cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-        str(worker), *_with_out(args, out),
+        sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}", "--node_rank=0",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker), *_with_out(args, out),
     ]  # fmt: skip
     return _run_all([cmd], [tmp_path / f"{name}.log"], out, timeout)
 

@@ -1,7 +1,7 @@
 """ScaLoRA in a hand-written DeepSpeed loop: the few lines that change are marked ``# ScaLoRA``.
 
     deepspeed --num_gpus 2 examples/deepspeed_loop.py --stage 2 [--steps 40] [--interval 10]
-        [--deepspeed_config ds_configs/zero3_bf16.json] [--ckpt DIR [--save-every N]] [--resume]
+        [--deepspeed_config ds_configs/zero3_bf16.json --bf16] [--ckpt DIR [--save-every N]] [--resume]
 
 On a machine without a GPU, set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo). The model is a small
 random-init Llama and the data the synthetic lookup task of examples/plain_pytorch.py, so nothing is
@@ -19,21 +19,18 @@ import torch.distributed as dist
 
 from ds_scalora import ScaLoRAConfig
 from ds_scalora.zero import attach, disable_cpu_shm_comm, end_distributed, exit_process  # ScaLoRA
+from ds_scalora.zero.ds_config import fill_auto
 from plain_pytorch import batches, make_model
 
 
 def ds_config(args) -> dict:
+    """The DeepSpeed config file (or a ZeRO stage alone), its "auto" values set from this script's own."""
+    config = {"zero_optimization": {"stage": args.stage}, "steps_per_print": 10**9}
     if args.deepspeed_config:
         with open(args.deepspeed_config) as f:
-            return json.load(f)
-    return {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 2,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": args.stage},
-        "bf16": {"enabled": args.bf16},
-        "steps_per_print": 10**9,
-    }
+            config = json.load(f)
+    return fill_auto(config, micro_batch=4, gradient_accumulation=2, gradient_clipping=1.0,
+                     world=dist.get_world_size(), bf16=args.bf16)
 
 
 def main():

@@ -70,6 +70,12 @@ def batch_at(step, batch=16, pairs=8, rank=0, world=1):
     return {"input_ids": ids[rank::world], "labels": labels[rank::world]}
 
 
+def batches(steps, batch=16, pairs=8):
+    """The global batches of steps 0 .. steps-1, whole (examples/deepspeed_loop.py cuts them itself)."""
+    for step in range(steps):
+        yield batch_at(step, batch, pairs)
+
+
 def train(method, args, rank, world):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = make_model(dtype, args.rank)

@@ -160,3 +160,33 @@ def test_a_config_is_checked_before_any_heavy_import():
             "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]", out
+
+
+DS_JSONS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
+def test_shipped_deepspeed_jsons_take_the_batch_from_the_run_or_the_trainer(path, good):
+    """Each shipped DeepSpeed JSON says "auto" where the value belongs to the run: with launch/train.py any
+    batch, accumulation, clipping and dtype go through (``--set train.gradient_accumulation_steps=4`` was
+    refused while the files held fixed numbers), and the HF Trainer's own filler
+    (``HfTrainerDeepSpeedConfig``, what ``TrainingArguments(deepspeed=FILE)`` runs) fills the same keys
+    from ``TrainingArguments`` without a mismatch."""
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    cfg = load_config(str(good), [f"deepspeed={path}", "train.gradient_accumulation_steps=4", "train.micro_batch_size=3",
+                                  "train.gradient_clipping=0.5", "model.dtype=bf16"])  # fmt: skip
+    ds = deepspeed_config(cfg, 2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 4, 24)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert deepspeed_config(load_config(str(good), [f"deepspeed={path}", "model.dtype=fp32"]), 1)["bf16"]["enabled"] is False
+
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=5, gradient_accumulation_steps=3,
+                             max_grad_norm=0.25, bf16=True, use_cpu=True, report_to=[])  # fmt: skip
+    hf = HfTrainerDeepSpeedConfig(str(path))
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(args, model=None, num_training_steps=10)  # raises on any mismatch
+    filled = hf.config
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (5, 3)
+    assert filled["gradient_clipping"] == 0.25 and filled["bf16"]["enabled"] is True

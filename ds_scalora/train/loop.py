@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..zero.ds_config import fill_auto
 from . import checkpoints
 from .config import RunConfig, check_batch_keys
 from .data import collate, load_rows, pack, tokenize
@@ -33,21 +34,11 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     if isinstance(ds, str):
         with open(ds) as f:
             ds = json.load(f)
-    ds = json.loads(json.dumps(ds or {"zero_optimization": {"stage": 2}}))  # a deep copy
+    ds = ds or {"zero_optimization": {"stage": 2}}
     check_batch_keys(ds, cfg, world)
     t = cfg.train
-    auto = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.gradient_clipping,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world,
-    }
-    for key, value in auto.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    bf16 = ds.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = cfg.model.dtype == "bf16"
+    ds = fill_auto(ds, micro_batch=t.micro_batch_size, gradient_accumulation=t.gradient_accumulation_steps,
+                   gradient_clipping=t.gradient_clipping, world=world, bf16=cfg.model.dtype == "bf16")
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

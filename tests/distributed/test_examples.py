@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run(tmp_path, *args):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "examples" / "deepspeed_loop.py"), "--deepspeed_config", str(REPO / "ds_configs" / "zero3_bf16.json"),
+           str(REPO / "examples" / "deepspeed_loop.py"), "--deepspeed_config", str(REPO / "ds_configs" / "zero3_bf16.json"), "--bf16",
            "--steps", "9", "--interval", "2", "--ckpt", str(tmp_path / "ckpt"), "--save-every", "6",
            "--print-every", "1", *args]  # fmt: skip
     env = _env()

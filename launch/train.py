@@ -17,6 +17,9 @@ from ds_scalora.train.config import ConfigError, load_config  # noqa: E402
 from ds_scalora.train.data import DataError  # noqa: E402
 
 
+PEER_LOST = 5  # exit statuses: 2 bad input, 3 diverged, 4 final model not written, 5 another rank failed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config (YAML or JSON)")
@@ -28,12 +31,19 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         from ds_scalora.train.checkpoints import CheckpointError
         from ds_scalora.train.loop import Diverged, FinalModelError, run
-        from ds_scalora.zero import UnsupportedConfig, end_distributed
+        from ds_scalora.zero import UnsupportedConfig, end_distributed, peer_lost
 
         try:
             run(cfg)
         except (DataError, UnsupportedConfig, CheckpointError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
+        except RuntimeError as e:  # a collective left waiting for a rank that failed (and said why) or was killed
+            if not peer_lost(e):
+                raise
+            rank = os.environ.get("RANK", "0")
+            print(f"[rank {rank}] stopped: another rank ended while this one waited for it in a collective; that "
+                  f"rank's own error, if it had one, is above ({str(e).splitlines()[0][-120:]})", file=sys.stderr, flush=True)
+            return PEER_LOST
         except Diverged as e:  # every rank sees the same global loss and norm: all stop here together
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr, flush=True)

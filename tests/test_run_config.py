@@ -156,9 +156,11 @@ def test_a_config_is_checked_before_any_heavy_import():
     import subprocess
     import sys
 
-    code = ("import sys; import ds_scalora.train.config; "
+    code = ("import sys; from ds_scalora.train.config import load_config; "
+            "[load_config('ds_configs/tiny.yaml', [f'method.name={m}']) for m in ('scalora', 'elalora', 'relora')]; "
             "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]", out
 
 

@@ -40,3 +40,16 @@ def test_exit_process(gloo, end):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert proc.stdout.startswith("buffered line")
     assert ("atexit ran" in proc.stdout) == (not gloo)
+
+
+def test_a_collective_error_from_a_lost_peer_is_recognised():
+    """The gloo message here is the one torch 2.13 raised on rank 0 when rank 1 exited during a barrier
+    (reproduced by hand: 2 gloo processes under torchrun, rank 1 ``os._exit(2)``, rank 0 ``barrier()``)."""
+    from ds_scalora.zero import peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:39055: Connection reset by peer. This is typically caused by a remote worker "
+                        "hanging or bugs in the application.")  # fmt: skip
+    assert peer_lost(gloo)
+    assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug keeps its traceback
+    assert not peer_lost(ValueError("Connection reset by peer"))

@@ -16,6 +16,7 @@ import shutil
 import torch.distributed as dist
 
 from ..checkpoint.layout import MARKER, checkpoint_root, is_complete, mark_complete, step_tags, tag_for, write_latest
+from ..zero.teardown import peer_lost
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +43,8 @@ def save(engine, controller, output_dir: str, step: int, client_state: dict, kee
     try:
         writer(root, tag=tag, client_state=client_state, save_latest=False)
     except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError or as torch's RuntimeError
+        if peer_lost(e):  # another rank failed (and says why): not this rank's save
+            raise
         raise CheckpointError(_save_failed(root, tag, e)) from e
     _barrier()
     if rank0:
@@ -120,6 +123,8 @@ def load(engine, controller, root: str, tag: str) -> dict:
     try:
         path, client_state = loader(root, tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds on damaged files
+        if peer_lost(e):  # another rank failed (and says why): not a damaged file here
+            raise
         raise CheckpointError(f"checkpoint {os.path.join(root, tag)} could not be loaded ({type(e).__name__}: {e}); "
                            "it is damaged: remove it, or resume from an older one with train.resume=<dir>") from None
     if path is None:

@@ -92,7 +92,7 @@ class ScaLoRA(LoRA):
     def config(self, cfg):
         from dataclasses import fields
 
-        from ..methods.scalora import ScaLoRAConfig
+        from ..methods.scalora_config import ScaLoRAConfig
 
         o = cfg.method.scalora
         return ScaLoRAConfig(**{f.name: getattr(o, f.name) for f in fields(o)}, seed=cfg.train.seed)
@@ -138,7 +138,7 @@ class ReLoRA(ScaLoRA):
     name = "relora"
 
     def config(self, cfg):
-        from ..methods.scalora import ScaLoRAConfig
+        from ..methods.scalora_config import ScaLoRAConfig
 
         o = cfg.method.relora
         return ScaLoRAConfig(interval=o.interval, warmup_steps=o.warmup_steps, restart=True,

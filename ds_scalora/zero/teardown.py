@@ -70,3 +70,19 @@ def exit_process(status: int = 0) -> NoReturn:
             pass
     logging.shutdown()
     os._exit(status)
+
+
+# What a collective raises on a rank whose peer process is gone (it exited on its own error, or was killed):
+# gloo's TCP transport ("Connection reset by peer", "Connection closed by peer", as a plain RuntimeError on
+# torch 2.13), NCCL's watchdog ("remote process exited"), and torch.distributed's own network error.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "remote process exited", "Broken pipe")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` says that another rank went away while this one waited for it in a collective:
+    that rank's own error is the one to report, this one is only its echo."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistNetworkError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_GONE)

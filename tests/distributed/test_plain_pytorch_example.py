@@ -7,8 +7,9 @@ them apart); LoRA's ``save_pretrained`` writes a PEFT adapter and ScaLoRA's the 
 reloads to logits within 1e-5 of the trained model's (fp32 storage, so only the order of the merged
 weight's additions differs: ~1e-7 here); the resumed run prints the very lines the uninterrupted run
 printed from the checkpoint's step on (bit-equal printed losses); DDP averages the gradients of two
-half-batches, equal to one whole-batch backward up to fp32 summation order, so the printed losses
-(6 decimals) agree within 1e-5.
+half-batches, equal to one whole-batch backward up to fp32 summation order: the printed losses (6
+decimals, ~4.8) agreed within 1e-6 over 30 steps; the bound, 1e-4, leaves room for a refresh whose
+solver choice flips on a last-bit difference.
 """
 
 import json
@@ -50,4 +51,4 @@ def test_plain_pytorch_example_trains_resumes_saves_and_runs_under_ddp(tmp_path)
 
     ddp, _ = _run(torchrun=True)
     assert ddp.keys() == full.keys()
-    assert max(abs(ddp[k] - full[k]) for k in full) < 1e-5
+    assert max(abs(ddp[k] - full[k]) for k in full) < 1e-4

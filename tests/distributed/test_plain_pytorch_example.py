@@ -9,7 +9,8 @@ weight's additions differs: ~1e-7 here); the resumed run prints the very lines t
 printed from the checkpoint's step on (bit-equal printed losses); DDP averages the gradients of two
 half-batches, equal to one whole-batch backward up to fp32 summation order: the printed losses (6
 decimals, ~4.8) agreed within 1e-6 over 30 steps; the bound, 1e-4, leaves room for a refresh whose
-solver choice flips on a last-bit difference.
+solver choice flips on a last-bit difference. Without DDP (each replica stepping on its own half-batch,
+measured with the example's DDP wrapper removed) the losses of the 24 steps differ by up to 0.039.
 """
 
 import json

@@ -16,6 +16,7 @@ import json
 import os
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS  # PEFT's own file name
 from tqdm import tqdm
 
 from ..methods.elalora import active_slots_lora_fields, lora_adapter_tensors
@@ -68,7 +69,7 @@ def export_adapter(source: RunSource, out: str, overwrite: bool = False, progres
         config = LoraConfig(target_modules=sorted(rank_pattern), task_type="CAUSAL_LM",
                             fan_in_fan_out=bool(weights.transposed), base_model_name_or_path=base, **fields)  # fmt: skip
         config.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         source.tokenizer().save_pretrained(tmp)
         info = {"checkpoint": source.tag_dir, "step": source.step, "method": name, "kind": "adapter",
                 "zero_stage": source.ckpt.stage, "world_size": source.ckpt.world, "modules": len(rank_pattern),

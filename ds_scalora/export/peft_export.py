@@ -14,6 +14,7 @@ import math
 import os
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS  # PEFT's own file name
 from tqdm import tqdm
 
 from .merged import write_model_files
@@ -81,7 +82,7 @@ def export_peft(source: RunSource, out: str, rank: int | None = None, energy: fl
                             alpha_pattern=dict(rank_pattern), task_type="CAUSAL_LM",
                             fan_in_fan_out=bool(weights.transposed), base_model_name_or_path=base)  # fmt: skip
         config.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, REPORT), "w") as f:
             json.dump(report, f, indent=2)
         write_model_card(tmp, source, "peft")

@@ -32,6 +32,7 @@ import json
 import os
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS  # PEFT's own file name
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR as CHECKPOINT_PREFIX
 
@@ -195,6 +196,6 @@ def _write_lora_adapter(ela, factors: list[dict], directory: str, base: str | No
                         **active_slots_lora_fields(rank_pattern))
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(directory, RANK_PATTERN_FILE), "w") as fh:
         json.dump(rank_pattern, fh, indent=1)

@@ -49,7 +49,7 @@ def test_a_new_run_never_mixes_its_checkpoints_with_an_earlier_runs(tmp_path):
     lower steps away first); a fresh directory is fine; a checkpoint past max_steps is refused on resume."""
     assert checkpoints.resolve_resume("never", str(tmp_path)) is None
     checkpoints.save(FakeEngine(), None, str(tmp_path), 12, {}, keep_last=2)
-    with pytest.raises(checkpoints.CheckpointError, match=r"train.resume=never, but .* \(step00000012\).*train.resume=auto"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"train.resume_from_checkpoint=never, but .* \(step00000012\).*train.resume_from_checkpoint=auto"):
         checkpoints.resolve_resume("never", str(tmp_path))
     assert checkpoints.complete_tags(str(tmp_path)) == ["step00000012"]  # nothing was touched
     checkpoints.check_resumed_step(12, 12, "x")  # a finished run resumed: nothing left, accepted

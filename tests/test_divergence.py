@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path, *sets):
     cfg = load_config(str(REPO / "ds_configs" / "tiny.yaml"),
-                      [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=10", "checkpoint.every=1",
-                       "checkpoint.keep_last=3", "eval.every=0", "logging.every=1", "method.name=lora", *sets])  # fmt: skip
+                      [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.save_steps=1",
+                       "train.save_total_limit=3", "train.eval_steps=0", "train.logging_steps=1", "method.name=lora", *sets])  # fmt: skip
     return cfg
 
 

@@ -14,7 +14,7 @@ from ds_scalora.train.loop import deepspeed_config
 def good(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "model").mkdir()
-    cfg = {"model": {"path": str(tmp_path / "model")}, "data": {"train": str(tmp_path / "train.jsonl")},
+    cfg = {"model": {"model_name_or_path": str(tmp_path / "model")}, "data": {"train": str(tmp_path / "train.jsonl")},
            "method": {"name": "scalora", "scalora": {"interval": 10}}, "train": {"max_steps": 5}}  # fmt: skip
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(cfg))
@@ -33,12 +33,20 @@ def test_loads_and_applies_overrides(good):
     "override,message",
     [
         ("train.max_step=3", "unknown key 'train.max_step'; did you mean train.max_steps"),
+        ("train.per_device_train_batch=3", "did you mean train.per_device_train_batch_size"),
+        ("method.lora_alpah=3", "did you mean method.lora_alpha"),
+        ("train.lr_scheduler_type=cosine_with_minlr", "lr_scheduler_type must be one of .* did you mean 'cosine_with_min_lr'"),
+        ("train.report_to=wandb", "train.report_to: 'wandb' is not supported here"),
+        ("method.target_modules=all", "method.target_modules must be a list of module names or 'all-linear'"),
+        ("data.chat_template=missing.jinja", "data.chat_template 'missing.jinja' is neither a Jinja template"),
+        (("train.max_steps=-1", "train.num_train_epochs=0"), "num_train_epochs must be > 0"),
+        (("train.warmup_ratio=0.1", "train.warmup_steps=5"), "warmup_steps or train.warmup_ratio, not both"),
         ("trian.max_steps=3", "unknown key 'trian'; did you mean train"),
         ("train.max_steps=many", "train.max_steps must be int, got 'many'"),
-        ("train.max_steps=0", "train.max_steps must be >= 1"),
+        ("train.max_steps=0", "train.max_steps must be > 0, or -1 to train num_train_epochs"),
         ("method.name=scalor", "method.name must be one of .* did you mean 'scalora'"),
         ("method.scalora.strength=-1", "strength must be a positive number or 'auto'"),
-        ("model.path=/nonexistent/model", "model.path '/nonexistent/model' is not a directory"),
+        ("model.model_name_or_path=/nonexistent/model", "model.model_name_or_path '/nonexistent/model' is not a directory"),
         ("data.train=/nonexistent.jsonl", "data.train '/nonexistent.jsonl' does not exist"),
         ("deepspeed=/nonexistent.json", "deepspeed '/nonexistent.json' is not a file"),
         ("deepspeed={optimizer: {type: Adam}}", "remove the deepspeed.optimizer block"),
@@ -84,31 +92,32 @@ def test_shipped_configs_load(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative data paths must resolve from the config's own directory
     raw = yaml.safe_load(path.read_text())
     sets = []
-    if raw["model"].get("path") and not raw["model"]["path"].startswith("package:"):
+    name = raw["model"].get("model_name_or_path")
+    if name and not name.startswith("package:"):
         (tmp_path / "model").mkdir()
-        sets.append(f"model.path={tmp_path / 'model'}")
+        sets.append(f"model.model_name_or_path={tmp_path / 'model'}")
     cfg = load_config(str(path), sets)
     assert Path(cfg.data.train).is_file()
     for world in (1, 8):
         ds = deepspeed_config(cfg, world)
         t = cfg.train
-        assert ds["train_batch_size"] == t.micro_batch_size * t.gradient_accumulation_steps * world
+        assert ds["train_batch_size"] == t.per_device_train_batch_size * t.gradient_accumulation_steps * world
         assert ds["bf16"]["enabled"] == (cfg.model.dtype == "bf16")
         assert ds["zero_optimization"]["stage"] in (2, 3)
 
 
 def test_hardware_config_without_its_model_says_how_to_set_it():
     path = Path(__file__).resolve().parents[1] / "ds_configs" / "gpu1_zero2.yaml"
-    with pytest.raises(ConfigError, match=r"model.path .* is not a directory.*--set model.path="):
+    with pytest.raises(ConfigError, match=r"model.model_name_or_path .* is not a directory.*--set model.model_name_or_path="):
         load_config(str(path))
 
 
 def test_deepspeed_values_must_agree_with_the_run_config(good, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu is 8 but train.micro_batch_size is 4"):
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu is 8 but train.per_device_train_batch_size is 4"):
         load_config(str(good), [f"deepspeed={ds}"])
-    cfg = load_config(str(good), [f"deepspeed={ds}", "train.micro_batch_size=8"])
+    cfg = load_config(str(good), [f"deepspeed={ds}", "train.per_device_train_batch_size=8"])
     assert deepspeed_config(cfg, 2)["train_batch_size"] == 16
     ds.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": "auto"}))
     cfg = load_config(str(good), [f"deepspeed={ds}"])
@@ -149,6 +158,42 @@ def test_floats_written_without_a_dot_are_read(good, tmp_path):
         load_config(str(good), ["train.learning_rate=fast"])
 
 
+OLD_TINY = Path(__file__).resolve().parent / "data" / "tiny_0.1_names.yaml"
+
+
+def test_old_names_still_load_as_the_new_ones_and_say_which(monkeypatch, tmp_path):
+    """A 0.1 config (the old ds_configs/tiny.yaml, kept verbatim in tests/data) gives the very config the renamed
+    file gives, and warns once per old key with the key to write instead; an old and a new name for the
+    same key together are refused."""
+    new = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny.yaml"
+    monkeypatch.chdir(new.parent)  # both files name data/ relative to ds_configs/
+    with pytest.warns(FutureWarning) as caught:
+        old_cfg = load_config(str(OLD_TINY), ["train.micro_batch_size=2", "logging.tensorboard=false"])
+    messages = sorted(str(w.message) for w in caught)
+    assert any("method.alpha is deprecated" in m and "write method.lora_alpha" in m for m in messages)
+    assert any("checkpoint.keep_last is deprecated" in m and "write train.save_total_limit" in m for m in messages)
+    assert any("--set train.micro_batch_size: deprecated" in m for m in messages) and len(messages) == 9  # 7 in the file, 2 --set
+    new_cfg = load_config(str(new), ["train.per_device_train_batch_size=2", "train.report_to=none"])
+    assert old_cfg.to_dict() == new_cfg.to_dict()
+    both = tmp_path / "both.yaml"
+    both.write_text(OLD_TINY.read_text().replace("  micro_batch_size: 4", "  micro_batch_size: 4\n  per_device_train_batch_size: 2"))
+    with pytest.raises(ConfigError, match="both train.micro_batch_size .* and train.per_device_train_batch_size"):
+        load_config(str(both))
+
+
+def test_a_stored_old_config_reads_in_the_new_names():
+    """Checkpoints written by 0.1 store the old names; the converters read them through the same table."""
+    from ds_scalora.export.source import stored_config
+
+    old = {"model": {"path": "/m", "dtype": "fp32"}, "method": {"name": "lora", "r": 4, "alpha": 8, "rslora": True},
+           "train": {"seed": 0, "micro_batch_size": 4}, "logging": {"every": 1, "tensorboard": True}}  # fmt: skip
+    new = stored_config(old)
+    assert new["model"]["model_name_or_path"] == "/m" and new["method"]["lora_alpha"] == 8
+    assert new["method"]["use_rslora"] is True and new["train"]["per_device_train_batch_size"] == 4
+    assert new["train"]["report_to"] == "tensorboard" and "logging" not in new
+    assert old["model"] == {"path": "/m", "dtype": "fp32"}  # the stored dict itself is left alone
+
+
 def test_a_config_is_checked_before_any_heavy_import():
     """``launch/train.py`` validates its config before importing PEFT and transformers (the method configs live
     apart from their layers, the packages import lazily): a typo is reported in ~3 s, not after ~9 s of
@@ -177,8 +222,8 @@ def test_shipped_deepspeed_jsons_take_the_batch_from_the_run_or_the_trainer(path
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    cfg = load_config(str(good), [f"deepspeed={path}", "train.gradient_accumulation_steps=4", "train.micro_batch_size=3",
-                                  "train.gradient_clipping=0.5", "model.dtype=bf16"])  # fmt: skip
+    cfg = load_config(str(good), [f"deepspeed={path}", "train.gradient_accumulation_steps=4", "train.per_device_train_batch_size=3",
+                                  "train.max_grad_norm=0.5", "model.dtype=bf16"])  # fmt: skip
     ds = deepspeed_config(cfg, 2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 4, 24)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True

@@ -4,7 +4,7 @@
     python tools/convert.py adapter RUN_OR_CHECKPOINT [OUT]   (the exact PEFT adapter of a LoRA, rsLoRA or ElaLoRA run)
     python tools/convert.py peft    RUN_OR_CHECKPOINT [OUT] [--rank R | --energy 0.99]
     python tools/convert.py inspect RUN_OR_CHECKPOINT [OUT] [--rtol 1e-3]
-    python tools/convert.py reshard RUN_OR_CHECKPOINT [OUT] --world M   (ZeRO-1/2/3; resume with train.resume=OUT)
+    python tools/convert.py reshard RUN_OR_CHECKPOINT [OUT] --world M   (ZeRO-1/2/3; resume with train.resume_from_checkpoint=OUT)
 
 CHECKPOINT_DIR is a run's output dir, its checkpoints/ dir, one step tag, or a DeepSpeed dir with a
 'latest' file; the newest complete tag is used. OUT defaults to <run>/exports/<command>-stepNNNNNNNN.

@@ -98,8 +98,8 @@ def make_synthetic_checkpoint(run_dir: str, layers: int, hidden: int, world: int
                                                       "exp_avg_sq": torch.zeros_like(part)}}}}  # fmt: skip
         torch.save({"optimizer_state_dict": osd}, os.path.join(tag, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
     mark_complete(tag, 1)
-    config = {"model": {"path": None, "random_init": fields, "dtype": "fp32"},
-              "method": {"name": "lora", "r": r, "alpha": 2.0 * r, "rslora": False}, "train": {"seed": 0}}  # fmt: skip
+    config = {"model": {"model_name_or_path": None, "random_init": fields, "dtype": "fp32"},
+              "method": {"name": "lora", "r": r, "lora_alpha": 2.0 * r, "use_rslora": False}, "train": {"seed": 0}}  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump({"config": config}, f)
     sizes = [t.numel() * 4 for t in module.values()]

@@ -27,7 +27,7 @@ def cost_run(preset_name: str, task_name: str, method: str, work: str, out: str,
     steps, _ = grid.task_schedule(preset, task)
     cfg = grid.run_config(task, method, lrs[len(lrs) // 2], 0, steps, 0,
                           os.path.join(work, f"costrun_{method}"), os.path.join(work, "data"),
-                          extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1,
+                          extra={"train.eval_on_start": False, "eval.exact_match": False, "eval.max_batches": 1,
                                  "train.max_steps": preset.cost_steps, **STEADY_STATE.get(method, {})},
                           user_sets=list(sets))  # fmt: skip
 

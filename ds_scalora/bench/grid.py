@@ -128,14 +128,14 @@ PRESETS = {
     "cpu": Preset("cpu", [
         # evaluated every 5 steps: at every 10 (until 2026-11-23) all methods reached exact match 1.0 at the
         # second eval, so "steps to LoRA's final" could only read 1.0 or 0.5
-        Task("dates", "ds_configs/demo.yaml", {"method.r": 8, "eval.at_start": True}, "eval_exact_match",
+        Task("dates", "ds_configs/demo.yaml", {"method.r": 8, "train.eval_on_start": True}, "eval_exact_match",
              "SmolLM2-135M-Instruct, ISO date -> DD/MM/YYYY (the demo task), exact match on 24 held-out dates",
              eval_every=5),
         # sized so that full fine-tuning stores the facts within the budget and rank-4 LoRA does not yet
         # (docs/benchmarks.md: 1.00 vs 0.37 ± 0.24 exact match at 100 steps, three seeds)
         Task("facts", "ds_configs/demo.yaml", {"method.r": 4, "data.max_length": 32, "eval.max_new_tokens": 8,
                                                "eval.max_batches": 4, "data.format": "prompt_completion",
-                                               "train.micro_batch_size": 16, "eval.at_start": True},
+                                               "train.per_device_train_batch_size": 16, "train.eval_on_start": True},
              "eval_exact_match", "SmolLM2-135M-Instruct, memorise 128 random 6-letter -> 6-digit codes (exact match "
              "on the first 64), rank 4 on every linear layer, 100 steps of 16 (12.5 epochs)", make_data="facts128",
              steps=100, eval_every=20,
@@ -159,18 +159,18 @@ TINYLLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_laye
                 "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
 MISTRAL_NEMO_12B = {"hidden_size": 5120, "intermediate_size": 14336, "num_hidden_layers": 40, "num_attention_heads": 32,
                     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072, "max_position_embeddings": 2048}
-GPU_RUN = {"model.path": None, "model.dtype": "bf16", "data.max_length": 2048, "data.packing": True,
+GPU_RUN = {"model.model_name_or_path": None, "model.dtype": "bf16", "data.max_length": 2048, "data.packing": True,
            "train.gradient_accumulation_steps": 1}
 PRESETS["gpu"] = Preset("gpu", [
     # the shipped one-GPU config, at the reference's shape and batch
     Task("1b", "ds_configs/gpu1_zero2.yaml", {**GPU_RUN, "model.random_init": TINYLLAMA_1B, "method.r": 16,
-                                              "method.alpha": 32, "train.micro_batch_size": 4},
+                                              "method.lora_alpha": 32, "train.per_device_train_batch_size": 4},
          None, "1.1B (TinyLlama shape, random init), bf16, ZeRO-2, r = 16 on all seven projections, micro-batch 4 "
          "x 2048 packed tokens (ds_configs/gpu1_zero2.yaml)",
          reference="plain LoRA r16, ZeRO-2, micro-batch 4 on an H100 80GB: 35,700 tokens/s, 19.0 GiB peak"),
     # the shipped config for a 12B model on one 80 GB GPU (ScaLoRA's accumulator in bf16_pair)
     Task("12b", "ds_configs/12b_gpu1_zero2.yaml", {**GPU_RUN, "model.random_init": MISTRAL_NEMO_12B, "method.r": 8,
-                                                   "method.alpha": 16, "train.micro_batch_size": 2},
+                                                   "method.lora_alpha": 16, "train.per_device_train_batch_size": 2},
          None, "12.2B (Mistral-NeMo-12B shape, random init), bf16, ZeRO-2, gradient checkpointing, r = 8 on all "
          "seven projections, micro-batch 2 x 2048 packed tokens (ds_configs/12b_gpu1_zero2.yaml)",
          excluded={"full": "12.2B parameters with fp32 Adam states (~200 GB) do not fit one 80 GB GPU"},
@@ -195,8 +195,8 @@ def run_config(task: Task, method: str, lr: float, seed: int, steps: int, eval_e
     from ..train.config import load_config
 
     sets = {**task.overrides, **method_overrides(method, steps), "train.learning_rate": lr, "train.seed": seed,
-            "train.max_steps": steps, "eval.every": eval_every, "train.output_dir": out_dir, "train.resume": "never",
-            "checkpoint.every": 0, "checkpoint.keep_last": 1, "checkpoint.final_model": "none", "logging.every": 1, "logging.tensorboard": False,
+            "train.max_steps": steps, "train.eval_steps": eval_every, "train.output_dir": out_dir, "train.resume_from_checkpoint": "never",
+            "train.save_steps": 0, "train.save_total_limit": 1, "checkpoint.final_model": "none", "train.logging_steps": 1, "train.report_to": "none",
             **(extra or {})}  # fmt: skip
     if task.make_data:
         sets.update(make_facts(data_dir, int(task.make_data.removeprefix("facts"))))
@@ -237,7 +237,7 @@ def train_once(cfg, hooks=None, log_path: str | None = None) -> dict:
     from ..train.loop import run
 
     ensure_process_group()
-    # a benchmark run starts afresh (train.resume=never refuses a directory holding checkpoints): what an
+    # a benchmark run starts afresh (train.resume_from_checkpoint=never refuses a directory holding checkpoints): what an
     # interrupted earlier attempt left is discarded
     shutil.rmtree(checkpoint_root(cfg.train.output_dir), ignore_errors=True)
     sink = open(log_path, "w") if log_path else io.StringIO()

@@ -20,10 +20,16 @@ RANK_RTOL = 1e-3  # singular values above 1e-3 of the largest count (the thresho
 
 
 def _target_weights(model, targets) -> dict:
-    """name -> (module, weight tensor) of every adapted (or, for full fine-tuning, targeted) linear."""
+    """name -> (module, weight tensor) of every adapted (or, for full fine-tuning, targeted) linear;
+    ``targets`` "all-linear": every PEFT layer, or every linear but the output head (PEFT's choice)."""
     out = {}
+    adapted = any(hasattr(m, "get_base_layer") for m in model.modules())
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
+        if targets == "all-linear":
+            if hasattr(module, "get_base_layer") if adapted else (isinstance(module, torch.nn.Linear) and leaf != "lm_head"):
+                out[name] = module
+            continue
         if leaf in targets and hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.Tensor):
             out[name] = module  # a plain Linear (full fine-tuning)
         elif leaf in targets and hasattr(module, "get_base_layer"):
@@ -45,7 +51,7 @@ class UpdateRank:
     rank of (effective weight − initial weight) per matrix, for every method alike (one rank only)."""
 
     def __init__(self, targets):
-        self.targets = set(targets)
+        self.targets = targets if targets == "all-linear" else set(targets)
         self.initial: dict = {}
         self.ranks: dict = {}
 
@@ -104,7 +110,7 @@ def cost_in_subprocess(argv: list[str], timeout: float = 3600) -> dict:
 def cost_summary(summary: dict, skip_first: int = 2) -> dict:
     """Amortised step time (the mean, so that periodic work such as a refresh every I steps counts
     1/I per step; the median would hide it), tokens/s over the same steps, the median step time for
-    reference, and peak memory, from a run's per-step history (logging.every = 1); the first steps
+    reference, and peak memory, from a run's per-step history (train.logging_steps = 1); the first steps
     (allocation, optimizer-state creation) and the last (final eval) are left out."""
     hist = [h for h in summary["history"] if "step_time_s" in h][skip_first:-1]
     if not hist:

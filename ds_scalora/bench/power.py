@@ -125,6 +125,12 @@ class FactsTask(Task):
     match 0 (25 runs, 2026-11-25, in this file's git history), so the task could not separate methods;
     a longer run would break the 2-minute budget. At 128 facts (12.5 epochs) LoRA stores part of them
     (the old benchmark: exact match 0.37 ± 0.24, full fine-tuning 1.00).
+
+    The runs use demo.yaml's schedule (cosine, 5 warm-up steps). Since 0.2 the schedule is
+    ``transformers.get_scheduler``'s, whose warm-up starts at 0 (step/5) where 0.1's started at 1/5
+    ((step+1)/5); records made since carry ``"schedule": "transformers"``. The LoRA / ScaLoRA-I records of
+    2026-11-25 to 2026-12-02 were all made with 0.1's schedule (the report phase finished on a checkout
+    of a77ea73): compare an arm only with records of the same schedule.
     """
 
     steps, eval_every, n_facts = 100, 10, 128
@@ -136,7 +142,7 @@ class FactsTask(Task):
 
         task = grid.Task("facts128", "ds_configs/demo.yaml", {
             "method.r": spec.get("r", 4), "data.max_length": 32, "eval.max_new_tokens": 8, "eval.max_batches": 8,
-            "data.format": "prompt_completion", "train.micro_batch_size": 16, "eval.exact_match": True,
+            "data.format": "prompt_completion", "train.per_device_train_batch_size": 16, "eval.exact_match": True,
             "eval.exact_match_every_eval": False, "method.scalora.rank_sketch": 16}, "eval_loss", self.what)
         method = {"lora": "lora", "full": "full", "relora": "relora"}.get(spec["method"], "scalora-I")
         extra = {f"method.scalora.{k}": v for k, v in spec.items() if k not in ("method", "r")}
@@ -155,7 +161,10 @@ class FactsTask(Task):
         return {"nll": nll if math.isfinite(nll) else math.inf, "curve": [h["eval_loss"] for h in evals],
                 "exact_match": summary["eval"].get("eval_exact_match"),
                 "em_curve": [h.get("eval_exact_match") for h in evals],
-                "energy_outside_top_r": summary.get("scalora_energy_outside_top_r")}
+                "energy_outside_top_r": summary.get("scalora_energy_outside_top_r"),
+                # the warm-up since 0.2 is transformers' (step/5; 0.1's was (step+1)/5): records without this
+                # field came from 0.1's schedule, and one comparison must not mix the two (FactsTask)
+                "schedule": "transformers"}
 
 
 class DistillTask(Task):

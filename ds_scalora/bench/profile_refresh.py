@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     work = tempfile.mkdtemp(prefix="profile_refresh_")
     cfg = grid.run_config(task, "scalora", grid.task_lrs(grid.PRESETS["cpu"], task, "scalora")[0], 0, a.steps, 0,
                           os.path.join(work, "run"), os.path.join(work, "data"),
-                          extra={"eval.at_start": False, "eval.exact_match": False, "eval.max_batches": 1,
+                          extra={"train.eval_on_start": False, "eval.exact_match": False, "eval.max_batches": 1,
                                  "method.scalora.interval": 1, "method.scalora.warmup_steps": 2})  # fmt: skip
     profile, seconds = cProfile.Profile(), []
 

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
                    "<out>/benchmarks_scaling.md; run it on an otherwise idle machine")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-config override applied to every run (as launch/train.py's --set), e.g. "
-                   "--set model.path=/models/Llama-3.2-1B to measure the cost on a real model")
+                   "--set model.model_name_or_path=/models/Llama-3.2-1B to measure the cost on a real model")
     a = p.parse_args(argv)
     preset = grid.PRESETS[a.preset]
     tasks = [t for t in preset.tasks if a.tasks is None or t.name in a.tasks]

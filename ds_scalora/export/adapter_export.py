@@ -53,7 +53,7 @@ def export_adapter(source: RunSource, out: str, overwrite: bool = False, progres
         else:
             ranknum = float(t["ranknum"].flatten()[0]) if "ranknum" in t else float(source.method["r"])
             A, B = lora_adapter_tensors(t["lora_B"], t["lora_E"].view(-1), t["lora_A"], active[module],
-                                        svd_scale(float(source.method["alpha"]), ranknum))  # fmt: skip
+                                        svd_scale(float(source.method["lora_alpha"]), ranknum))  # fmt: skip
         tensors[f"{module}.lora_A.weight"] = A.float().contiguous()
         tensors[f"{module}.lora_B.weight"] = B.float().contiguous()
         rank_pattern[module.removeprefix(PEFT_PREFIX)] = A.shape[0]
@@ -61,7 +61,7 @@ def export_adapter(source: RunSource, out: str, overwrite: bool = False, progres
         raise ExportError(f"{source.tag_dir} holds no adapter tensors")
     m = source.method
     if active is None:
-        fields = {"r": int(m["r"]), "lora_alpha": m["alpha"], "use_rslora": bool(m.get("rslora") or name == "rslora")}
+        fields = {"r": int(m["r"]), "lora_alpha": m["lora_alpha"], "use_rslora": bool(m.get("use_rslora") or name == "rslora")}
     else:
         fields = active_slots_lora_fields(rank_pattern)
     with atomic_dir(out, overwrite) as tmp:

@@ -16,7 +16,7 @@ from ..methods.svd_layers import svd_scale, svd_update
 
 def lora_scale(method: dict) -> float:
     """PEFT's scaling for the run's method config (rsLoRA by flag or by name)."""
-    return lora_scaling(int(method["r"]), float(method["alpha"]), bool(method.get("rslora") or method["name"] == "rslora"))
+    return lora_scaling(int(method["r"]), float(method["lora_alpha"]), bool(method.get("use_rslora") or method["name"] == "rslora"))
 
 
 def lora_delta(t: dict, method: dict) -> torch.Tensor:
@@ -27,7 +27,7 @@ def lora_delta(t: dict, method: dict) -> torch.Tensor:
 def elalora_delta(t: dict, method: dict) -> torch.Tensor:
     """PEFT AdaLoRA ``SVDLinear``: ``B (A ⊙ E) · alpha / (ranknum + 1e-5)``, inactive slots exactly 0."""
     ranknum = float(t["ranknum"].flatten()[0]) if "ranknum" in t else float(method["r"])
-    return svd_update(t["lora_B"], t["lora_E"], t["lora_A"], svd_scale(float(method["alpha"]), ranknum))
+    return svd_update(t["lora_B"], t["lora_E"], t["lora_A"], svd_scale(float(method["lora_alpha"]), ranknum))
 
 
 DELTAS = {"lora": lora_delta, "rslora": lora_delta, "scalora": lora_delta, "relora": lora_delta, "elalora": elalora_delta}

@@ -37,7 +37,7 @@ def write_model_card(directory: str, source: RunSource, kind: str) -> str:
              f"- Data: train `{_file(d.get('train'))}`" + (f", eval `{_file(d.get('eval'))}`" if d.get("eval") else "")
              + (f" (format {d['format']})" if d.get("format") else ""),
              f"- Steps: {source.step} of {train.get('max_steps')}; learning rate {train.get('learning_rate')} "
-             f"({train.get('scheduler', '')}); micro batch {train.get('micro_batch_size')} x accumulation "
+             f"({train.get('lr_scheduler_type', '')}); micro batch {train.get('per_device_train_batch_size')} x accumulation "
              f"{train.get('gradient_accumulation_steps')} x {source.ckpt.world} rank(s); DeepSpeed ZeRO-{source.ckpt.stage}; "
              f"dtype {cfg.get('model', {}).get('dtype')}"]  # fmt: skip
     evals = [h for h in source.client.get("history", []) if isinstance(h, dict) and "eval_loss" in h]
@@ -59,9 +59,11 @@ def write_model_card(directory: str, source: RunSource, kind: str) -> str:
 def _method_options(method: dict) -> str:
     if method["name"] == "full":
         return "every parameter trained"
-    parts = [f"r={method.get('r')}", f"alpha={method.get('alpha')}"]
+    parts = [f"r={method.get('r')}", f"lora_alpha={method.get('lora_alpha')}"]
     if isinstance(method.get("target_modules"), list):
         parts.append("modules " + ", ".join(method["target_modules"]))
+    elif method.get("target_modules"):
+        parts.append(f"modules {method['target_modules']}")
     own = method.get(method["name"])
     if isinstance(own, dict):
         parts += [f"{k}={v}" for k, v in own.items() if v is not None]

@@ -5,9 +5,9 @@ model-states file unchanged, ZeRO-3 M files with the fragments re-cut; M optimiz
 masters, Adam moments and step re-cut) and ScaLoRA's M merge-state shards or ElaLoRA's M importance
 shards; the learning-rate scheduler, global step, sample count and the loop's
 client state (step, history, config) are carried over as they are. It is written to a temporary
-directory beside OUT, moved into place, and marked ``COMPLETE``, so ``train.resume=OUT`` takes it.
+directory beside OUT, moved into place, and marked ``COMPLETE``, so ``train.resume_from_checkpoint=OUT`` takes it.
 
-Keep the global batch: resume with ``train.micro_batch_size x train.gradient_accumulation_steps x M``
+Keep the global batch: resume with ``train.per_device_train_batch_size x train.gradient_accumulation_steps x M``
 equal to the original run's (the data order depends on the step and the global batch only).
 The file formats are in :mod:`ds_scalora.checkpoint.reshard_files`.
 """

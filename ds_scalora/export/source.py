@@ -62,13 +62,20 @@ def resolve_checkpoint(path: str) -> str:
     raise ExportError(f"no checkpoint found in {path}: expected step*/ tags with a {MARKER} marker or a 'latest' file")
 
 
+def stored_config(config: dict) -> dict:
+    """A run config as a checkpoint or summary.json stored it, in today's key names (0.1's are renamed)."""
+    from ..train.renamed_keys import rename
+
+    return rename(config)[0]
+
+
 def _find_config(tag_dir: str, client: dict, config_path: str | None) -> dict:
     if config_path is not None:
         from ..train.config import load_config
 
         return load_config(config_path).to_dict()
     if isinstance(client.get("config"), dict):
-        return client["config"]
+        return stored_config(client["config"])
     here = tag_dir
     for _ in range(3):  # tag -> checkpoints -> output dir
         summary = os.path.join(here, "summary.json")
@@ -76,7 +83,7 @@ def _find_config(tag_dir: str, client: dict, config_path: str | None) -> dict:
             with open(summary) as f:
                 data = json.load(f)
             if isinstance(data.get("config"), dict):
-                return data["config"]
+                return stored_config(data["config"])
         here = os.path.dirname(here)
     raise ExportError(f"cannot tell which model and method {tag_dir} was trained with: its client state has no "
                       "'config' and no summary.json was found above it; pass the run's config with --config FILE")
@@ -88,19 +95,6 @@ def hf_name(ckpt_name: str) -> str | None:
         return None
     name = ckpt_name.removeprefix(PEFT_PREFIX)
     return name.replace(".base_layer.", ".")
-
-
-def resolve_base_dir(path: str) -> str:
-    """A local directory for a base model name: the path itself, or, for a Hub id (``org/name``) that is no
-    directory here, its snapshot in the local Hugging Face cache (offline: nothing is downloaded)."""
-    if os.path.isdir(path):
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not a Hub id, or not in the cache: the caller says so
-        return path
 
 
 def portable_base_name(path: str | None) -> str | None:
@@ -161,20 +155,21 @@ class RunSource:
 
     def base_path(self) -> str | None:
         """The local HF directory of the base model (None for ``model.random_init``)."""
-        if self._base_path is None and self.model_cfg.get("path"):
+        if self._base_path is None and self.model_cfg.get("model_name_or_path"):
+            from ..train.model_source import local_dir
             from ..train.packaged_models import is_packaged, materialize
 
-            path = self.model_cfg["path"]
-            self._base_path = materialize(path) if is_packaged(path) else resolve_base_dir(path)
+            path = self.model_cfg["model_name_or_path"]
+            self._base_path = materialize(path) if is_packaged(path) else local_dir(path)
             if not os.path.isdir(self._base_path):
-                raise ExportError(f"the run's base model {self._base_path} (model.path) is not a directory here, nor a "
+                raise ExportError(f"the run's base model {self._base_path} (model.model_name_or_path) is not a directory here, nor a "
                                   "Hub repository in the local Hugging Face cache")
         return self._base_path
 
     def base_name(self) -> str | None:
         """The base model's name as others can resolve it (``base_model_name_or_path`` of an adapter, a model
         card's ``base_model``): see :func:`portable_base_name`."""
-        return portable_base_name(self.model_cfg.get("path"))
+        return portable_base_name(self.model_cfg.get("model_name_or_path"))
 
     def hf_config(self):
         from transformers import AutoConfig, LlamaConfig
@@ -229,7 +224,7 @@ class RunSource:
             if self.ckpt.stage == 3:  # zero.Init skips HF's weight init: the run's initial weights differ
                 raise ExportError("the base weights of a model.random_init run at ZeRO-3 cannot be rebuilt "
                                   "(deepspeed.zero.Init initialises them differently); the update relative to the "
-                                  "base needs a model.path run, or a random_init run at ZeRO-0/1/2")
+                                  "base needs a model.model_name_or_path run, or a random_init run at ZeRO-0/1/2")
 
             torch.manual_seed(int(self.config["train"]["seed"]))
             model = LlamaForCausalLM(self.hf_config()).to(self.dtype)

@@ -64,19 +64,19 @@ def trainer_config(folder: str, tag_dir: str) -> dict:
                           "run's config with --config FILE, or set it in adapter_config.json")
     if os.path.isfile(os.path.join(folder, ELALORA_TRAINER_STATE)):
         state = torch.load(os.path.join(folder, ELALORA_TRAINER_STATE), map_location="cpu", weights_only=True)
-        method = {"name": "elalora", "r": int(state["config"]["init_rank"]), "alpha": adapter["lora_alpha"]}
+        method = {"name": "elalora", "r": int(state["config"]["init_rank"]), "lora_alpha": adapter["lora_alpha"]}
     else:
         scalora = os.path.isfile(os.path.join(folder, TRAINER_STATE)) or glob.glob(os.path.join(tag_dir, "ds_scalora_rank*"))
-        method = {"name": "scalora" if scalora else "lora", "r": int(adapter["r"]), "alpha": adapter["lora_alpha"],
-                  "rslora": bool(adapter.get("use_rslora"))}  # fmt: skip
-    return {"model": {"path": base, "dtype": _base_dtype(base)}, "method": method, "train": {"seed": 0},
+        method = {"name": "scalora" if scalora else "lora", "r": int(adapter["r"]), "lora_alpha": adapter["lora_alpha"],
+                  "use_rslora": bool(adapter.get("use_rslora"))}  # fmt: skip
+    return {"model": {"model_name_or_path": base, "dtype": _base_dtype(base)}, "method": method, "train": {"seed": 0},
             "data": {}, "source": "trainer checkpoint"}  # fmt: skip
 
 
 def _base_dtype(base: str) -> str:
-    from .source import resolve_base_dir
+    from ..train.model_source import local_dir
 
-    path = resolve_base_dir(base)
+    path = local_dir(base)
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)

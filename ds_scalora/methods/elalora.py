@@ -54,7 +54,7 @@ def elastic_lora_model(base: torch.nn.Module, target_modules, init_rank: int = 8
     from peft import AdaLoraConfig, get_peft_model
 
     config = AdaLoraConfig(init_r=max_rank, target_r=init_rank, lora_alpha=alpha, lora_dropout=dropout,
-                           target_modules=list(target_modules), total_step=max(2, total_steps), tinit=0, tfinal=0,
+                           target_modules=target_modules if isinstance(target_modules, str) else list(target_modules), total_step=max(2, total_steps), tinit=0, tfinal=0,
                            orth_reg_weight=0.0, task_type=task_type)  # fmt: skip
     model = get_peft_model(base, config)
     inner = model.base_model

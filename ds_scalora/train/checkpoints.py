@@ -62,7 +62,7 @@ def _save_failed(root: str, tag: str, e: Exception) -> str:
     space = "" if free is None else f"; {free / 2**30:.2f} GiB free there" + (" (the disk is full)" if free < 2**26 else "")
     return (f"saving checkpoint {os.path.join(root, tag)} failed ({type(e).__name__}: {e}){space}. It has no {MARKER} "
             "marker, so resume skips it and the next save removes it; earlier checkpoints are untouched. Free space "
-            "(or lower checkpoint.keep_last, or move output_dir) and rerun: train.resume=auto continues from the newest "
+            "(or lower train.save_total_limit, or move output_dir) and rerun: train.resume_from_checkpoint=auto continues from the newest "
             "complete checkpoint.")
 
 
@@ -72,9 +72,9 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[str, str] | None:
         done, partial = step_tags(checkpoint_root(output_dir))
         if done or partial:  # keep_last keeps the highest steps: the new run's checkpoints would be the ones dropped
             raise CheckpointError(
-                f"train.resume=never, but {checkpoint_root(output_dir)} holds checkpoints of an earlier run "
+                f"train.resume_from_checkpoint=never, but {checkpoint_root(output_dir)} holds checkpoints of an earlier run "
                 f"({', '.join((done + partial)[-3:])}); this run's checkpoints would be mixed with them (and rotated "
-                "away first). Use a new train.output_dir, remove that directory, or continue it with train.resume=auto")
+                "away first). Use a new train.output_dir, remove that directory, or continue it with train.resume_from_checkpoint=auto")
         return None
     if resume == "auto":
         tags = complete_tags(output_dir)
@@ -90,7 +90,7 @@ def check_resumed_step(step: int, max_steps: int, where: str) -> None:
     if step > max_steps:
         raise CheckpointError(f"{where} is at step {step}, past train.max_steps={max_steps}: that run already went "
                               "further. Raise train.max_steps, resume from an earlier checkpoint "
-                              "(train.resume=<dir>), or start anew in another train.output_dir")
+                              "(train.resume_from_checkpoint=<dir>), or start anew in another train.output_dir")
 
 
 def check_resumed_batch(client: dict, global_batch: int, allowed: bool, where: str) -> None:
@@ -100,7 +100,7 @@ def check_resumed_batch(client: dict, global_batch: int, allowed: bool, where: s
     if saved is None or saved == global_batch or allowed:
         return
     raise CheckpointError(f"{where} was trained with a global batch of {saved} rows per step; this run has "
-                          f"{global_batch} (train.micro_batch_size x train.gradient_accumulation_steps x ranks), so it "
+                          f"{global_batch} (train.per_device_train_batch_size x train.gradient_accumulation_steps x ranks), so it "
                           f"would not continue that run. Choose them so that the product is {saved}, or set "
                           "train.allow_batch_change=true to go on with the new batch deliberately")
 
@@ -126,7 +126,7 @@ def load(engine, controller, root: str, tag: str) -> dict:
         if peer_lost(e):  # another rank failed (and says why): not a damaged file here
             raise
         raise CheckpointError(f"checkpoint {os.path.join(root, tag)} could not be loaded ({type(e).__name__}: {e}); "
-                           "it is damaged: remove it, or resume from an older one with train.resume=<dir>") from None
+                           "it is damaged: remove it, or resume from an older one with train.resume_from_checkpoint=<dir>") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint in {os.path.join(root, tag)}")
     return client_state or {}

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,10 @@ from ..methods.scalora_config import ScaLoRAConfig
 from ..precision import POLICY_NAMES
 from ..scaling import SOLVERS
 from .methods import METHODS
-from .packaged_models import is_packaged, locate
+from . import schedule
+from .data import FORMATS
+from .model_source import ModelSourceError, check_model_source, resolve_model_source
+from .renamed_keys import rename, renamed_override
 
 
 class ConfigError(ValueError):
@@ -34,7 +38,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # a local Hugging Face model directory, or "package:<pkg>/<file>.gguf"
+    # a local Hugging Face model directory, a Hub id ("org/name") already in the local Hugging Face cache
+    # (nothing is downloaded), or "package:<pkg>/<file>.gguf"
+    model_name_or_path: str | None = None
     random_init: dict | None = None  # or: a LlamaConfig's fields, for a random-init model (tests, CI)
     dtype: str = "bf16"  # bf16 | fp32
     gradient_checkpointing: bool = False
@@ -46,9 +52,11 @@ class DataConfig:
     train: str = ""  # JSON/JSONL/Parquet file or a saved `datasets` directory
     eval: str | None = None  # held-out file; if absent, eval_fraction of train is held out
     eval_fraction: float = 0.05
-    format: str = "auto"  # auto | text | prompt_completion | chat
+    format: str = "auto"  # auto | text | prompt_completion | chat | alpaca | sharegpt (data.py)
     max_length: int = 512
-    packing: bool = False
+    packing: bool = False  # several rows per sequence, each attending to itself only (data.py)
+    mask_history: bool = False  # chat: loss on the last assistant turn only (LLaMA-Factory's name); default every turn
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
 
 
 def run_options(cls, exclude: tuple = (), defaults: dict | None = None, overrides: dict | None = None):
@@ -96,10 +104,10 @@ class ReLoRAOptions:
 class MethodConfig:
     name: str = "scalora"  # lora | rslora | scalora | elalora | relora | full
     r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    rslora: bool = False  # alpha/sqrt(r) scaling (implied by name: rslora)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list | str = "all-linear"  # module names, or PEFT's "all-linear" (every linear layer but the output)
+    use_rslora: bool = False  # alpha/sqrt(r) scaling (implied by name: rslora)
     scalora: ScaLoRAOptions = field(default_factory=ScaLoRAOptions)
     elalora: ElaLoRAOptions = field(default_factory=ElaLoRAOptions)
     relora: ReLoRAOptions = field(default_factory=ReLoRAOptions)
@@ -107,41 +115,43 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
+    """``transformers.TrainingArguments``' names and meanings, where the run has the same knob."""
+
     output_dir: str = "runs/default"
-    max_steps: int = 100
+    max_steps: int = -1  # > 0: the run's length in optimizer steps; -1: num_train_epochs decides
+    num_train_epochs: float = 3.0  # epochs of the training rows, counted as the Trainer counts them (schedule.py)
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    scheduler: str = "cosine"  # cosine | linear | constant
-    micro_batch_size: int = 4
+    warmup_steps: float = 0  # a count, or a fraction of the run if < 1 (transformers 5)
+    warmup_ratio: float = 0.0  # a fraction of the run (transformers 4, LLaMA-Factory, axolotl); not with warmup_steps
+    lr_scheduler_type: str = "cosine"  # any of transformers.get_scheduler's (schedule.SCHEDULERS)
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. {min_lr_rate: 0.1} with cosine_with_min_lr
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int | None = None  # default: per_device_train_batch_size
     gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0
+    max_grad_norm: float = 1.0
     seed: int = 0
-    resume: str = "auto"  # auto | never | a checkpoint directory
+    resume_from_checkpoint: str = "auto"  # auto | never | a checkpoint directory
     allow_batch_change: bool = False  # resume with a global batch other than the checkpoint's (refused by default)
     divergence_patience: int = 3  # stop after this many steps in a row with a non-finite loss or a non-finite or zero gradient norm; 0 = never
+    logging_steps: int = 10
+    eval_steps: int = 50  # optimizer steps between evaluations; 0 = only at the end
+    eval_on_start: bool = False  # also evaluate the model before any training step (the baseline)
+    save_steps: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    save_total_limit: int = 2  # complete checkpoints kept (the newest)
+    report_to: str | list = "tensorboard"  # tensorboard | none (a list of those is accepted)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 50  # optimizer steps; 0 = only at the end
-    max_batches: int = 50  # micro-batches of held-out rows in all, split over the ranks (the same rows at any world size)
+    max_batches: int = 50  # eval batches in all, split over the ranks (the same rows at any world size)
     exact_match: bool = False  # greedy generation on prompt/completion or chat rows
     exact_match_every_eval: bool = True  # False: exact match only before training and at the end (it is slow)
     max_new_tokens: int = 16
-    at_start: bool = False  # also evaluate the model before any training step (the baseline)
-
-
-@dataclass
-class LoggingConfig:
-    every: int = 10
-    tensorboard: bool = True
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # optimizer steps; 0 = only at the end
-    keep_last: int = 2
     final_model: str = "auto"  # <output_dir>/model at the end: auto | merged | adapter | none (export/final_model.py)
 
 
@@ -152,7 +162,6 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: Any = None  # inline DeepSpeed config (a mapping) or a path to a DeepSpeed JSON
 
@@ -162,11 +171,11 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
-    "data.format": ("auto", "text", "prompt_completion", "chat"),
+    "data.format": FORMATS,
     "method.name": tuple(METHODS),
     "method.scalora.solver": SOLVERS,
     "method.scalora.precision": ("auto", *POLICY_NAMES),
-    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.lr_scheduler_type": schedule.SCHEDULERS,
     "checkpoint.final_model": FINAL_MODEL_CHOICES,
 }
 
@@ -182,11 +191,20 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"{path} is not valid YAML/JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level, found {type(raw).__name__}")
+    try:
+        raw, notes = rename(raw, path)  # the 0.1 names, read as the Hugging Face / PEFT ones
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.max_steps=100")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        key, value, note = renamed_override(key.strip(), yaml.safe_load(value) if value.strip() else "")
+        notes += [note] if note else []
+        _set_dotted(raw, key, value)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            warnings.warn(note, FutureWarning, stacklevel=2)
     config = _build(RunConfig, raw, "")
     base_dir = os.path.dirname(os.path.abspath(path))
     _validate(config, base_dir)
@@ -257,44 +275,56 @@ def _validate(config: RunConfig, base_dir: str) -> None:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
-    for key in ("train.max_steps", "train.micro_batch_size", "train.gradient_accumulation_steps", "method.r",
-                "data.max_length", "method.scalora.interval", "method.relora.interval"):
+    for key in ("train.per_device_train_batch_size", "train.gradient_accumulation_steps", "method.r",
+                "data.max_length", "method.scalora.interval", "method.relora.interval", "train.logging_steps"):
         if _get(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {_get(config, key)}")
+    for key in ("train.eval_steps", "train.save_steps", "train.save_total_limit"):
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if config.train.per_device_eval_batch_size is not None and config.train.per_device_eval_batch_size < 1:
+        raise ConfigError(f"train.per_device_eval_batch_size must be >= 1, got {config.train.per_device_eval_batch_size}")
+    try:
+        schedule.check(config.train)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_report_to(config.train.report_to)
+    _check_target_modules(config.method.target_modules)
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
+    sized = config if config.train.max_steps > 0 else dataclasses.replace(
+        config, train=dataclasses.replace(config.train, max_steps=NOMINAL_STEPS))  # checked again once sized (loop)
     try:  # the method's own config owns these checks (strength, shrink, max_scale, ablation, ...); always
-        METHODS["scalora"].config(config)  # checked: ReLoRA takes its precision and sketch from these options
+        METHODS["scalora"].config(sized)  # checked: ReLoRA takes its precision and sketch from these options
     except ValueError as e:
         raise ConfigError(f"method.scalora: {e}") from None
     for key in ("method.relora.warmup_steps", "method.relora.rewarm_steps"):
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
-    try:
-        METHODS[config.method.name].config(config)
-    except ValueError as e:
-        raise ConfigError(f"method.{config.method.name}: {e}") from None
+    check_method(sized)
     try:
         final_kind(config.method.name, config.checkpoint.final_model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     m = config.model
-    if (m.path is None) == (m.random_init is None):
-        raise ConfigError("set exactly one of model.path (a local model directory) and model.random_init")
-    if m.path is not None and is_packaged(m.path):
+    if (m.model_name_or_path is None) == (m.random_init is None):
+        raise ConfigError("set exactly one of model.model_name_or_path (a local model directory or a Hub id in the "
+                          "local Hugging Face cache) and model.random_init")
+    if m.model_name_or_path is not None:
         try:
-            locate(m.path)
-        except FileNotFoundError as e:
+            check_model_source(m.model_name_or_path, base_dir)
+        except ModelSourceError as e:
             raise ConfigError(str(e)) from None
-    elif m.path is not None and not os.path.isdir(_resolve(m.path, base_dir)):
-        raise ConfigError(f"model.path {m.path!r} is not a directory; point it at a local Hugging Face model "
-                          "directory, e.g. --set model.path=/models/Llama-3.2-1B")
     if not config.data.train:
         raise ConfigError("data.train is required: a JSON/JSONL/Parquet file or a saved dataset directory")
     for key in ("data.train", "data.eval"):
         value = _get(config, key)
         if value and not os.path.exists(_resolve(value, base_dir)):
             raise ConfigError(f"{key} {value!r} does not exist")
+    template = config.data.chat_template
+    if template is not None and not _is_template(template) and not os.path.isfile(_resolve(template.strip(), base_dir)):
+        raise ConfigError(f"data.chat_template {template[:60]!r} is neither a Jinja template (no '{{%' or '{{{{') nor "
+                          "an existing file holding one")
     ds = config.deepspeed
     if isinstance(ds, str):
         resolved = _resolve(ds, base_dir)
@@ -313,11 +343,46 @@ def _validate(config: RunConfig, base_dir: str) -> None:
         check_batch_keys(ds, config, world=None)
 
 
+NOMINAL_STEPS = 10**6  # the run length the method configs are checked with while num_train_epochs decides it
+
+
+def check_method(config: RunConfig) -> None:
+    """The method's own config checks (ConfigError naming the method's block)."""
+    try:
+        METHODS[config.method.name].config(config)
+    except ValueError as e:
+        raise ConfigError(f"method.{config.method.name}: {e}") from None
+
+
+REPORTERS = ("tensorboard", "none")
+
+
+def reporters(report_to) -> list[str]:
+    """``train.report_to`` as a list of integrations ("none" and [] mean none)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [n for n in names if n != "none"]
+
+
+def _check_report_to(report_to) -> None:
+    names = [report_to] if isinstance(report_to, str) else report_to
+    for name in names:
+        if name not in REPORTERS:
+            raise ConfigError(f"train.report_to: {name!r} is not supported here; use one of {', '.join(REPORTERS)} "
+                              "(a run's metrics are also in <output_dir>/summary.json)")
+
+
+def _check_target_modules(target) -> None:
+    if isinstance(target, str) and target != "all-linear":
+        raise ConfigError(f"method.target_modules must be a list of module names or 'all-linear', got {target!r}")
+    if isinstance(target, list) and (not target or not all(isinstance(t, str) and t for t in target)):
+        raise ConfigError(f"method.target_modules must be a non-empty list of module names, got {target!r}")
+
+
 # DeepSpeed keys that repeat a run-config value: "auto" (or absent) takes the run config's, a number must agree.
 SHARED_KEYS = {
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "train_micro_batch_size_per_gpu": "train.per_device_train_batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "gradient_clipping": "train.gradient_clipping",
+    "gradient_clipping": "train.max_grad_norm",
 }
 
 
@@ -333,18 +398,20 @@ def check_batch_keys(ds: dict, config: RunConfig, world: int | None) -> None:
     total = ds.get("train_batch_size", "auto")
     if world is not None and total != "auto":
         t = config.train
-        expected = t.micro_batch_size * t.gradient_accumulation_steps * world
+        expected = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
         if total != expected:
             raise ConfigError(
-                f"deepspeed.train_batch_size is {total!r} but micro batch {t.micro_batch_size} x accumulation "
+                f"deepspeed.train_batch_size is {total!r} but micro batch {t.per_device_train_batch_size} x accumulation "
                 f'{t.gradient_accumulation_steps} x {world} ranks = {expected}; write "auto" or the product'
             )
 
 
 def _resolve_paths(config: RunConfig, base_dir: str) -> None:
     """Store every file path as it was found (working directory first, then the config's directory)."""
-    if config.model.path is not None and not is_packaged(config.model.path):
-        config.model.path = _resolve(config.model.path, base_dir)
+    if config.model.model_name_or_path is not None:
+        config.model.model_name_or_path = resolve_model_source(config.model.model_name_or_path, base_dir)
+    if config.data.chat_template and not _is_template(config.data.chat_template):
+        config.data.chat_template = _resolve(config.data.chat_template.strip(), base_dir)
     for key in ("train", "eval"):
         value = getattr(config.data, key)
         if value:
@@ -366,6 +433,10 @@ def elalora_config(config: RunConfig):
     options.update(max_rank=o.max_rank or 2 * config.method.r, init_warmup=steps(o.init_warmup, "init_warmup"),
                    final_warmup=steps(o.final_warmup, "final_warmup"))
     return ElaLoRAConfig(total_steps=T, init_rank=config.method.r, seed=config.train.seed, **options)
+
+
+def _is_template(value: str) -> bool:
+    return "{%" in value or "{{" in value
 
 
 def _get(config, dotted: str):

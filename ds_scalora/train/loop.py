@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 from ..zero.ds_config import fill_auto
-from . import checkpoints
-from .config import RunConfig, check_batch_keys
-from .data import collate, load_rows, pack, tokenize
+from . import checkpoints, schedule
+from .config import ConfigError, RunConfig, check_batch_keys, check_method, reporters
+from .data import IGNORE, collate, load_rows, pack, tokenize
 from .methods import method_of
-from .model import load_model_and_tokenizer
+from .model import load_model, load_tokenizer
 
 
 class Diverged(RuntimeError):
@@ -37,31 +37,34 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     ds = ds or {"zero_optimization": {"stage": 2}}
     check_batch_keys(ds, cfg, world)
     t = cfg.train
-    ds = fill_auto(ds, micro_batch=t.micro_batch_size, gradient_accumulation=t.gradient_accumulation_steps,
-                   gradient_clipping=t.gradient_clipping, world=world, bf16=cfg.model.dtype == "bf16")
+    ds = fill_auto(ds, micro_batch=t.per_device_train_batch_size, gradient_accumulation=t.gradient_accumulation_steps,
+                   gradient_clipping=t.max_grad_norm, world=world, bf16=cfg.model.dtype == "bf16")
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
-def lr_lambda(cfg: RunConfig):
-    t = cfg.train
-    method_factor = method_of(cfg).lr_factor(cfg)  # ReLoRA's re-warm-up after each restart
+def size_run(cfg: RunConfig, rows: int, world: int, rank: int) -> None:
+    """Fix ``train.max_steps`` from ``num_train_epochs`` once the training rows are counted (schedule.run_length),
+    and check the method's config against that length."""
+    steps = schedule.run_length(cfg.train, rows, world)
+    if cfg.train.max_steps <= 0 and rank == 0:
+        print(f"{cfg.train.num_train_epochs:g} epoch(s) of {rows} training rows: {steps} optimizer steps")
+    cfg.train.max_steps = steps
+    check_method(cfg)
 
-    def factor(step):
-        base = schedule(step)
-        return base * method_factor(step) if method_factor is not None else base
 
-    def schedule(step):
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        if t.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if t.scheduler == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
+def lr_scheduler(optimizer, cfg: RunConfig):
+    """``transformers.get_scheduler`` as ``train.*`` names it, times the method's own factor (ReLoRA's re-warm-up)."""
+    try:
+        return schedule.scheduler(optimizer, cfg.train, cfg.train.max_steps, method_of(cfg).lr_factor(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.lr_scheduler_type {cfg.train.lr_scheduler_type!r} with train.lr_scheduler_kwargs "
+                          f"{cfg.train.lr_scheduler_kwargs}: {e}") from None
 
-    return factor
+
+def _batch(examples, rows: list, pad_id: int) -> dict:
+    lengths = None if examples.seq_lengths is None else [examples.seq_lengths[i] for i in rows]
+    return collate([examples.input_ids[i] for i in rows], [examples.labels[i] for i in rows], pad_id, lengths)
 
 
 def run(cfg: RunConfig, hooks=None) -> dict:
@@ -76,12 +79,13 @@ def run(cfg: RunConfig, hooks=None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = deepspeed_config(cfg, world)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(cfg, ds_config)
-
+    tokenizer = load_tokenizer(cfg)
     train, held_out = _datasets(cfg, tokenizer, rank)
+    size_run(cfg, len(train), world, rank)
+    model = load_model(cfg, ds_config, len(tokenizer))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = lr_scheduler(optimizer, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     try:
         return _train(cfg, hooks, engine, model, tokenizer, scheduler, train, held_out, rank, world)
@@ -104,7 +108,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro * gas * world
     start, history = 0, []
-    resume = checkpoints.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    resume = checkpoints.resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
     if rank == 0 and checkpoints.incomplete_tags(cfg.train.output_dir):
         print(f"warning: ignoring interrupted checkpoints {checkpoints.incomplete_tags(cfg.train.output_dir)}")
     if resume is not None:
@@ -117,7 +121,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
             print(f"resumed from {os.path.join(*resume)} at step {start}{finished}")
 
     writer = _tensorboard(cfg) if rank == 0 else None
-    if cfg.eval.at_start and start == 0:
+    if cfg.train.eval_on_start and start == 0:
         baseline = {"step": 0, **evaluate(engine, tokenizer, held_out, cfg, rank, world)}
         history.append(baseline)
         if rank == 0:
@@ -134,8 +138,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         loss_sum = torch.zeros((), dtype=torch.float64)
         for k in range(gas):
             mine = rows[(rank * gas + k) * micro : (rank * gas + k + 1) * micro]
-            batch = collate([train.input_ids[i] for i in mine], [train.labels[i] for i in mine], tokenizer.pad_token_id)
-            tokens += int(batch["attention_mask"].sum())
+            batch = _batch(train, mine, tokenizer.pad_token_id)
+            tokens += sum(len(train.input_ids[i]) for i in mine)
             loss = engine(**{key: v.to(engine.device) for key, v in batch.items()}).loss
             engine.backward(loss)
             engine.step()
@@ -149,10 +153,10 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         bad = _bad_step(record, engine)  # the loss and the norm are global: every rank agrees
         bad_streak = bad_streak + 1 if bad else 0
         done = step + 1 == cfg.train.max_steps
-        if done or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
+        if done or (cfg.train.eval_steps and (step + 1) % cfg.train.eval_steps == 0):
             record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world,
                                    generate=done or cfg.eval.exact_match_every_eval))
-        if (step + 1) % cfg.logging.every == 0 or done:
+        if (step + 1) % cfg.train.logging_steps == 0 or done:
             elapsed = time.perf_counter() - t0
             record["tokens_per_s"] = float(stats[1]) / max(elapsed, 1e-9)
             record["step_time_s"] = elapsed / (step + 1 - last_logged)
@@ -176,13 +180,13 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         if patience and bad_streak >= patience:
             diverged = {"step": step + 1, "reason": bad, "steps_in_a_row": bad_streak}
             break
-        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
-            if bad:  # never a bad state over a good checkpoint (keep_last would rotate the good one away)
+        if (cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0) or done:
+            if bad:  # never a bad state over a good checkpoint (save_total_limit would rotate the good one away)
                 if rank == 0:
                     print(f"warning: step {step + 1}: {bad}; checkpoint not saved")
             else:
                 checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
-                                 {"step": step + 1, "history": history, "config": cfg.to_dict(), "global_batch": global_batch}, cfg.checkpoint.keep_last)  # fmt: skip
+                                 {"step": step + 1, "history": history, "config": cfg.to_dict(), "global_batch": global_batch}, cfg.train.save_total_limit)  # fmt: skip
     bar.close()
     if controller is not None and diverged is None:
         method.finish(cfg, controller, rank)
@@ -206,7 +210,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         raise Diverged(f"training diverged: {diverged['reason']} for {diverged['steps_in_a_row']} steps in a row (up to "
                        f"step {diverged['step']}; train.divergence_patience={cfg.train.divergence_patience}). Lower "
                        "train.learning_rate or raise train.warmup_steps; "
-                       + (f"the newest good checkpoint is {good[-1]} (train.resume=auto continues from it)" if good
+                       + (f"the newest good checkpoint is {good[-1]} (train.resume_from_checkpoint=auto continues from it)" if good
                           else "no checkpoint was saved") + f". Its history is in {cfg.train.output_dir}/summary.json")
     return summary
 
@@ -257,8 +261,8 @@ def _datasets(cfg: RunConfig, tokenizer, rank: int):
         train_rows, eval_rows = split["train"], split["test"]
     else:
         train_rows, eval_rows = rows, None
-    train = tokenize(train_rows, tokenizer, d.format, d.max_length, d.train)
-    held_out = tokenize(eval_rows, tokenizer, d.format, d.max_length, d.eval or d.train) if eval_rows else None
+    train = tokenize(train_rows, tokenizer, d.format, d.max_length, d.train, d.mask_history)
+    held_out = tokenize(eval_rows, tokenizer, d.format, d.max_length, d.eval or d.train, d.mask_history) if eval_rows else None
     if rank == 0:
         for name, ex in (("train", train), ("eval", held_out)):
             for reason, positions in (ex.skipped.items() if ex else []):
@@ -289,7 +293,7 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int,
     if held_out is None:
         return {}
     engine.eval()
-    micro = engine.train_micro_batch_size_per_gpu()
+    micro = cfg.train.per_device_eval_batch_size or cfg.train.per_device_train_batch_size
     rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro]  # the same rows at every world size
     sums = torch.zeros(4, dtype=torch.float64)  # loss·tokens, tokens, exact, answered
     per_rank = math.ceil(len(rows) / world)
@@ -298,7 +302,7 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int,
         idx = mine[i : i + micro] or rows[:1]
         batch = collate([held_out.input_ids[j] for j in idx], [held_out.labels[j] for j in idx], tokenizer.pad_token_id)
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-        n = float((batch["labels"][:, 1:] != -100).sum()) if mine[i : i + micro] else 0.0
+        n = float((batch["labels"][:, 1:] != IGNORE).sum()) if mine[i : i + micro] else 0.0
         sums[0] += float(loss) * n
         sums[1] += n
     if cfg.eval.exact_match and generate:
@@ -354,7 +358,7 @@ def _sum_over_ranks(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def _tensorboard(cfg: RunConfig):
-    if not cfg.logging.tensorboard:
+    if "tensorboard" not in reporters(cfg.train.report_to):
         return None
     from torch.utils.tensorboard import SummaryWriter
 

@@ -56,7 +56,7 @@ class Method:
 
 
 class LoRA(Method):
-    """PEFT's LoRA (``method.rslora: true`` for α/√r)."""
+    """PEFT's LoRA (``method.use_rslora: true`` for α/√r)."""
 
     name = "lora"
     rslora = False
@@ -65,8 +65,8 @@ class LoRA(Method):
         from peft import LoraConfig, get_peft_model
 
         m = cfg.method
-        lora = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=list(m.target_modules),
-                          use_rslora=m.rslora or self.rslora, task_type="CAUSAL_LM")  # fmt: skip
+        lora = LoraConfig(r=m.r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=m.target_modules,
+                          use_rslora=m.use_rslora or self.rslora, task_type="CAUSAL_LM")  # fmt: skip
         return get_peft_model(model, lora)
 
 
@@ -175,8 +175,8 @@ class ElaLoRA(Method):
         from ..methods.elalora import elastic_lora_model
 
         m, e = cfg.method, self.config(cfg)
-        return elastic_lora_model(model, m.target_modules, init_rank=e.init_rank, max_rank=e.max_rank, alpha=m.alpha,
-                                  dropout=m.dropout, total_steps=e.total_steps)  # fmt: skip
+        return elastic_lora_model(model, m.target_modules, init_rank=e.init_rank, max_rank=e.max_rank, alpha=m.lora_alpha,
+                                  dropout=m.lora_dropout, total_steps=e.total_steps)  # fmt: skip
 
     def attach(self, engine, model, cfg):
         from ..zero import attach_elalora

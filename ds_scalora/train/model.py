@@ -1,6 +1,6 @@
 """The model and tokenizer of a run, and the method applied to them (LoRA, rsLoRA, ScaLoRA, ElaLoRA, full).
 
-Models load from a local directory only (nothing is downloaded). Under ZeRO-3 the weights are
+Models load from a local directory or the local Hugging Face cache only (nothing is downloaded). Under ZeRO-3 the weights are
 partitioned while they load (``HfDeepSpeedConfig`` / ``deepspeed.zero.Init``), so a model larger
 than one device never has to fit on one. ``model.random_init`` builds a random Llama from config
 fields, with a byte-level tokenizer made in code, for tests and CI.
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
+from .model_source import local_dir
 from .packaged_models import is_packaged, materialize
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -42,32 +43,56 @@ def byte_tokenizer():
     return fast
 
 
-def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
-    """(model, tokenizer); the model is partitioned at load under ZeRO-3."""
+def local_model_dir(cfg: RunConfig) -> str | None:
+    """The local directory of ``model.model_name_or_path`` (a ``package:`` model converted once into the cache,
+    by rank 0 while the others wait; a Hub id read from the local Hugging Face cache), or None (random init)."""
+    path = cfg.model.model_name_or_path
+    if path is None:
+        return None
+    if is_packaged(path):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            materialize(path)
+        if dist.is_initialized():
+            dist.barrier()
+        return materialize(path)
+    return local_dir(path)
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The run's tokenizer, with ``data.chat_template`` (a template, or a file holding one) if given."""
+    from transformers import AutoTokenizer
+
+    path = local_model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path) if path is not None else byte_tokenizer()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template = cfg.data.chat_template
+    if template:
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def load_model(cfg: RunConfig, ds_config: dict, vocab_size: int):
+    """The model with the run's method applied; partitioned at load under ZeRO-3."""
     import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     dtype = DTYPES[cfg.model.dtype]
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 - must live during from_pretrained
     torch.manual_seed(cfg.train.seed)
-    path = cfg.model.path
-    if is_packaged(path):  # converted once into the cache, by rank 0, while the others wait
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            materialize(path)
-        if dist.is_initialized():
-            dist.barrier()
-        path = materialize(path)
+    path = local_model_dir(cfg)
     kwargs = {"dtype": dtype}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
-        tokenizer = byte_tokenizer()
-        fields = {"vocab_size": len(tokenizer), **cfg.model.random_init}
+        fields = {"vocab_size": vocab_size, **cfg.model.random_init}
         # built in its dtype on the accelerator (under ZeRO-3, partitioned as it is built): a 12B shape
         # built in fp32 on the host would need ~73 GB of host memory and minutes of initialisation
         from deepspeed.accelerator import get_accelerator
@@ -78,13 +103,17 @@ def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
         where = contextlib.nullcontext() if zero3 else torch.device(accelerator.current_device_name())
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3), where:
             model = LlamaForCausalLM._from_config(LlamaConfig(**fields), **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    return apply_method(model, cfg), tokenizer
+    return apply_method(model, cfg)
+
+
+def load_model_and_tokenizer(cfg: RunConfig, ds_config: dict):
+    """(model, tokenizer): :func:`load_tokenizer` and :func:`load_model`."""
+    tokenizer = load_tokenizer(cfg)
+    return load_model(cfg, ds_config, len(tokenizer)), tokenizer
 
 
 def apply_method(model, cfg: RunConfig):

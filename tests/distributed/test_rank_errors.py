@@ -46,7 +46,7 @@ def test_an_error_on_rank_1_during_a_collective_reaches_the_user(tmp_path):
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(inject), env.get("PYTHONPATH", "")])
     out = tmp_path / "run"
-    sets = ("train.max_steps=4", "checkpoint.every=2", "eval.every=0")
+    sets = ("train.max_steps=4", "train.save_steps=2", "train.eval_steps=0")
     start = time.perf_counter()
     proc = subprocess.run(command(2, out, *sets), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - start
@@ -54,7 +54,7 @@ def test_an_error_on_rank_1_during_a_collective_reaches_the_user(tmp_path):
     assert proc.returncode != 0, said[-3000:]
     line = next((l for l in said.splitlines() if "[rank 1] error: saving checkpoint" in l), None)
     assert line is not None, said[-3000:]
-    assert "step00000004" in line and "No space left on device" in line and "train.resume=auto" in line, line
+    assert "step00000004" in line and "No space left on device" in line and "train.resume_from_checkpoint=auto" in line, line
     assert "Traceback" not in said, said[-3000:]  # rank 0's echo of it is one line, not a gloo traceback
     # rank 0 either says in one line that another rank ended ("[rank 0] stopped: ...") or is killed by the
     # launcher before it can (the launcher polls its ranks once a second): never a save failure of its own

@@ -24,7 +24,7 @@ from test_train_entry import REPO, train  # noqa: E402
 pytestmark = pytest.mark.dist
 LOSS_RTOL = 1e-5  # relative, per step; reduction order differs between world sizes (measured: see report)
 FINAL_ATOL = 1e-5  # final factors and merged frozen weights, absolute
-SETS = ("train.max_steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "eval.every=0", "logging.every=1")
+SETS = ("train.max_steps=6", "train.save_steps=3", "train.save_total_limit=5", "train.eval_steps=0", "train.logging_steps=1")
 
 
 def convert(*args):
@@ -82,10 +82,10 @@ def test_reshard_2_to_1_and_4_resumes_with_the_same_losses(tmp_path):
 
         if world == 1:  # a resume that would change the global batch (16 -> 8) is refused, naming the product
             wrong = train(world, tmp_path / "wrong", *SETS, f"train.gradient_accumulation_steps={gas // 2}",
-                          f"train.resume={tag}", expect_ok=False)
+                          f"train.resume_from_checkpoint={tag}", expect_ok=False)
             assert wrong.returncode == 2 and "global batch of 16 rows" in wrong.stderr, wrong.stderr[-2000:]
         # resume at the new world size with the same global batch
-        runs[world] = train(world, out, *SETS, f"train.gradient_accumulation_steps={gas}", f"train.resume={tag}")
+        runs[world] = train(world, out, *SETS, f"train.gradient_accumulation_steps={gas}", f"train.resume_from_checkpoint={tag}")
         assert runs[world]["world_size"] == world and runs[world]["steps"] == 6
 
     want = {h["step"]: h["loss"] for h in full["history"] if h["step"] > 3}
@@ -161,7 +161,7 @@ def test_reshard_elalora_resumes_with_the_same_losses_and_ranks(tmp_path, stage,
     before, after = _whole_ema(step3), _whole_ema(tag)
     assert before and sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
 
-    s = train(world, out, *sets, f"train.gradient_accumulation_steps={4 // world}", f"train.resume={tag}")
+    s = train(world, out, *sets, f"train.gradient_accumulation_steps={4 // world}", f"train.resume_from_checkpoint={tag}")
     assert s["world_size"] == world and s["steps"] == 6
     assert s["elalora_rounds"] == full["elalora_rounds"] and len(full["elalora_rounds"]) == 3
     want = {h["step"]: h["loss"] for h in full["history"] if h["step"] > 3}

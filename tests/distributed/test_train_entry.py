@@ -44,7 +44,7 @@ def train(ranks, out, *sets, expect_ok=True):
 # one run per method (ScaLoRA and LoRA at 2 ranks, the others at 1: both world sizes, every method once)
 @pytest.mark.parametrize("ranks,method", [(2, "scalora"), (2, "lora"), (1, "rslora"), (1, "full"), (1, "relora")])
 def test_every_method_runs(ranks, method, tmp_path):
-    s = train(ranks, tmp_path / "run", f"method.name={method}", "train.max_steps=6", "eval.every=6",
+    s = train(ranks, tmp_path / "run", f"method.name={method}", "train.max_steps=6", "train.eval_steps=6",
               "method.relora.interval=2", "method.relora.warmup_steps=2", "method.relora.rewarm_steps=2")
     assert s["steps"] == 6 and s["world_size"] == ranks and s["method"] == method
     assert {"eval_loss", "eval_ppl", "eval_exact_match"} <= set(s["eval"])
@@ -117,9 +117,14 @@ def _shm_buffers() -> set:
 
 
 def test_killed_run_resumes_to_the_same_final_state(tmp_path):
+    """With packing and a length in epochs: 300 rows of 20 tokens packed three to a sequence of 64 are 100
+    sequences, 7 updates per epoch at 4 x 2 accumulation x 2 ranks, so 1.25 epochs are ceil(8.75) = 9 steps,
+    and the resumed run crosses the epoch boundary (step 7) after the kill."""
     shm_before = _shm_buffers()
-    sets = ("train.max_steps=9", "checkpoint.every=3", "eval.every=0", "logging.every=1")
+    sets = ("train.max_steps=-1", "train.num_train_epochs=1.25", "data.packing=true", "data.max_length=64",
+            "train.save_steps=3", "train.eval_steps=0", "train.logging_steps=1")
     full = train(2, tmp_path / "full", *sets)
+    assert full["steps"] == 9 and full["config"]["train"]["max_steps"] == 9
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(2, out, *sets), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -138,7 +143,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     # a damaged file that only rank 1 reads (its ScaLoRA shard): the error names it, through the launcher
     shard = tmp_path / "full" / "checkpoints" / "step00000009" / "ds_scalora_rank00001_of00002.pt"
     shard.write_bytes(shard.read_bytes()[:200])
-    proc = train(2, tmp_path / "full", "train.max_steps=12", "checkpoint.every=3", "eval.every=0", expect_ok=False)
+    proc = train(2, tmp_path / "full", *sets, "train.max_steps=12", expect_ok=False)
     assert proc.returncode == 2 and "ds_scalora_rank00001_of00002.pt" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
 
@@ -148,8 +153,8 @@ def test_bad_input_is_one_paragraph_and_nonzero(tmp_path):
     cases = [
         (["train.max_stepz=3"], "unknown key 'train.max_stepz'; did you mean train.max_steps"),
         (["train.learning_rate=fast"], "train.learning_rate must be float"),
-        (["model.path=/nonexistent"], "set exactly one of model.path"),
-        (["model.random_init=null", "model.path=/nonexistent"], "model.path '/nonexistent' is not a directory"),
+        (["model.model_name_or_path=/nonexistent"], "set exactly one of model.model_name_or_path"),
+        (["model.random_init=null", "model.model_name_or_path=/nonexistent"], "model.model_name_or_path '/nonexistent' is not a directory"),
         (["data.train=/nonexistent.jsonl"], "does not exist"),
         (["deepspeed.gradient_accumulation_steps=8"], "deepspeed.gradient_accumulation_steps is 8 but train"),
     ]
@@ -166,18 +171,18 @@ def test_bad_input_is_one_paragraph_and_nonzero(tmp_path):
 
 def test_truncated_checkpoint_is_detected_and_nothing_is_lost(tmp_path):
     out = tmp_path / "run"
-    train(1, out, "train.max_steps=3", "checkpoint.every=3", "eval.every=0")
+    train(1, out, "train.max_steps=3", "train.save_steps=3", "train.eval_steps=0")
     good = out / "checkpoints" / "step00000003"
     # an interrupted later save (no COMPLETE marker) is ignored by resume=auto
     partial = out / "checkpoints" / "step00000006"
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02truncated")
-    s = train(1, out, "train.max_steps=6", "checkpoint.every=3", "eval.every=0")
+    s = train(1, out, "train.max_steps=6", "train.save_steps=3", "train.eval_steps=0")
     assert s["steps"] == 6 and (out / "checkpoints" / "step00000006" / "COMPLETE").is_file()
     # a complete checkpoint whose file was truncated afterwards: a clear error naming it, files kept
     target = out / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt"
     target.write_bytes(target.read_bytes()[:100])
-    proc = train(1, out, "train.max_steps=9", "eval.every=0", expect_ok=False)
+    proc = train(1, out, "train.max_steps=9", "train.eval_steps=0", expect_ok=False)
     assert proc.returncode != 0 and "step00000006" in proc.stderr and "damaged" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert good.is_dir() and (good / "COMPLETE").is_file()
@@ -190,7 +195,7 @@ def test_two_nodes_with_a_hostfile_at_zero3(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     out, port = tmp_path / "run", str(free_port())
-    sets = [f"train.output_dir={out}", "train.max_steps=4", "eval.every=4", "checkpoint.every=4",
+    sets = [f"train.output_dir={out}", "train.max_steps=4", "train.eval_steps=4", "train.save_steps=4",
             "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
     procs = [
         subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
@@ -215,7 +220,7 @@ def test_elalora_at_zero3_resumes_exactly_and_exports_a_peft_adapter(tmp_path):
     the rounds follow the schedule, a run resumed from its step-6 checkpoint (masks, round history and
     per-rank importance averages restored) ends exactly like the uninterrupted one, and the exported
     adapter loads with stock PEFT at the final per-module ranks."""
-    sets = ("method.name=elalora", "train.max_steps=12", "checkpoint.every=6", "eval.every=12", "logging.every=2",
+    sets = ("method.name=elalora", "train.max_steps=12", "train.save_steps=6", "train.eval_steps=12", "train.logging_steps=2",
             "method.elalora.interval=2", "method.elalora.init_warmup=2", "method.elalora.final_warmup=2",
             "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     full = train(2, tmp_path / "full", *sets)
@@ -232,7 +237,7 @@ def test_elalora_at_zero3_resumes_exactly_and_exports_a_peft_adapter(tmp_path):
     tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()
     assert {"elalora/total_rank", "elalora/moves", "elalora_rank/0.self_attn.q_proj"} <= set(tags["scalars"]), tags
 
-    resumed = train(2, tmp_path / "resumed", *sets, f"train.resume={out / 'checkpoints' / 'step00000006'}")
+    resumed = train(2, tmp_path / "resumed", *sets, f"train.resume_from_checkpoint={out / 'checkpoints' / 'step00000006'}")
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["elalora_rank_pattern"] == full["elalora_rank_pattern"]
 
@@ -258,7 +263,7 @@ def test_elalora_at_zero3_resumes_exactly_and_exports_a_peft_adapter(tmp_path):
 def test_evaluation_is_the_same_at_any_world_size(tmp_path):
     """eval.max_batches counts micro-batches in all: 1 and 2 ranks evaluate the same rows, so the held-out
     loss of the same initial model agrees (the sums run in another order: relative 1e-6)."""
-    sets = ("train.max_steps=1", "eval.at_start=true", "eval.every=0", "checkpoint.every=0", "eval.max_batches=3")
+    sets = ("train.max_steps=1", "train.eval_on_start=true", "train.eval_steps=0", "train.save_steps=0", "eval.max_batches=3")
     one, two = (train(n, tmp_path / f"w{n}", *sets)["eval_before_training"] for n in (1, 2))
     assert abs(one["eval_loss"] - two["eval_loss"]) <= 1e-6 * abs(one["eval_loss"]), (one, two)
     assert one["eval_exact_match"] == two["eval_exact_match"]

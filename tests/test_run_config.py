@@ -36,7 +36,7 @@ def test_loads_and_applies_overrides(good):
         ("train.per_device_train_batch=3", "did you mean train.per_device_train_batch_size"),
         ("method.lora_alpah=3", "did you mean method.lora_alpha"),
         ("train.lr_scheduler_type=cosine_with_minlr", "lr_scheduler_type must be one of .* did you mean 'cosine_with_min_lr'"),
-        ("train.report_to=wandb", "train.report_to: 'wandb' is not supported here"),
+        ("train.report_to=wandbb", "train.report_to: 'wandbb' is not supported; .* \(did you mean 'wandb'"),
         ("method.target_modules=all", "method.target_modules must be a list of module names or 'all-linear'"),
         ("data.chat_template=missing.jinja", "data.chat_template 'missing.jinja' is neither a Jinja template"),
         (("train.max_steps=-1", "train.num_train_epochs=0"), "num_train_epochs must be > 0"),
@@ -179,6 +179,15 @@ def test_old_names_still_load_as_the_new_ones_and_say_which(monkeypatch, tmp_pat
     both.write_text(OLD_TINY.read_text().replace("  micro_batch_size: 4", "  micro_batch_size: 4\n  per_device_train_batch_size: 2"))
     with pytest.raises(ConfigError, match="both train.micro_batch_size .* and train.per_device_train_batch_size"):
         load_config(str(both))
+
+
+def test_a_reporter_whose_package_is_missing_is_refused_with_the_pip_command(good, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to needs mlflow-skinny, which is not installed: pip install mlflow-skinny"):
+        load_config(str(good), ["train.report_to=[tensorboard, mlflow]"])
 
 
 def test_a_stored_old_config_reads_in_the_new_names():

@@ -31,8 +31,9 @@ def incomplete_tags(output_dir: str) -> list[str]:
     return step_tags(checkpoint_root(output_dir))[1]
 
 
-def save(engine, controller, output_dir: str, step: int, client_state: dict, keep_last: int) -> str:
-    """Write the checkpoint of ``step`` on every rank, mark it complete, drop the oldest ones."""
+def save(engine, controller, output_dir: str, step: int, client_state: dict, keep_last: int, keep_step: int | None = None) -> str:
+    """Write the checkpoint of ``step`` on every rank, mark it complete, drop the oldest ones (never ``keep_step``'s,
+    the best one when the final model comes from it)."""
     root, tag = checkpoint_root(output_dir), tag_for(step)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
@@ -50,8 +51,10 @@ def save(engine, controller, output_dir: str, step: int, client_state: dict, kee
     if rank0:
         mark_complete(os.path.join(root, tag), step)
         write_latest(root, tag)  # for zero_to_fp32.py and a tag-less engine.load_checkpoint; resume ignores it
+        kept = None if keep_step is None else tag_for(keep_step)
         for old in complete_tags(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            if old != kept:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return os.path.join(root, tag)
 

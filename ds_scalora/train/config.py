@@ -26,10 +26,11 @@ from ..methods.scalora_config import ScaLoRAConfig
 from ..precision import POLICY_NAMES
 from ..scaling import SOLVERS
 from .methods import METHODS
-from . import schedule
+from . import best, schedule
 from .data import FORMATS
 from .model_source import ModelSourceError, check_model_source, resolve_model_source
 from .renamed_keys import rename, renamed_override
+from .reporters import REPORTERS, missing_packages
 
 
 class ConfigError(ValueError):
@@ -139,7 +140,12 @@ class TrainConfig:
     eval_on_start: bool = False  # also evaluate the model before any training step (the baseline)
     save_steps: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     save_total_limit: int = 2  # complete checkpoints kept (the newest)
-    report_to: str | list = "tensorboard"  # tensorboard | none (a list of those is accepted)
+    report_to: str | list = "tensorboard"  # tensorboard | wandb (offline) | mlflow (local store) | none, or a list (reporters.py)
+    metric_for_best_model: str | None = None  # eval_loss (default) | eval_ppl | eval_exact_match (best.py)
+    greater_is_better: bool | None = None  # default: False for a loss, True otherwise
+    load_best_model_at_end: bool = False  # <output_dir>/model from the best saved evaluation, which rotation keeps
+    early_stopping_patience: int = 0  # stop after this many evaluations in a row without improvement; 0 = never
+    early_stopping_threshold: float = 0.0  # an improvement smaller than this does not count
 
 
 @dataclass
@@ -289,6 +295,10 @@ def _validate(config: RunConfig, base_dir: str) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_report_to(config.train.report_to)
+    try:
+        best.check(config.train, config.eval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_target_modules(config.method.target_modules)
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {config.data.eval_fraction}")
@@ -354,9 +364,6 @@ def check_method(config: RunConfig) -> None:
         raise ConfigError(f"method.{config.method.name}: {e}") from None
 
 
-REPORTERS = ("tensorboard", "none")
-
-
 def reporters(report_to) -> list[str]:
     """``train.report_to`` as a list of integrations ("none" and [] mean none)."""
     names = [report_to] if isinstance(report_to, str) else list(report_to)
@@ -367,8 +374,13 @@ def _check_report_to(report_to) -> None:
     names = [report_to] if isinstance(report_to, str) else report_to
     for name in names:
         if name not in REPORTERS:
-            raise ConfigError(f"train.report_to: {name!r} is not supported here; use one of {', '.join(REPORTERS)} "
-                              "(a run's metrics are also in <output_dir>/summary.json)")
+            close = difflib.get_close_matches(str(name), REPORTERS, n=1)
+            raise ConfigError(f"train.report_to: {name!r} is not supported; use one of {', '.join(REPORTERS)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+    missing = missing_packages(reporters(report_to))
+    if missing:
+        raise ConfigError(f"train.report_to needs {', '.join(missing)}, which is not installed: pip install "
+                          f"{' '.join(missing)} (or pip install -e \".[report]\"), or drop it from train.report_to")
 
 
 def _check_target_modules(target) -> None:

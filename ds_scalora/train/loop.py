@@ -13,11 +13,12 @@ import torch
 import torch.distributed as dist
 
 from ..zero.ds_config import fill_auto
-from . import checkpoints, schedule
+from . import best, checkpoints, schedule
 from .config import ConfigError, RunConfig, check_batch_keys, check_method, reporters
 from .data import IGNORE, collate, load_rows, pack, tokenize
 from .methods import method_of
 from .model import load_model, load_tokenizer
+from .reporters import open_reporters
 
 
 class Diverged(RuntimeError):
@@ -107,20 +108,22 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
 
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro * gas * world
-    start, history = 0, []
+    start, history, resumed_stop = 0, [], None
     resume = checkpoints.resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
     if rank == 0 and checkpoints.incomplete_tags(cfg.train.output_dir):
         print(f"warning: ignoring interrupted checkpoints {checkpoints.incomplete_tags(cfg.train.output_dir)}")
     if resume is not None:
         client = checkpoints.load(engine, controller, *resume)
         start, history = int(client["step"]), list(client.get("history", []))
+        resumed_stop = client.get("stopped_early")  # a run that stopped early has nothing left to train
         checkpoints.check_resumed_step(start, cfg.train.max_steps, os.path.join(*resume))
         checkpoints.check_resumed_batch(client, global_batch, cfg.train.allow_batch_change, os.path.join(*resume))
         if rank == 0:
-            finished = " (train.max_steps: nothing left to train; the outputs are written again)" if start == cfg.train.max_steps else ""
+            finished = (" (train.max_steps: nothing left to train; the outputs are written again)" if start == cfg.train.max_steps
+                        else " (it had stopped early: nothing left to train; the outputs are written again)" if resumed_stop else "")
             print(f"resumed from {os.path.join(*resume)} at step {start}{finished}")
 
-    writer = _tensorboard(cfg) if rank == 0 else None
+    writer = _reporters(cfg) if rank == 0 else None
     if cfg.train.eval_on_start and start == 0:
         baseline = {"step": 0, **evaluate(engine, tokenizer, held_out, cfg, rank, world)}
         history.append(baseline)
@@ -132,8 +135,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
                         writer.add_scalar(key, value, 0)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     tokens, t0, last_tps, last_logged = 0, time.perf_counter(), None, start
-    bad_streak, diverged = 0, None
-    for step in range(start, cfg.train.max_steps):
+    bad_streak, diverged, stopped_early = 0, None, resumed_stop
+    for step in range(start, start if stopped_early else cfg.train.max_steps):
         rows = _global_rows(step, global_batch, len(train), cfg.train.seed)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for k in range(gas):
@@ -153,7 +156,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         bad = _bad_step(record, engine)  # the loss and the norm are global: every rank agrees
         bad_streak = bad_streak + 1 if bad else 0
         done = step + 1 == cfg.train.max_steps
-        if done or (cfg.train.eval_steps and (step + 1) % cfg.train.eval_steps == 0):
+        evaluated = done or (cfg.train.eval_steps and (step + 1) % cfg.train.eval_steps == 0)
+        if evaluated:
             record.update(evaluate(engine, tokenizer, held_out, cfg, rank, world,
                                    generate=done or cfg.eval.exact_match_every_eval))
         if (step + 1) % cfg.train.logging_steps == 0 or done:
@@ -180,21 +184,35 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         if patience and bad_streak >= patience:
             diverged = {"step": step + 1, "reason": bad, "steps_in_a_row": bad_streak}
             break
-        if (cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0) or done:
+        waited = best.evaluations_without_improvement(history, cfg.train) if evaluated else 0
+        if evaluated and cfg.train.early_stopping_patience and waited >= cfg.train.early_stopping_patience and not done:
+            stopped_early = {"step": step + 1, "evaluations_without_improvement": waited}
+        if (cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0) or done or stopped_early:
             if bad:  # never a bad state over a good checkpoint (save_total_limit would rotate the good one away)
                 if rank == 0:
                     print(f"warning: step {step + 1}: {bad}; checkpoint not saved")
             else:
+                record["saved"] = True  # in the history the checkpoint holds: the best saved evaluation is known on resume
+                kept = _best_checkpoint_step(cfg, history)
                 checkpoints.save(engine, controller, cfg.train.output_dir, step + 1,
-                                 {"step": step + 1, "history": history, "config": cfg.to_dict(), "global_batch": global_batch}, cfg.train.save_total_limit)  # fmt: skip
+                                 {"step": step + 1, "history": history, "config": cfg.to_dict(), "global_batch": global_batch,
+                                  "stopped_early": stopped_early}, cfg.train.save_total_limit, keep_step=kept)  # fmt: skip
+        if stopped_early:
+            if rank == 0:
+                print(f"early stopping at step {step + 1}: {cfg.train.early_stopping_patience} evaluation(s) without "
+                      f"improving {best.metric_key(cfg.train.metric_for_best_model or 'loss')}")
+            break
     bar.close()
     if controller is not None and diverged is None:
         method.finish(cfg, controller, rank)
     summary = _summary(cfg, history, method.summary(controller, history) if controller is not None else {}, world)
     summary["diverged"] = diverged
+    summary["stopped_early"] = stopped_early
+    summary["best"] = _best_summary(cfg, history)
     final_error = None
     if rank == 0 and diverged is None:  # the other ranks go on to the end and wait there
-        summary["final_model"], final_error = _final_model(cfg)
+        final_step = _best_checkpoint_step(cfg, history) or (stopped_early or {}).get("step") or cfg.train.max_steps
+        summary["final_model"], final_error = _final_model(cfg, final_step)
     if hooks is not None and hasattr(hooks, "before_summary"):
         hooks.before_summary(engine, model, summary)
     if rank == 0:
@@ -215,17 +233,33 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
     return summary
 
 
-def _final_model(cfg: RunConfig) -> tuple[dict | None, str | None]:
-    """Write ``<output_dir>/model`` from the final checkpoint (rank 0): (summary entry, error message or None)."""
+def _best_checkpoint_step(cfg: RunConfig, history: list) -> int | None:
+    """With ``train.load_best_model_at_end``: the step of the best evaluation that has a checkpoint."""
+    if not cfg.train.load_best_model_at_end:
+        return None
+    record = best.best_record(history, cfg.train, saved_only=True)
+    return None if record is None else record["step"]
+
+
+def _best_summary(cfg: RunConfig, history: list) -> dict | None:
+    record = best.best_record(history, cfg.train)
+    if record is None:
+        return None
+    key = best.metric_key(cfg.train.metric_for_best_model or "loss")
+    return {"metric": key, "value": record[key], "step": record["step"], "checkpoint_step": _best_checkpoint_step(cfg, history)}
+
+
+def _final_model(cfg: RunConfig, step: int) -> tuple[dict | None, str | None]:
+    """Write ``<output_dir>/model`` from the checkpoint of ``step`` (rank 0): (summary entry, error message or None)."""
     from ..checkpoint.layout import checkpoint_root, is_complete, tag_for
     from ..export.final_model import FINAL_MODEL_DIR, final_kind, write_final_model
 
     kind = final_kind(cfg.method.name, cfg.checkpoint.final_model)
     if kind is None:
         return None, None
-    tag = os.path.join(checkpoint_root(cfg.train.output_dir), tag_for(cfg.train.max_steps))
+    tag = os.path.join(checkpoint_root(cfg.train.output_dir), tag_for(step))
     if not is_complete(tag):  # the last step was bad (train.divergence_patience not reached): nothing to export
-        print(f"warning: no final model: the checkpoint of step {cfg.train.max_steps} was not saved")
+        print(f"warning: no final model: the checkpoint of step {step} was not saved")
         return None, None
     try:
         entry = write_final_model(tag, cfg.train.output_dir, cfg.checkpoint.final_model)
@@ -357,12 +391,12 @@ def _sum_over_ranks(t: torch.Tensor, device) -> torch.Tensor:
     return t.cpu()
 
 
-def _tensorboard(cfg: RunConfig):
-    if "tensorboard" not in reporters(cfg.train.report_to):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
+def _reporters(cfg: RunConfig):
+    """TensorBoard, wandb and MLflow as ``train.report_to`` names them (rank 0), or None."""
+    try:
+        return open_reporters(reporters(cfg.train.report_to), cfg.train.output_dir, cfg.to_dict())
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _peak_memory_gib() -> float:

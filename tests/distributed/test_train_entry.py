@@ -1,9 +1,10 @@
 """``deepspeed launch/train.py --config ds_configs/tiny.yaml`` through the real launcher (CPU, gloo).
 
-Each launch costs ~20-30 s here; the file makes 9. What is shown: every method runs (ScaLoRA at 1 and
+Each launch costs ~20-30 s here; the file makes about a dozen. What is shown: every method runs (ScaLoRA at 1 and
 2 ranks, LoRA at 2, rsLoRA and full fine-tuning at 1; two nodes through a hostfile at ZeRO-3); a run killed with SIGKILL right after a
-checkpoint resumes to exactly the uninterrupted run's final state; bad input ends with one paragraph
-and a non-zero status, before any heavy work, and leaves existing checkpoints intact.
+checkpoint resumes to exactly the uninterrupted run's final state (packed rows, a length in epochs); early
+stopping keeps the best checkpoint; bad input ends with one paragraph and a non-zero status, before any
+heavy work, and leaves existing checkpoints intact.
 """
 
 from __future__ import annotations
@@ -267,3 +268,30 @@ def test_evaluation_is_the_same_at_any_world_size(tmp_path):
     one, two = (train(n, tmp_path / f"w{n}", *sets)["eval_before_training"] for n in (1, 2))
     assert abs(one["eval_loss"] - two["eval_loss"]) <= 1e-6 * abs(one["eval_loss"]), (one, two)
     assert one["eval_exact_match"] == two["eval_exact_match"]
+
+
+def test_early_stopping_and_the_best_checkpoint(tmp_path, monkeypatch):
+    """``early_stopping_patience`` with a threshold no change can pass: evaluations at steps 2, 4 and 6, the
+    last two without improvement, so the run stops at step 6 of 20. ``load_best_model_at_end``: the final
+    model comes from the best saved evaluation, whose checkpoint outlives ``save_total_limit: 1``. Run again,
+    it has nothing left to train. The run reports to TensorBoard, wandb (offline) and MLflow (a local store)
+    at once (what each writes is read back in tests/test_reporters.py)."""
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    sets = ("train.max_steps=20", "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=1",
+            "train.early_stopping_patience=2", "train.early_stopping_threshold=100", "train.load_best_model_at_end=true",
+            "eval.exact_match=false", "method.name=lora", "train.report_to=[tensorboard,wandb,mlflow]")  # fmt: skip
+    s = train(1, out, *sets)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")) and len(list((out / "wandb").glob("offline-run-*"))) == 1
+    assert list((out / "mlruns").rglob("metrics/loss"))
+    assert s["steps"] == 6 and s["stopped_early"] == {"step": 6, "evaluations_without_improvement": 2}
+    losses = {h["step"]: h["eval_loss"] for h in s["history"] if "eval_loss" in h}
+    assert sorted(losses) == [2, 4, 6]
+    best_step = min(losses, key=lambda k: (losses[k], k))
+    assert s["best"]["step"] == s["best"]["checkpoint_step"] == best_step and s["final_model"]["step"] == best_step
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert kept == sorted({f"step{best_step:08d}", "step00000006"})
+    again = train(1, out, *sets, expect_ok=False)
+    assert again.returncode == 0 and "stopped early: nothing left to train" in again.stdout, again.stdout[-2000:]

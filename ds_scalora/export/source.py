@@ -202,6 +202,9 @@ class RunSource:
             tok = byte_tokenizer()
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        template = (self.config.get("data") or {}).get("chat_template")
+        if template:  # the run trained with data.chat_template: the model answers in that format
+            tok.chat_template = template
         return tok
 
     def generation_config(self):

@@ -57,7 +57,7 @@ class DataConfig:
     max_length: int = 512
     packing: bool = False  # several rows per sequence, each attending to itself only (data.py)
     mask_history: bool = False  # chat: loss on the last assistant turn only (LLaMA-Factory's name); default every turn
-    chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one (read at load), instead of the tokenizer's
 
 
 def run_options(cls, exclude: tuple = (), defaults: dict | None = None, overrides: dict | None = None):
@@ -423,7 +423,9 @@ def _resolve_paths(config: RunConfig, base_dir: str) -> None:
     if config.model.model_name_or_path is not None:
         config.model.model_name_or_path = resolve_model_source(config.model.model_name_or_path, base_dir)
     if config.data.chat_template and not _is_template(config.data.chat_template):
-        config.data.chat_template = _resolve(config.data.chat_template.strip(), base_dir)
+        # the template itself, not its path: the run's stored config carries it to the exported tokenizer
+        with open(_resolve(config.data.chat_template.strip(), base_dir), encoding="utf-8") as f:
+            config.data.chat_template = f.read()
     for key in ("train", "eval"):
         value = getattr(config.data, key)
         if value:

@@ -59,19 +59,15 @@ def local_model_dir(cfg: RunConfig) -> str | None:
 
 
 def load_tokenizer(cfg: RunConfig):
-    """The run's tokenizer, with ``data.chat_template`` (a template, or a file holding one) if given."""
+    """The run's tokenizer, with ``data.chat_template`` if given (the exports apply it too: export/source.py)."""
     from transformers import AutoTokenizer
 
     path = local_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path) if path is not None else byte_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    template = cfg.data.chat_template
-    if template:
-        if os.path.isfile(template):
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
-        tokenizer.chat_template = template
+    if cfg.data.chat_template:  # the template's text (load_config reads a file)
+        tokenizer.chat_template = cfg.data.chat_template
     return tokenizer
 
 

@@ -279,11 +279,16 @@ def test_early_stopping_and_the_best_checkpoint(tmp_path, monkeypatch):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    out = tmp_path / "run"
+    out, template = tmp_path / "run", tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
     sets = ("train.max_steps=20", "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=1",
             "train.early_stopping_patience=2", "train.early_stopping_threshold=100", "train.load_best_model_at_end=true",
-            "eval.exact_match=false", "method.name=lora", "train.report_to=[tensorboard,wandb,mlflow]")  # fmt: skip
+            "eval.exact_match=false", "method.name=lora", "train.report_to=[tensorboard,wandb,mlflow]",
+            f"data.chat_template={template}")  # fmt: skip
     s = train(1, out, *sets)
+    from transformers import AutoTokenizer  # the exported model formats chats as the run trained them
+
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == template.read_text()
     assert list((out / "tensorboard").glob("events.out.tfevents.*")) and len(list((out / "wandb").glob("offline-run-*"))) == 1
     assert list((out / "mlruns").rglob("metrics/loss"))
     assert s["steps"] == 6 and s["stopped_early"] == {"step": 6, "evaluations_without_improvement": 2}

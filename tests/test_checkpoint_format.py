@@ -80,3 +80,29 @@ def test_marker_and_tags(tmp_path):
     assert (root / "step00000009" / "COMPLETE").read_text() == "9\n"
     with pytest.raises(FileNotFoundError, match="no 'latest' file"):
         layout.latest_tag(str(root))
+
+
+class _AsPython3112:
+    """Pickles like Python 3.11.0-3.11.4 pickle an enum member: getattr(cls, name) (DeepSpeed's ZeroStageEnum in
+    the optimizer files a run on Debian 12's system Python writes)."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_enum_members_pickled_by_getattr_load_and_nothing_else_does(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from ds_scalora.checkpoint.deepspeed_files import load
+
+    good = tmp_path / "optim.pt"
+    torch.save({"zero_stage": _AsPython3112(ZeroStageEnum, "gradients"), "w": torch.ones(2)}, good)
+    assert load(str(good))["zero_stage"] is ZeroStageEnum.gradients
+    for cls, name in ((ZeroStageEnum, "__class__"), (dict, "fromkeys"), (ZeroStageEnum, "missing")):
+        bad = tmp_path / f"{name}.pt"
+        torch.save({"x": _AsPython3112(cls, name)}, bad)
+        with pytest.raises(CheckpointFileError):
+            load(str(bad))

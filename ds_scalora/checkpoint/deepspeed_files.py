@@ -23,9 +23,11 @@ naming the file.
 
 from __future__ import annotations
 
+import enum
 import glob
 import math
 import os
+import pickle
 import re
 
 import torch
@@ -75,7 +77,18 @@ def _safe_globals() -> list:
     return out
 
 
+def _enum_member(cls, name: str):
+    """``getattr`` as the unpickler may call it: only for a member of an allowed enum. Python 3.11.0 to 3.11.4
+    (Debian 12's system Python is 3.11.2) pickle an enum member as ``getattr(cls, name)``, so DeepSpeed's
+    optimizer files written there hold ZeroStageEnum in that form; anything else is refused."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in SAFE_GLOBALS and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not a member of an allowed enum")
+
+
 SAFE_GLOBALS = _safe_globals()
+# torch reads a (callable, "module.name") entry as "load this global as that callable"
+_LOAD_GLOBALS = [*SAFE_GLOBALS, (_enum_member, "builtins.getattr")]
 
 
 def load(path: str, mmap: bool = True) -> dict:
@@ -83,7 +96,7 @@ def load(path: str, mmap: bool = True) -> dict:
     if not os.path.isfile(path):
         raise CheckpointFileError(f"missing checkpoint file {path}")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_LOAD_GLOBALS):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except Exception as e:  # noqa: BLE001 - zipfile, pickle and torch raise many kinds on damaged files
         text = str(e)

@@ -15,6 +15,9 @@ TORCH ?= $(if $(GPU),torch,torch==2.13.0)
 ifeq ($(GPU),)
 export DS_ACCELERATOR ?= cpu
 endif
+# as if the environment were activated: what the tests and the launcher start by name comes from it
+export PATH := $(abspath $(BIN)):$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
 
 .PHONY: demo test setup
 

@@ -219,7 +219,7 @@ def driver(a) -> None:
     def launch(n, *extra):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
-            cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29600 + n), "--module", __name__ if __name__ != "__main__"
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(29600 + n), "--module", __name__ if __name__ != "__main__"
                    else "ds_scalora.bench.zero_scaling", "--worker", "--out", out]
             cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in WORKER_ARGS] + list(extra)
             t0 = time.perf_counter()

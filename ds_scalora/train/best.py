@@ -21,10 +21,15 @@ def metric_key(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
 
 
+def metric(train) -> str:
+    """The history key judged: ``train.metric_for_best_model``, "eval_loss" when unset (the Trainer's default)."""
+    return metric_key(train.metric_for_best_model or "loss")
+
+
 def greater_is_better(train) -> bool:
     if train.greater_is_better is not None:
         return train.greater_is_better
-    return not metric_key(train.metric_for_best_model or "loss").endswith("loss")
+    return not metric(train).endswith("loss")
 
 
 def _better(value: float, best: float | None, greater: bool) -> bool:
@@ -33,7 +38,7 @@ def _better(value: float, best: float | None, greater: bool) -> bool:
 
 def best_record(history: list, train, saved_only: bool = False) -> dict | None:
     """The history record of the best evaluation (of a saved checkpoint, with ``saved_only``), or None."""
-    key, greater, best = metric_key(train.metric_for_best_model or "loss"), greater_is_better(train), None
+    key, greater, best = metric(train), greater_is_better(train), None
     for record in history:
         value = record.get(key)
         if value is None or not math.isfinite(value) or (saved_only and not record.get("saved")):
@@ -45,7 +50,7 @@ def best_record(history: list, train, saved_only: bool = False) -> dict | None:
 
 def evaluations_without_improvement(history: list, train) -> int:
     """The early-stopping count after the last evaluation in ``history`` (``EarlyStoppingCallback``)."""
-    key, greater = metric_key(train.metric_for_best_model or "loss"), greater_is_better(train)
+    key, greater = metric(train), greater_is_better(train)
     best, count = None, 0
     for record in history:
         value = record.get(key)
@@ -67,7 +72,7 @@ def check(train, eval_cfg) -> None:
         raise ValueError(f"train.early_stopping_patience must be >= 0, got {train.early_stopping_patience}")
     if not wanted:
         return
-    key = metric_key(train.metric_for_best_model or "loss")
+    key = metric(train)
     if key not in METRICS:
         raise ValueError(f"train.metric_for_best_model {train.metric_for_best_model!r} is not a metric of the run's "
                          f"evaluation; use one of {', '.join(METRICS)}")

@@ -200,7 +200,7 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
         if stopped_early:
             if rank == 0:
                 print(f"early stopping at step {step + 1}: {cfg.train.early_stopping_patience} evaluation(s) without "
-                      f"improving {best.metric_key(cfg.train.metric_for_best_model or 'loss')}")
+                      f"improving {best.metric(cfg.train)}")
             break
     bar.close()
     if controller is not None and diverged is None:
@@ -245,7 +245,7 @@ def _best_summary(cfg: RunConfig, history: list) -> dict | None:
     record = best.best_record(history, cfg.train)
     if record is None:
         return None
-    key = best.metric_key(cfg.train.metric_for_best_model or "loss")
+    key = best.metric(cfg.train)
     return {"metric": key, "value": record[key], "step": record["step"], "checkpoint_step": _best_checkpoint_step(cfg, history)}
 
 

@@ -56,12 +56,16 @@ class LocalAccess:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.opt = optimizer
+        self._groups: dict = {}  # id(param) -> its param group (a scan of every group per piece is quadratic)
 
     def piece(self, p: torch.nn.Parameter, grad: bool = True) -> Piece:
         state = self.opt.state.get(p, {})
         moments = {k: v.view(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
         g = p.grad.view(-1) if grad and p.grad is not None else None
-        group = next(gr for gr in self.opt.param_groups if any(q is p for q in gr["params"]))
+        group = self._groups.get(id(p))
+        if group is None:  # first sight, or a param group added since (torch optimizers only add groups)
+            self._groups = {id(q): gr for gr in self.opt.param_groups for q in gr["params"]}
+            group = self._groups[id(p)]
         return Piece(0, p.numel(), p.data.view(-1), g, moments, group, state)
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:

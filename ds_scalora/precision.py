@@ -37,10 +37,18 @@ def _add_nearest_(weight: torch.Tensor, delta: torch.Tensor) -> None:
     weight.copy_(weight.to(acc) + delta.to(acc))
 
 
+# Rows of a low-rank merge formed at a time (merge_product_): about 1 MiB of fp32, so a block of the
+# product stays in cache between being formed and being added.
+BLOCK_ELEMENTS = 1 << 18
+
+
 class MergePolicy:
     """How ``weight (+ state) += delta`` is accumulated. Subclasses implement ``_merge``."""
 
     name = ""
+    # whether a merge may be split into blocks of rows (False: the stochastic policy draws its noise
+    # over the whole call in flat order, so a split would change the draw)
+    blockwise = True
 
     def state_bytes_per_param(self, weight_dtype: torch.dtype) -> int:
         """Extra persistent bytes per weight element this policy keeps."""
@@ -60,6 +68,52 @@ class MergePolicy:
         self._check(weight, delta, state)
         self._merge(weight, delta, state, seed)
 
+    def merge_product_(self, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int,
+                       state: torch.Tensor | None, *, seed: int = 0) -> None:
+        """In place: ``weight`` (and ``state``), a flat slice, now represent old value + elements
+        ``[start, start + weight.numel())`` of the flattened product ``left @ rightᵀ`` (rows x r and
+        cols x r: a low-rank merge, formed in ``left``'s dtype): fused into one ``addmm_`` where the
+        policy is a plain add, else formed a block of rows at a time and merged, so no temporary the size
+        of the weight exists and the weight is read and written once; a non-finite factor is refused
+        before anything is written."""
+        n, cols = weight.numel(), right.shape[0]
+        self._check_target(weight, state)
+        if not bool(torch.isfinite(left).all() & torch.isfinite(right).all()):  # small: one sync
+            raise ValueError(f"merge factors of shapes {tuple(left.shape)} and {tuple(right.shape)} contain NaN or Inf")
+        if n == 0:
+            return
+        row0, row1 = start // cols, (start + n - 1) // cols + 1
+        first, last = row0 + (start % cols != 0), row1 - ((start + n) % cols != 0)  # the whole rows
+        if last > first and self._fuses(weight.dtype):
+            # the whole rows in one fused product-and-add (BLAS blocks it for the cache itself), the
+            # partial first and last rows, if any, formed below
+            lo, hi = first * cols - start, last * cols - start
+            inner = weight[lo:hi].view(last - first, cols)
+            inner.addmm_(left[first:last].to(weight.dtype), right.T.to(weight.dtype))
+            blocks = [(r0, r1) for r0, r1 in ((row0, first), (last, row1)) if r1 > r0]
+        else:
+            step = max(1, BLOCK_ELEMENTS // cols) if self.blockwise else row1 - row0
+            blocks = [(r0, min(row1, r0 + step)) for r0 in range(row0, row1, step)]
+        for r0, r1 in blocks:
+            lo, hi = max(start, r0 * cols) - start, min(start + n, r1 * cols) - start
+            part = None if state is None else state[lo:hi]
+            if hi - lo == (r1 - r0) * cols and self._add_product_block_(weight[lo:hi].view(r1 - r0, cols), left[r0:r1],
+                                                                        right, None if part is None else part.view(r1 - r0, cols)):
+                continue
+            skip = lo + start - r0 * cols
+            delta = (left[r0:r1] @ right.T).reshape(-1)[skip : skip + hi - lo]
+            self._merge(weight[lo:hi], delta, part, seed)
+
+    def _fuses(self, dtype: torch.dtype) -> bool:
+        """Whether whole rows of a product merge as one fused ``addmm_`` into the weight (the policy's
+        arithmetic is a plain add in the weight's dtype, with no state)."""
+        return False
+
+    def _add_product_block_(self, weight, left, right, state) -> bool:
+        """Merge ``left @ rightᵀ`` into a block of whole rows (2-D views) without forming it apart, where
+        the policy can; False: the block's product is formed and goes through ``_merge``."""
+        return False
+
     def value(self, weight: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         """Best estimate of the accumulated weight: fp32 (fp64 for fp64 weights)."""
         return weight.to(_out_dtype(weight.dtype))
@@ -68,24 +122,28 @@ class MergePolicy:
         raise NotImplementedError
 
     def _check(self, weight, delta, state) -> None:
-        if weight.dtype not in _SUPPORTED:
-            raise ValueError(f"unsupported weight dtype {weight.dtype}; expected one of {_SUPPORTED}")
+        self._check_target(weight, state)
         if not delta.is_floating_point():
             raise ValueError(f"delta must be floating point, got {delta.dtype}")
-        for label, t in (("delta", delta), ("state", state)):
-            if t is not None and (t.shape != weight.shape or t.device != weight.device):
-                raise ValueError(
-                    f"{label} shape {tuple(t.shape)} on {t.device} does not match "
-                    f"weight shape {tuple(weight.shape)} on {weight.device}")
-        needs_state = self.state_bytes_per_param(weight.dtype) > 0
-        if needs_state != (state is not None):
-            raise ValueError(f"policy {self.name!r} expects state={'a tensor' if needs_state else 'None'}, "
-                             f"got {'None' if state is None else 'a tensor'}")
+        if delta.shape != weight.shape or delta.device != weight.device:
+            raise ValueError(f"delta shape {tuple(delta.shape)} on {delta.device} does not match "
+                             f"weight shape {tuple(weight.shape)} on {weight.device}")
         # One host sync per merge; merges are rare and a NaN would poison W for good. The extremes
         # carry any NaN (it propagates through min and max) and any ±Inf, in one pass without the
         # boolean mask of isfinite (10x cheaper on CPU).
         if delta.numel() and not all(bool(torch.isfinite(x)) for x in torch.aminmax(delta)):
             raise ValueError(f"delta of shape {tuple(delta.shape)} contains NaN or Inf")
+
+    def _check_target(self, weight, state) -> None:
+        if weight.dtype not in _SUPPORTED:
+            raise ValueError(f"unsupported weight dtype {weight.dtype}; expected one of {_SUPPORTED}")
+        if state is not None and (state.shape != weight.shape or state.device != weight.device):
+            raise ValueError(f"state shape {tuple(state.shape)} on {state.device} does not match "
+                             f"weight shape {tuple(weight.shape)} on {weight.device}")
+        needs_state = self.state_bytes_per_param(weight.dtype) > 0
+        if needs_state != (state is not None):
+            raise ValueError(f"policy {self.name!r} expects state={'a tensor' if needs_state else 'None'}, "
+                             f"got {'None' if state is None else 'a tensor'}")
 
 
 class NaivePolicy(MergePolicy):
@@ -98,6 +156,9 @@ class NaivePolicy(MergePolicy):
             weight.add_(delta.to(weight.dtype))  # one correctly rounded add; no fp64 round trip
         else:
             _add_nearest_(weight, delta)
+
+    def _fuses(self, dtype: torch.dtype) -> bool:
+        return dtype in (torch.float32, torch.float64)
 
 
 class Fp32ResidualPolicy(MergePolicy):
@@ -122,10 +183,22 @@ class Fp32ResidualPolicy(MergePolicy):
 
     def _merge(self, weight, delta, state, seed) -> None:
         acc = _acc_dtype(weight.dtype)
-        old = weight.to(acc)
+        old = weight.to(acc, copy=True)  # not an alias when the weight is at acc precision (fp64)
         carry = state.to(acc) + delta.to(acc)
         weight.copy_(old + carry)
         state.copy_(carry - (weight.to(acc) - old))
+
+    def _add_product_block_(self, weight, left, right, state) -> bool:
+        """``_merge``'s arithmetic with the product accumulated straight into the residual (``addmm_``):
+        carry = r + L Rᵀ; w' = round(w + carry); r' = carry − (w' − w), in cache-sized blocks."""
+        acc = _acc_dtype(weight.dtype)
+        if state.dtype != acc:  # the carry must be formed at the accumulation precision (bf16_pair's is not)
+            return False
+        state.addmm_(left.to(acc), right.T.to(acc))  # the carry
+        old = weight.to(acc, copy=True)  # a copy even when the weight is at acc precision already
+        weight.copy_(old + state)
+        state.sub_(weight.to(acc, copy=True).sub_(old))  # w' − w is exact
+        return True
 
     def value(self, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         acc = _acc_dtype(weight.dtype)
@@ -164,6 +237,7 @@ class StochasticPolicy(MergePolicy):
     """
 
     name = "stochastic"
+    blockwise = False
 
     def _merge(self, weight, delta, state, seed) -> None:
         if weight.dtype not in _LOW_PRECISION:

@@ -24,6 +24,15 @@ def merge_delta(A, B, alpha, beta, scale: float = 1.0, dtype: torch.dtype = torc
     return (A.to(dtype) * coef) @ B.to(dtype).T
 
 
+def merged_sq_norms(A, B, alpha, beta, scale) -> torch.Tensor:
+    """``‖merge_delta(A, B, α, β, s)‖_F²`` of a batch of layers (A: n x d_out x r, α: n x r, s: n), from
+    r x r Gram matrices in float64 without forming the deltas: ``‖L Rᵀ‖² = Σ (LᵀL) ⊙ (RᵀR)`` with
+    L = s A diag(1 − α∘β), R = B."""
+    coef = (1.0 - alpha.double() * beta.double()) * torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1)
+    L, R = A.double() * coef.to(A.device)[:, None, :], B.double()
+    return ((L.mT @ L) * (R.mT @ R)).sum((-2, -1)).cpu()
+
+
 def rescale_factors_(A, B, alpha, beta) -> None:
     """``A ← A diag(α)``, ``B ← B diag(β)`` in place (step 4)."""
     A.mul_(alpha.to(device=A.device, dtype=A.dtype))
@@ -90,3 +99,28 @@ def expand_column_scale(k: torch.Tensor, shape: tuple, axis: int, start: int, nu
     idx = torch.arange(start, start + numel, device=k.device)
     which = idx % shape[1] if axis == 1 else idx // shape[1]
     return k[which]
+
+
+def scale_columns_(flat: torch.Tensor, k: torch.Tensor, shape: tuple, axis: int, start: int) -> None:
+    """In place: ``flat`` holds elements ``[start, start + numel)`` of a row-major 2-D tensor of
+    ``shape``; its index along ``axis`` is scaled by ``k`` (what :func:`expand_column_scale` spells out
+    element by element), by broadcasting over a partial first row, the whole rows and a partial last
+    row: at most three operations, no index tensor."""
+    n, cols = flat.numel(), shape[1]
+    if n == 0:
+        return
+    if k.dtype != flat.dtype or k.device != flat.device:
+        k = k.to(device=flat.device, dtype=flat.dtype)
+    row, col = divmod(start, cols)
+    head = min(n, (cols - col) % cols)
+    if head:
+        flat[:head].mul_(k[col : col + head] if axis == 1 else k[row])
+        row += 1
+    whole = (n - head) // cols
+    if whole:
+        rows = flat[head : head + whole * cols].view(whole, cols)
+        rows.mul_(k[None, :] if axis == 1 else k[row : row + whole, None])
+        row += whole
+    tail = n - head - whole * cols
+    if tail:
+        flat[n - tail :].mul_(k[:tail] if axis == 1 else k[row])

@@ -64,7 +64,8 @@ class ScalingSolution:
 
 @dataclass
 class ScalingProblem:
-    """H (2r x 2r), λ (2r) and the squared column norms of the folded factors, all float64.
+    """H (2r x 2r), λ (2r) and the squared column norms of the folded factors, all float64; with a
+    leading batch dimension when built for several layers at once (``build_problems``).
 
     ``linear`` is False for the paper's problem, whose unknowns are ``z = [α²; β²]``, and True for the
     Adam-aware one (spec §3b, ``docs/scalora-strength.md``), whose unknowns are ``[α; β]`` themselves.
@@ -77,16 +78,19 @@ class ScalingProblem:
 
     @property
     def r(self) -> int:
-        return self.lam.numel() // 2
+        return self.lam.shape[-1] // 2
 
-    def objective(self, z: torch.Tensor, strength: float) -> float:
-        return float(0.5 * z @ self.H @ z - self.lam @ z / strength)
+    def objective(self, z: torch.Tensor, strength) -> float | torch.Tensor:
+        """q(z) at ``strength`` (a float per problem when batched: then a tensor of them)."""
+        q = 0.5 * torch.einsum("...i,...ij,...j->...", z, self.H, z) - (self.lam * z).sum(-1) / torch.as_tensor(
+            strength, dtype=torch.float64)
+        return float(q) if q.dim() == 0 else q
 
     def degenerate(self) -> torch.Tensor:
         """Mask of variables whose basis matrix is (numerically) zero. In the paper's problem a zero
         right-hand side (a zero column gradient) also makes a variable irrelevant; in the Adam-aware one
         λ_j may be zero or negative (momentum against the gradient) and the variable is still solved."""
-        d = self.H.diagonal()
+        d = self.H.diagonal(dim1=-2, dim2=-1)
         if self.linear:
             return ~(d > _DEGENERATE_ATOL)
         return ~((d > _DEGENERATE_ATOL) & (self.lam > _DEGENERATE_ATOL))
@@ -95,29 +99,49 @@ class ScalingProblem:
         """Squared norms of the folded columns after a rescale by the unknowns ``z``."""
         return (z * z if self.linear else z) * self.col_norms
 
+    def __getitem__(self, index) -> ScalingProblem:
+        return ScalingProblem(self.H[index], self.lam[index], self.col_norms[index], self.linear)
 
-def build_problem(A, B, grad_A, grad_B, scale: float = 1.0) -> ScalingProblem:
-    """Gram matrix and right-hand side of spec §3 from the factors and their LoRA gradients.
+    @staticmethod
+    def cat(problems: list) -> ScalingProblem:
+        """One batch from several (same r and kind): the layers of different shapes solved together."""
+        return ScalingProblem(*(torch.cat([getattr(p, k) for p in problems]) for k in ("H", "lam", "col_norms")),
+                              linear=problems[0].linear)
 
-    Cost O((d_out + d_in) r²). Inputs may be any float dtype; the products are formed in float64.
+
+def _scales(scale, n: int) -> torch.Tensor:
+    return torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(n).reshape(n, 1, 1)
+
+
+def build_problems(A, B, grad_A, grad_B, scale=1.0) -> ScalingProblem:
+    """Gram matrices and right-hand sides of spec §3 from the factors and their LoRA gradients, for a
+    batch of layers of one shape (``A``: n x d_out x r, ...; ``scale`` a float or one per layer).
+
+    Cost O(n (d_out + d_in) r²). Inputs may be any float dtype; the products are formed in float64.
     """
     _check_shapes(A, B, grad_A, grad_B)
-    root = math.sqrt(scale)
+    root = _scales(scale, A.shape[0]).to(A.device).sqrt()
     A = A.detach().double() * root
     B = B.detach().double() * root
     GA = grad_A.detach().double() / root
     GB = grad_B.detach().double() / root
-    SA = torch.cat([A, GA], dim=1)  # d_out x 2r
-    SB = torch.cat([GB, B], dim=1)  # d_in x 2r
-    H = (SA.T @ SA) * (SB.T @ SB)
-    H = 0.5 * (H + H.T)
-    lam = torch.cat([(GB * GB).sum(0), (GA * GA).sum(0)])
-    col_norms = torch.cat([(A * A).sum(0), (B * B).sum(0)])
+    SA = torch.cat([A, GA], dim=-1)  # n x d_out x 2r
+    SB = torch.cat([GB, B], dim=-1)  # n x d_in x 2r
+    H = (SA.mT @ SA) * (SB.mT @ SB)
+    H = 0.5 * (H + H.mT)
+    lam = torch.cat([(GB * GB).sum(-2), (GA * GA).sum(-2)], dim=-1)
+    col_norms = torch.cat([(A * A).sum(-2), (B * B).sum(-2)], dim=-1)
     return ScalingProblem(H.cpu(), lam.cpu(), col_norms.cpu())
 
 
-def build_adam_problem(A, B, grad_A, grad_B, dir_A, dir_B, scale: float = 1.0) -> ScalingProblem:
-    """The Adam-aware problem (``docs/scalora-strength.md`` §3): unknowns ``w = [α; β]``.
+def build_problem(A, B, grad_A, grad_B, scale: float = 1.0) -> ScalingProblem:
+    """:func:`build_problems` for one layer (``A``: d_out x r, ...)."""
+    return build_problems(*(t.unsqueeze(0) for t in (A, B, grad_A, grad_B)), scale)[0]
+
+
+def build_adam_problems(A, B, grad_A, grad_B, dir_A, dir_B, scale=1.0) -> ScalingProblem:
+    """The Adam-aware problem (``docs/scalora-strength.md`` §3), unknowns ``w = [α; β]``, batched as
+    :func:`build_problems`.
 
     Adam's step is invariant to a column's scale once gradients and moments are crossed, so after a
     rescale the next weight increment is ``−η s (U_A diag(β) Bᵀ + A diag(α) U_Bᵀ)`` (``U``: Adam's own
@@ -131,14 +155,20 @@ def build_adam_problem(A, B, grad_A, grad_B, dir_A, dir_B, scale: float = 1.0) -
     if dir_A.shape != A.shape or dir_B.shape != B.shape:
         raise ValueError(f"Adam directions must match their factors: {tuple(dir_A.shape)} vs {tuple(A.shape)}, "
                          f"{tuple(dir_B.shape)} vs {tuple(B.shape)}")
+    s = _scales(scale, A.shape[0]).to(A.device)
     A, B, GA, GB, UA, UB = (t.detach().double() for t in (A, B, grad_A, grad_B, dir_A, dir_B))
-    SA = torch.cat([A, UA], dim=1)
-    SB = torch.cat([UB, B], dim=1)
-    H = (scale * scale) * ((SA.T @ SA) * (SB.T @ SB))
-    H = 0.5 * (H + H.T)
-    lam = torch.cat([(GB * UB).sum(0), (GA * UA).sum(0)])
-    col_norms = scale * torch.cat([(A * A).sum(0), (B * B).sum(0)])
+    SA = torch.cat([A, UA], dim=-1)
+    SB = torch.cat([UB, B], dim=-1)
+    H = (s * s) * ((SA.mT @ SA) * (SB.mT @ SB))
+    H = 0.5 * (H + H.mT)
+    lam = torch.cat([(GB * UB).sum(-2), (GA * UA).sum(-2)], dim=-1)
+    col_norms = s[:, :, 0] * torch.cat([(A * A).sum(-2), (B * B).sum(-2)], dim=-1)
     return ScalingProblem(H.cpu(), lam.cpu(), col_norms.cpu(), linear=True)
+
+
+def build_adam_problem(A, B, grad_A, grad_B, dir_A, dir_B, scale: float = 1.0) -> ScalingProblem:
+    """:func:`build_adam_problems` for one layer."""
+    return build_adam_problems(*(t.unsqueeze(0) for t in (A, B, grad_A, grad_B, dir_A, dir_B)), scale)[0]
 
 
 def adam_direction(grad, exp_avg=None, exp_avg_sq=None, step: int = 0, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -153,39 +183,63 @@ def adam_direction(grad, exp_avg=None, exp_avg_sq=None, step: int = 0, betas=(0.
     return (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
 
 
-def nnls_gram(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``argmin_{z >= 0} ½ zᵀHz − bᵀz`` for a small symmetric positive definite H (float64).
+def _masked_solve(H: torch.Tensor, b: torch.Tensor, mask: torch.Tensor):
+    """Solutions of the sub-systems ``H[m][:, m] x = b[m]`` of a batch (``mask`` m per problem), zero
+    outside the mask, and a per-problem flag of success: the rows and columns left out are replaced by
+    the identity, which decouples them (one batched LU instead of a loop over sub-matrices)."""
+    both = mask[..., :, None] & mask[..., None, :]
+    eye = torch.diag_embed((~mask).to(H.dtype))
+    x, info = torch.linalg.solve_ex(torch.where(both, H, eye), torch.where(mask, b, 0.0))
+    ok = (info == 0) & torch.isfinite(x).all(-1)
+    return torch.where(mask, x, 0.0), ok
+
+
+def nnls_gram_batch(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``argmin_{z >= 0} ½ zᵀHz − bᵀz`` for a batch of small symmetric positive definite H
+    (n x m x m, float64), every problem solved in lock-step.
 
     Lawson–Hanson's active-set method written on the Gram matrix: the problem is a non-negative
-    least squares in the H-metric. Terminates in at most a few times n outer iterations.
+    least squares in the H-metric. Terminates in at most a few times m outer iterations.
     """
-    n = b.numel()
-    tol = 1e-12 * float(b.abs().max().clamp_min(1e-300))
-    z = torch.zeros(n, dtype=torch.float64)
-    passive = torch.zeros(n, dtype=torch.bool)
-    for _ in range(3 * n + 10):
-        w = b - H @ z  # minus the gradient: positive entries could still lower q
+    n, m = b.shape
+    tol = 1e-12 * b.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    z = torch.zeros(n, m, dtype=torch.float64)
+    passive = torch.zeros(n, m, dtype=torch.bool)
+    rows = torch.arange(n)
+    for _ in range(3 * m + 10):
+        w = b - (H @ z.unsqueeze(-1)).squeeze(-1)  # minus the gradient: positive entries could still lower q
         candidates = (~passive) & (w > tol)
-        if not candidates.any():
+        going = candidates.any(-1)
+        if not going.any():
             break
-        passive[int(torch.where(candidates, w, -math.inf).argmax())] = True
-        while True:
-            idx = passive.nonzero().flatten()
-            if idx.numel() == 0:
-                break
-            s = torch.zeros(n, dtype=torch.float64)
-            s[idx] = torch.linalg.solve(H[idx][:, idx], b[idx])
-            if (s[idx] > 0).all():
-                z = s
+        best = torch.where(candidates, w, -math.inf).argmax(-1)
+        passive[rows[going], best[going]] = True
+        inner = going.clone()
+        while inner.any():
+            s, ok = _masked_solve(H, b, passive)
+            s = torch.where(ok[:, None], s, z)  # a failed solve (singular sub-matrix) keeps the last point
+            good = inner & (((s > 0) | ~passive).all(-1) | ~ok)
+            z = torch.where(good[:, None], s, z)
+            inner &= ~good
+            if not inner.any():
                 break
             # move from z towards s until the first passive variable reaches zero, and drop it
-            bad = idx[s[idx] <= 0]
-            ratios = z[bad] / (z[bad] - s[bad])
-            z = z + ratios.min() * (s - z)
-            z[bad[ratios.argmin()]] = 0.0
-            passive &= z > 0
-            z[~passive] = 0.0
+            bad = inner[:, None] & passive & (s <= 0)
+            ratios = torch.where(bad, z / torch.where(bad, z - s, 1.0).clamp_min(1e-300), math.inf)
+            step, first = ratios.min(-1)
+            step = torch.where(inner, step, 0.0)
+            moved = z + step[:, None] * (s - z)
+            moved[rows[inner], first[inner]] = 0.0
+            z = torch.where(inner[:, None], moved, z)
+            passive &= ~inner[:, None] | (z > 0)
+            z = torch.where(passive, z, 0.0)
+            inner &= passive.any(-1)  # nothing passive left: z = 0, the outer loop goes on
     return z
+
+
+def nnls_gram(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`nnls_gram_batch` for one problem."""
+    return nnls_gram_batch(H.unsqueeze(0), b.unsqueeze(0))[0]
 
 
 def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale: float = 1.0, *,
@@ -214,7 +268,17 @@ def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale:
     Degenerate inputs do not raise: non-finite values give no rescale (``reason="nonfinite"``);
     columns whose basis matrix vanishes (PEFT's zero init, zero gradients) are left unscaled and
     removed from the solve; if nothing is left there is no rescale (``reason="degenerate"``).
+
+    This is :func:`solve_scaling_batch` for one layer: the refresh solves all layers of a shape at once.
     """
+    one = (lambda t: t.unsqueeze(0))  # noqa: E731
+    dirs = None if directions is None else tuple(one(t) for t in directions)
+    return solve_scaling_batch(one(A), one(B), one(grad_A), one(grad_B), strength, solver, scale, shrink=shrink,
+                               directions=dirs, max_scale=max_scale, ablation=ablation)[0]
+
+
+def check_options(strength, solver: str, shrink: float, max_scale: float | None, ablation: str | None):
+    """Refuse bad options with a message naming them; returns the strength as a float or "auto"."""
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")
     if ablation is not None and ablation not in ABLATIONS:
@@ -223,112 +287,154 @@ def solve_scaling(A, B, grad_A, grad_B, strength, solver: str = "column", scale:
         raise ValueError(f"shrink must be a positive finite number, got {shrink!r}")
     if max_scale is not None and not (math.isfinite(max_scale) and max_scale >= 1):
         raise ValueError(f"max_scale must be a finite number >= 1 (or None), got {max_scale!r}")
-    auto = strength == "auto"
-    if not auto:
-        try:
-            strength = float(strength)
-        except (TypeError, ValueError):
-            raise ValueError(f"strength must be a positive number or 'auto', got {strength!r}") from None
-        if not (strength > 0 and math.isfinite(strength)):
-            raise ValueError(f"strength must be a positive finite number or 'auto', got {strength!r}")
+    if strength == "auto":
+        return strength
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength must be a positive number or 'auto', got {strength!r}") from None
+    if not (strength > 0 and math.isfinite(strength)):
+        raise ValueError(f"strength must be a positive finite number or 'auto', got {strength!r}")
+    return strength
+
+
+def solve_scaling_batch(A, B, grad_A, grad_B, strength, solver: str = "column", scale=1.0, *,
+                        shrink: float = 1.0, directions=None, max_scale: float | None = None,
+                        ablation: str | None = None) -> list[ScalingSolution]:
+    """:func:`solve_scaling` for a batch of layers of one shape (``A``: n x d_out x r, ...; ``scale``
+    a float or one per layer); every layer is solved independently, as if alone."""
+    strength = check_options(strength, solver, shrink, max_scale, ablation)
     if solver == "adam" and directions is None:
         raise ValueError("solver='adam' needs directions=(U_A, U_B): Adam's next step directions "
                          "(ds_scalora.scaling.adam_direction)")
-    r = A.shape[1]
+    _check_shapes(A, B, grad_A, grad_B)
+    n = A.shape[0]
     inputs = (A, B, grad_A, grad_B) + (tuple(directions) if solver == "adam" else ())
-    if not all(torch.isfinite(t).all() for t in inputs) or not math.isfinite(scale):
-        return _identity(r, "nonfinite", 1.0 if auto else strength, None)
+    finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in inputs]).all(0).cpu()
+    finite &= torch.isfinite(_scales(scale, n).reshape(n))
     if ablation == "constant_shrink":
-        k = torch.full((r,), shrink**-0.5, dtype=torch.float64)
-        return ScalingSolution(k, k.clone(), "constant", None, math.nan, math.nan, math.nan)
+        k = torch.full((A.shape[-1],), shrink**-0.5, dtype=torch.float64)
+        constant = ScalingSolution(k, k.clone(), "constant", None, math.nan, math.nan, math.nan)
+        return [constant if ok else _identity(k.numel(), "nonfinite", 1.0 if strength == "auto" else strength, None)
+                for ok in finite.tolist()]
+    scale = torch.where(finite, _scales(scale, n).reshape(n), 1.0)
     if solver == "adam":
-        problem = build_adam_problem(A, B, grad_A, grad_B, *directions, scale=scale)
+        problem = build_adam_problems(A, B, grad_A, grad_B, *directions, scale=scale)
     else:
-        problem = build_problem(A, B, grad_A, grad_B, scale)
-    if not (torch.isfinite(problem.H).all() and torch.isfinite(problem.lam).all()):
-        return _identity(r, "nonfinite", 1.0 if auto else strength, None)  # overflow in the products
-    free = ~problem.degenerate()
-    if not free.any():
-        return _identity(r, "degenerate", 1.0 if auto else strength, problem)
+        problem = build_problems(A, B, grad_A, grad_B, scale)
+    return solve_problems(problem, strength, solver, shrink=shrink, max_scale=max_scale, ablation=ablation,
+                          finite=finite)
 
+
+def solve_problems(problem: ScalingProblem, strength, solver: str = "column", *, shrink: float = 1.0,
+                   max_scale: float | None = None, ablation: str | None = None,
+                   finite: torch.Tensor | None = None) -> list[ScalingSolution]:
+    """Solve a batch of problems (``build_problems``, possibly several shapes joined by
+    ``ScalingProblem.cat``) with the options of :func:`solve_scaling`; ``finite`` marks the layers
+    whose inputs were finite (the others get no rescale, ``reason="nonfinite"``)."""
+    strength = check_options(strength, solver, shrink, max_scale, ablation)
+    auto = strength == "auto"
+    n, r = problem.lam.shape[0], problem.r
+    finite = torch.ones(n, dtype=torch.bool) if finite is None else finite.clone()
+    finite &= torch.isfinite(problem.H).flatten(1).all(1) & torch.isfinite(problem.lam).all(1)
+    # a layer that is not finite is solved as an empty problem (then replaced by the identity)
+    problem = ScalingProblem(torch.where(finite[:, None, None], problem.H, 0.0),
+                             torch.where(finite[:, None], problem.lam, 0.0),
+                             torch.where(finite[:, None], problem.col_norms, 0.0), problem.linear)
+    free = ~problem.degenerate() & finite[:, None]
     z1, fixed, used, reason = _solve_unit_strength(problem, free, solver)
     if auto:
-        strength = _auto_strength(problem, ~fixed, z1, shrink)
-        if strength is None:
-            return _identity(r, "degenerate", 1.0, problem)
-    z = z1 / strength
-    z[fixed] = 1.0  # variables that were not solved for stay unscaled
+        c = _auto_strength(problem, ~fixed, z1, shrink)
+        valid = torch.isfinite(c)
+        c = torch.where(valid, c, 1.0)
+    else:
+        c = torch.full((n,), strength, dtype=torch.float64)
+        valid = torch.ones(n, dtype=torch.bool)
+    z = torch.where(fixed, 1.0, z1 / c[:, None])  # variables that were not solved for stay unscaled
     scales = z if problem.linear else z.sqrt()
-    alpha, beta = scales[:r], scales[r:]
+    alpha, beta = scales[:, :r], scales[:, r:]
     if ablation == "rebalance_only":
         prod = alpha * beta
         fix = torch.where(prod > 0, prod.clamp_min(1e-300).rsqrt(), torch.ones_like(prod))
         alpha, beta = torch.where(prod > 0, alpha * fix, 1.0), torch.where(prod > 0, beta * fix, 1.0)
     if max_scale is not None:
         alpha, beta = alpha.clamp(1 / max_scale, max_scale), beta.clamp(1 / max_scale, max_scale)
-    final = torch.cat([alpha, beta])
-    z = final if problem.linear else final * final
-    ident = torch.ones(2 * r, dtype=torch.float64)
-    return ScalingSolution(
-        alpha=alpha,
-        beta=beta,
-        solver_used=used,
-        reason=reason,
-        objective=problem.objective(z, strength),
-        objective_identity=problem.objective(ident, strength),
-        strength=float(strength),
-    )
+    final = torch.cat([alpha, beta], dim=1)
+    objective = problem.objective(final if problem.linear else final * final, c)
+    identity = problem.objective(torch.ones(n, 2 * r, dtype=torch.float64), c)
+    out = []
+    for i in range(n):
+        if not finite[i]:
+            out.append(_identity(r, "nonfinite", 1.0 if auto else strength, None))
+        elif not free[i].any() or not valid[i]:
+            out.append(_identity(r, "degenerate", 1.0 if auto else strength, problem[i]))
+        else:
+            out.append(ScalingSolution(alpha[i], beta[i], used[i], reason[i], float(objective[i]), float(identity[i]),
+                                       float(c[i])))
+    return out
+
+
+def _jacobi(H: torch.Tensor, lam: torch.Tensor, free: torch.Tensor):
+    """The free block scaled to unit diagonal (column magnitudes may differ by many decades), plus a
+    ridge; the fixed variables decoupled (identity rows, zero right-hand side, so they solve to 0)."""
+    d = torch.where(free, H.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt(), 0.0)
+    Hs = H * d[:, :, None] * d[:, None, :] + torch.diag_embed(torch.where(free, _RIDGE, 1.0))
+    return Hs, lam * d, d
 
 
 def _solve_unit_strength(problem: ScalingProblem, free: torch.Tensor, solver: str):
-    """z at c = 1 (the solution at any c is z / c), the mask of variables held at 1, solver, reason."""
-    idx = free.nonzero().flatten()
-    n = problem.lam.numel()
+    """z at c = 1 (the solution at any c is z / c), the mask of variables held at 1, and per layer the
+    solver used and the reason for a fallback."""
+    n, m = problem.lam.shape
+    z = torch.zeros(n, m, dtype=torch.float64)
+    scalar = torch.ones(n, dtype=torch.bool)
     if solver != "scalar":
-        # Jacobi scaling to unit diagonal: column magnitudes may differ by many decades.
-        d = problem.H.diagonal()[idx].rsqrt()
-        Hs = problem.H[idx][:, idx] * d[:, None] * d[None, :] + _RIDGE * torch.eye(len(idx), dtype=torch.float64)
-        bs = problem.lam[idx] * d
-        z = torch.zeros(n, dtype=torch.float64)
+        Hs, bs, d = _jacobi(problem.H, problem.lam, free)
         if solver in ("nnls", "adam"):
-            z[idx] = d * nnls_gram(Hs, bs)
-            return z, ~free, solver, None
-        v = torch.linalg.solve(Hs, bs)
-        if (v >= 0).all():  # Thm 3.7: a non-negative stationary point is the global optimum
-            z[idx] = d * v
-            return z, ~free, "column", None
-    # Scalar (Thm 3.5): one variable for all of A's columns, one for all of B's. A side none of whose
-    # columns is free is held at 1; a degenerate column of a solved side follows its side's scale
-    # (it does not move the objective).
-    r = problem.r
-    groups = torch.zeros(2, n, dtype=torch.float64)
+            return d * nnls_gram_batch(Hs, bs), ~free, [solver] * n, [None] * n
+        v, ok = _masked_solve(Hs, bs, free)
+        scalar = ~(ok & ((v >= 0) | ~free).all(-1))  # Thm 3.7: a non-negative stationary point is optimal
+        z = torch.where(scalar[:, None], z, d * v)
+    fixed = ~free
+    if scalar.any():
+        zs, fixed_s = _solve_scalar(problem[scalar], free[scalar])
+        z[scalar], fixed = zs, fixed.clone()
+        fixed[scalar] = fixed_s
+    used = ["scalar" if s else "column" for s in scalar.tolist()]
+    fallback = "negative_column_solution" if solver == "column" else None
+    return z, fixed, used, [fallback if s else None for s in scalar.tolist()]
+
+
+def _solve_scalar(problem: ScalingProblem, free: torch.Tensor):
+    """Scalar (Thm 3.5): one variable for all of A's columns, one for all of B's. A side none of whose
+    columns is free is held at 1; a degenerate column of a solved side follows its side's scale (it
+    does not move the objective)."""
+    n, m = problem.lam.shape
+    r = m // 2
+    groups = torch.zeros(2, m, dtype=torch.float64)
     groups[0, :r] = 1.0
     groups[1, r:] = 1.0
-    solved = (groups[:, free.nonzero().flatten()].sum(1) > 0).nonzero().flatten()
+    solved = torch.stack([free[:, :r].any(-1), free[:, r:].any(-1)], dim=1)  # n x 2
     H2 = groups @ problem.H @ groups.T
-    b2 = groups @ problem.lam
-    d2 = H2.diagonal()[solved].rsqrt()
-    H2s = H2[solved][:, solved] * d2[:, None] * d2[None, :] + _RIDGE * torch.eye(len(solved), dtype=torch.float64)
-    xy = torch.zeros(2, dtype=torch.float64)
-    xy[solved] = d2 * nnls_gram(H2s, b2[solved] * d2)
-    unsolved = torch.ones(2, dtype=torch.bool)
-    unsolved[solved] = False
-    fixed = groups[unsolved].sum(0) > 0
-    reason = "negative_column_solution" if solver == "column" else None
-    return groups.T @ xy, fixed, "scalar", reason
+    b2 = problem.lam @ groups.T
+    Hs, bs, d2 = _jacobi(H2, b2, solved)
+    xy = d2 * nnls_gram_batch(Hs, bs)
+    fixed = (~solved).to(torch.float64) @ groups > 0
+    return xy @ groups, fixed
 
 
-def _auto_strength(problem: ScalingProblem, solved: torch.Tensor, z1: torch.Tensor, shrink: float = 1.0) -> float | None:
-    """c such that the refresh divides the solved columns' total squared norm by ``shrink``, with z = z1 / c.
+def _auto_strength(problem: ScalingProblem, solved: torch.Tensor, z1: torch.Tensor, shrink: float = 1.0):
+    """c per layer such that the refresh divides the solved columns' total squared norm by ``shrink``,
+    with z = z1 / c; NaN where no such c exists.
 
     Paper's problem: Σ (z1_j / c) n_j = Σ n_j / shrink. Adam-aware (linear): Σ (z1_j / c)² n_j = Σ n_j / shrink.
     """
-    n = problem.col_norms[solved]
-    num = float(problem.squared_norms_after(z1)[solved].sum())
-    den = float(n.sum()) / shrink
-    if not (num > 0 and den > 0 and math.isfinite(num / den)):
-        return None
-    return math.sqrt(num / den) if problem.linear else num / den
+    num = torch.where(solved, problem.squared_norms_after(z1), 0.0).sum(-1)
+    den = torch.where(solved, problem.col_norms, 0.0).sum(-1) / shrink
+    ratio = num / den
+    ok = (num > 0) & (den > 0) & torch.isfinite(ratio)
+    c = ratio.sqrt() if problem.linear else ratio
+    return torch.where(ok, c, math.nan)
 
 
 def restart_solution(r: int) -> ScalingSolution:
@@ -347,9 +453,10 @@ def _identity(r: int, reason: str, strength: float, problem: ScalingProblem | No
 
 
 def _check_shapes(A, B, grad_A, grad_B) -> None:
-    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[1]:
+    if A.dim() not in (2, 3) or B.dim() != A.dim() or A.shape[-1] != B.shape[-1] or A.shape[:-2] != B.shape[:-2]:
         raise ValueError(
-            f"expected A (d_out x r) and B (d_in x r) with the same r, got {tuple(A.shape)} and {tuple(B.shape)}"
+            f"expected A (d_out x r) and B (d_in x r) with the same r (and the same batch), got {tuple(A.shape)} "
+            f"and {tuple(B.shape)}"
         )
     if grad_A.shape != A.shape or grad_B.shape != B.shape:
         raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -29,6 +31,11 @@ def energy_outside_top(M: torch.Tensor, r: int) -> float:
     return _tail_share(singular_values(M) ** 2, r)
 
 
+def sketch_width(d_out: int, d_in: int, k: int) -> int:
+    """The columns a sketch of a d_out x d_in update keeps for a requested ``k`` (no more than its rank can be)."""
+    return max(1, min(k, d_in, d_out))
+
+
 def _tail_share(energies: torch.Tensor, r: int) -> float:
     """Share of the total of descending ``energies`` (squared singular values) past the first ``r``."""
     total = float(energies.sum())
@@ -46,9 +53,10 @@ class RankSketch:
     range finder of Halko, Martinsson & Tropp 2011). Paper orientation: A is d_out x r, B is d_in x r.
     """
 
-    def __init__(self, d_out: int, d_in: int, k: int, seed: int, device=None):
-        self.d_in, self.k, self.seed = d_in, max(1, min(k, d_in, d_out)), seed
-        self.Y = torch.zeros(d_out, self.k, dtype=torch.float32, device=device)
+    def __init__(self, d_out: int, d_in: int, k: int, seed: int, device=None, Y: torch.Tensor | None = None):
+        self.d_in, self.k, self.seed = d_in, sketch_width(d_out, d_in, k), seed
+        # ``Y``: storage given by a SketchBatch (a view into its stacked tensor), else this sketch's own
+        self.Y = torch.zeros(d_out, self.k, dtype=torch.float32, device=device) if Y is None else Y
 
     def omega(self) -> torch.Tensor:
         """The fixed test matrix; drawn on the CPU so every rank and device gets the same one."""
@@ -98,3 +106,39 @@ class RankSketch:
             raise ValueError(f"saved rank sketch has shape {tuple(Y.shape)}, this run's is {tuple(self.Y.shape)}: "
                              "resume with the rank_sketch (k) the checkpoint was written with")
         self.Y.copy_(Y)
+
+
+class SketchBatch:
+    """The rank sketches of several layers of one shape, stored stacked and updated together: one
+    batched product and one batched eigendecomposition per refresh instead of a dozen small operations
+    per layer. ``sketches[j]`` is layer j's :class:`RankSketch` (its ``Y`` a view into the stack, so
+    checkpoints save and load it per layer as before). The test matrices Ω are drawn once and kept,
+    4·k·d_in bytes per layer beside Y's 4·k·d_out (drawing them at every refresh cost more than the
+    rest of the sketch)."""
+
+    def __init__(self, d_out: int, d_in: int, k: int, seeds: list, device=None):
+        k = sketch_width(d_out, d_in, k)
+        self.Y = torch.zeros(len(seeds), d_out, k, dtype=torch.float32, device=device)
+        self.sketches = [RankSketch(d_out, d_in, k, seed, device, Y=self.Y[j]) for j, seed in enumerate(seeds)]
+        self.omega = torch.stack([sketch.omega() for sketch in self.sketches])  # n x d_in x k
+
+    @torch.no_grad()
+    def refresh(self, A: torch.Tensor, B: torch.Tensor, merged: torch.Tensor, kept: torch.Tensor, scale: torch.Tensor,
+                r: int, rtol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        """Account for merges ``scale · A diag(merged) Bᵀ`` (merged = 1 − α∘β, 0 where a layer was not
+        rescaled), then measure the accumulated update with the adapter left, ``scale · A diag(kept) Bᵀ``
+        (kept = α∘β); A: n x d_out x r, B: n x d_in x r, the factors before the rescale. Returns each
+        layer's numerical rank (:meth:`RankSketch.rank`) and share of energy outside its top r
+        (:meth:`RankSketch.energy_outside`), as :meth:`RankSketch.measure` would."""
+        dev = self.Y.device
+        A, B, scale = A.to(dev, torch.float32), B.to(dev, torch.float32), scale.to(dev, torch.float32)[:, None, None]
+        BtO = B.mT @ self.omega  # n x r x k
+        self.Y.add_(scale * (A * merged.to(dev, torch.float32)[:, None, :]) @ BtO)
+        now = torch.baddbmm(self.Y.double(), scale.double() * (A.double() * kept.to(dev, torch.float64)[:, None, :]),
+                            BtO.double())
+        e = torch.linalg.eigvalsh(now.mT @ now).clamp_min(0).flip(-1).cpu()  # descending, per layer
+        s = e.sqrt()
+        ranks = torch.where(s[:, 0] > 0, (s > rtol * s[:, :1]).sum(-1), 0)
+        total = e.sum(-1)
+        share = torch.where(total > 0, e[:, r:].sum(-1) / torch.where(total > 0, total, 1.0), math.nan)
+        return ranks, share

@@ -273,3 +273,49 @@ def test_non_finite_entry_anywhere_in_a_large_delta_is_rejected(bad, where):
     with pytest.raises(ValueError, match="NaN or Inf"):
         get_policy("naive", torch.float32).merge_(w, delta, None)
     assert torch.equal(w, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_merge_product_matches_merging_the_formed_delta(name, dtype, monkeypatch):
+    """merge_product_ (blocks of rows, fused add where the policy allows) against merge_ of the formed
+    delta, shard by shard over uneven flat shards that cut rows, with blocks of two rows so that every
+    path (whole-row blocks, partial first and last rows) runs. Tolerance: the merged value to 1e-6
+    relative where the policy accumulates in fp32 or better (the fused add rounds once, the formed
+    delta twice), one bf16 ulp (2^-7) for round-to-nearest and stochastic bf16 weights."""
+    import ds_scalora.precision as precision
+
+    monkeypatch.setattr(precision, "BLOCK_ELEMENTS", 10)
+    gen = torch.Generator().manual_seed(11)
+    rows, cols, r = 7, 5, 3
+    W0 = torch.randn(rows * cols, generator=gen).to(dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    L, R = (torch.randn(n, r, generator=gen).to(work) * 0.01 for n in (rows, cols))
+    policy = get_policy(name, dtype)
+    results = []
+    for fused in (True, False):
+        W = W0.clone()
+        state = policy.init_state(W)
+        for lo, hi in ((0, 3), (3, 17), (17, 20), (20, 35)):
+            part = None if state is None else state[lo:hi]
+            if fused:
+                policy.merge_product_(W[lo:hi], L, R, lo, part, seed=lo)
+            else:
+                policy.merge_(W[lo:hi], (L @ R.T).reshape(-1)[lo:hi], part, seed=lo)
+        results.append(policy.value(W, state))
+    fp32_or_better = dtype != torch.bfloat16 or policy.state_bytes_per_param(dtype) >= 4
+    tol = 1e-6 if fp32_or_better else 2**-7
+    torch.testing.assert_close(results[0], results[1], rtol=tol, atol=tol)
+    assert not torch.equal(results[0], W0.to(results[0].dtype))
+
+
+def test_merge_product_refuses_non_finite_factors():
+    policy = get_policy("fp32_residual", torch.bfloat16)
+    W = torch.randn(12).bfloat16()
+    state = policy.init_state(W)
+    before = W.clone()
+    L = torch.randn(4, 2)
+    L[1, 1] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        policy.merge_product_(W, L, torch.randn(3, 2), 0, state)
+    assert torch.equal(W, before) and not state.any()

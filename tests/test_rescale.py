@@ -55,3 +55,21 @@ def test_flat_pieces_tile_the_dense_versions():
     assert torch.equal(expand_column_scale(k, (11, 4), 1, 5, 30) * M.reshape(-1)[5:35], (M * k).reshape(-1)[5:35])
     N = torch.randn(4, 6, dtype=F64, generator=g)  # like lora_A: rows scaled
     assert torch.equal(expand_column_scale(k, (4, 6), 0, 7, 10) * N.reshape(-1)[7:17], (N * k[:, None]).reshape(-1)[7:17])
+
+
+def test_scale_columns_matches_the_elementwise_expansion():
+    """scale_columns_ (three broadcasts per shard) against expand_column_scale (one factor per element),
+    on every shard boundary of a small tensor: partial first and last rows, whole rows, one element."""
+    from ds_scalora.rescale import scale_columns_
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, axis in (((5, 4), 1), ((4, 6), 0), ((1, 7), 1), ((7, 1), 0)):
+        M = torch.randn(*shape, dtype=torch.float64, generator=gen)
+        k = torch.rand(shape[axis], dtype=torch.float64, generator=gen) + 0.5
+        total = M.numel()
+        for start in range(total):
+            for numel in range(0, total - start + 1):
+                flat = M.reshape(-1)[start : start + numel].clone()
+                scale_columns_(flat, k, shape, axis, start)
+                want = expand_column_scale(k, shape, axis, start, numel) * M.reshape(-1)[start : start + numel]
+                assert torch.equal(flat, want), (shape, axis, start, numel)

@@ -194,3 +194,50 @@ def test_bad_arguments_are_named():
         solve_scaling(A, B, B, B, 1.0)
     with pytest.raises(ValueError, match="same r"):
         solve_scaling(A, torch.randn(4, 3), A, torch.randn(4, 3), 1.0)
+
+
+@pytest.mark.parametrize("solver", ["column", "scalar", "nnls"])
+def test_batch_solves_each_layer_as_if_alone(solver):
+    """solve_scaling_batch (what the refresh runs, all layers of a shape at once) against solve_scaling on
+    each layer alone, over a batch mixing every kind of problem: clean, fallback, degenerate, zero-init,
+    non-finite. Both are float64; the batched LU and the per-layer one differ only by rounding (1e-9)."""
+    from ds_scalora.scaling import solve_scaling_batch
+
+    gen = torch.Generator().manual_seed(5)
+    layers = []
+    for kind in ["random", "aligned", "lowrank", "magnitudes", "zero_A", "zero_column", "aligned", "random"]:
+        A, B, G = _problem(kind, gen)
+        layers.append([A, B, G @ B, G.T @ A])
+    layers[3][2] = torch.zeros_like(layers[3][2])  # zero gradients: degenerate
+    layers[3][3] = torch.zeros_like(layers[3][3])
+    layers[6][2] = layers[6][2].clone()
+    layers[6][2][1, 1] = math.nan  # one non-finite layer does not disturb the others
+    scales = [1.0, 2.0, 0.5, 1.0, 3.0, 1.0, 1.0, 0.25]
+    for strength in (1.0, "auto"):
+        batch = solve_scaling_batch(*(torch.stack(t) for t in zip(*layers)), strength, solver,
+                                    torch.tensor(scales), shrink=2.0, max_scale=100.0)
+        reasons = set()
+        for (A, B, gA, gB), s, got in zip(layers, scales, batch):
+            want = solve_scaling(A, B, gA, gB, strength, solver, s, shrink=2.0, max_scale=100.0)
+            assert (got.solver_used, got.reason) == (want.solver_used, want.reason)
+            torch.testing.assert_close(got.alpha, want.alpha, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(got.beta, want.beta, rtol=1e-9, atol=1e-12)
+            assert got.strength == pytest.approx(want.strength, rel=1e-9)
+            reasons.add(got.reason)
+        assert {"nonfinite", "degenerate"} <= reasons
+
+
+def test_nnls_batch_is_each_problem_alone():
+    """The lock-step batched active set against scipy's NNLS on each problem alone: with H = LLᵀ,
+    ½zᵀHz − bᵀz = ½‖Lᵀz − L⁻¹b‖² + const. Well-conditioned random problems: agreement to 1e-8."""
+    from ds_scalora.scaling import nnls_gram_batch
+
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(20, 19, 16, dtype=F64, generator=gen)
+    H = X.mT @ X
+    b = torch.randn(20, 16, dtype=F64, generator=gen)
+    batch = nnls_gram_batch(H, b)
+    for i in range(20):
+        L = torch.linalg.cholesky(H[i])
+        want, _ = scipy.optimize.nnls(L.T.numpy(), torch.linalg.solve_triangular(L, b[i, :, None], upper=False)[:, 0].numpy())
+        torch.testing.assert_close(batch[i], torch.from_numpy(want), rtol=1e-8, atol=1e-10)

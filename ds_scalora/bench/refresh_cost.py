@@ -5,7 +5,8 @@ stated against the training step it is amortised over. This script measures both
 
 How to run (from the repository root; nothing is downloaded, the model is randomly initialised)::
 
-    python tools/benchmark.py refresh                  # r = 4, 16, 64; bf16 and fp32 bases
+    python tools/benchmark.py refresh                  # r = 8 (the demo's); bf16 and fp32 bases
+    python tools/benchmark.py refresh --ranks 4 16 64  # other ranks
     python tools/benchmark.py refresh --quick          # smoke test: r = 4, 2 layers, 1 repeat
 
 What is measured, per (base dtype, r):
@@ -16,21 +17,31 @@ What is measured, per (base dtype, r):
 * total: ``ScaLoRA.refresh()`` (strength "auto"), median over repeats; the snapshot is restored
   before each repeat, so every repeat does the same work (the base weights keep accumulating
   merges, which does not change the cost).
-* solve / merge: the refresh core's own phases (``ds_scalora.methods.scalora_refresh.RefreshCore``),
-  timed separately from the same restored snapshot: gather + ``solve_round_robin`` (``solve_scaling``
-  for every layer, including ``build_problem``), then ``merge_layer`` for every rescaled layer, with
-  the core's own policies and merge state. "other" = total - solve - merge (factor rescale, crossed
-  gradients and moments, the rank sketch, bookkeeping); being a difference of medians it can be noisy.
-* LoRA step: forward + backward + AdamW step on a 4 x 256 random-token batch, one untimed warm-up,
-  median over repeats. Ratio = refresh / step; amortised overhead at interval I = refresh / (I step).
+* phases: the refresh core's own steps (``ds_scalora.methods.scalora_refresh.RefreshCore``), timed one
+  after the other from the same restored snapshot: gather (factors and gradients into one buffer),
+  solve (``solve_round_robin``: every shape's layers in one batch), merge (``merge_layer``: the
+  product added into each frozen weight through its precision policy), rescale (masters, gradients and
+  moments, crossed), norms (the merged norms) and sketch (the rank sketches, ``SketchBatch``).
+  One process: the replica all-gather and the all-reduces are no-ops here (``tools/benchmark.py zero``
+  measures them across ranks).
+* roofline: the merge must read and write every adapted weight and its precision state once; that
+  traffic is timed in the same run as an in-place pass over exactly those tensors (``mul_(1)``), the
+  refresh's floor. The refresh and its merge are reported as multiples of it, with the bandwidth it
+  implies and the merge's FLOPs (2·r per adapted parameter).
+* LoRA step (fp32 base only: bf16 training on a CPU without bf16 matmuls is not what anyone runs):
+  forward + backward + AdamW step on a 4 x 256 random-token batch, one untimed warm-up, median over
+  repeats. Ratio = refresh / step; amortised overhead at interval I = refresh / (I step).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import Counter
 
@@ -38,6 +49,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from . import REPO
 from ..methods import ScaLoRA, ScaLoRAConfig
 from ..methods.scalora import default_shrink
 from ..precision import get_policy
@@ -93,19 +105,48 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def solve_all(scalora: ScaLoRA) -> list:
-    """The refresh core's own gather and solve phases (all layers)."""
-    full, directions = scalora.core.gather_factors_and_grads()
-    return full, scalora.core.solve_round_robin(full, directions)
+PHASES = ("gather", "solve", "merge", "rescale", "norms", "sketch")
 
 
 @torch.no_grad()
-def merge_all(scalora: ScaLoRA, solved) -> None:
-    """The refresh core's own merge phase (merge_delta_flat + policy.merge_) for every rescaled layer."""
-    full, sols = solved
-    for index, (layer, (A, B, _, _), (alpha, beta, used, _)) in enumerate(zip(scalora.layers, full, sols)):
-        if used != "none":
-            scalora.core.merge_layer(index, layer, A, B, alpha, beta, step=0)
+def phases(scalora: ScaLoRA) -> dict:
+    """The refresh core's steps one after the other, each timed (what ``RefreshCore.refresh`` runs)."""
+    core, t = scalora.core, {}
+    start = time.perf_counter()
+    full, directions, _ = core.gather_factors_and_grads()
+    t["gather"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sols = core.solve_round_robin(full, directions)
+    t["solve"] = time.perf_counter() - start
+    rescaled = [(i, layer, A, B, a, b) for i, (layer, (A, B, _, _), (a, b, used, _)) in
+                enumerate(zip(core.layers, full, sols)) if used != "none"]
+    start = time.perf_counter()
+    for i, layer, A, B, a, b in rescaled:
+        core.merge_layer(i, layer, A, B, a, b, step=0)
+    t["merge"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i, layer, A, B, a, b in rescaled:
+        core.rescale_pieces(layer, a, b)
+    t["rescale"] = time.perf_counter() - start
+    start = time.perf_counter()
+    core.merged_norms(full, sols)
+    t["norms"] = time.perf_counter() - start
+    start = time.perf_counter()
+    core.measure_sketches(full, sols)
+    t["sketch"] = time.perf_counter() - start
+    return t
+
+
+@torch.no_grad()
+def floor_pass(scalora: ScaLoRA) -> tuple[float, int]:
+    """Seconds of one in-place pass over every adapted weight and its merge state (what a merge must at
+    least read and write), and those bytes read plus written."""
+    tensors = [t for w, st in zip((layer.weight for layer in scalora.layers), scalora.core.merge_state)
+               for t in (w.data, st) if t is not None]
+    start = time.perf_counter()
+    for t in tensors:
+        t.mul_(1)
+    return time.perf_counter() - start, sum(2 * t.numel() * t.element_size() for t in tensors)
 
 
 def bench(dtype_name: str, r: int, args) -> dict:
@@ -118,7 +159,7 @@ def bench(dtype_name: str, r: int, args) -> dict:
                                                 interval=10))
     saved = snapshot(scalora)
 
-    totals, solves, merges, mix = [], [], [], Counter()
+    totals, parts, floors, mix = [], {k: [] for k in PHASES}, [], Counter()
     for _ in range(args.repeats):
         restore(scalora, saved)
         report = None
@@ -130,28 +171,32 @@ def bench(dtype_name: str, r: int, args) -> dict:
         totals.append(timed(run))
         mix = report.solvers
         restore(scalora, saved)
-        solved = []
-        solves.append(timed(lambda: solved.extend(solve_all(scalora))))
-        merges.append(timed(lambda: merge_all(scalora, solved)))
+        for k, v in phases(scalora).items():
+            parts[k].append(v)
+        seconds, moved = floor_pass(scalora)
+        floors.append(seconds)
 
     opt.zero_grad(set_to_none=True)
-    ids = batch(4, 256)
-    train_step(model, opt, ids)  # warm-up
-    steps = [timed(lambda: train_step(model, opt, ids)) for _ in range(args.repeats)]
+    steps = [math.nan]
+    if dtype_name == "fp32":  # a bf16 step on a CPU without bf16 matmuls takes minutes and says nothing
+        ids = batch(4, 256)
+        train_step(model, opt, ids)  # warm-up
+        steps = [timed(lambda: train_step(model, opt, ids)) for _ in range(args.repeats)]
 
     n = len(scalora.layers)
-    out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), solve=statistics.median(solves),
-               merge=statistics.median(merges), step=statistics.median(steps), mix=dict(mix),
+    adapted = sum(layer.weight.numel() for layer in scalora.layers)
+    out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), step=statistics.median(steps),
+               parts={k: statistics.median(v) for k, v in parts.items()}, floor=min(floors), bytes=moved,
+               flops=2 * r * adapted, mix=dict(mix),
                spread={"total": (min(totals), max(totals)), "step": (min(steps), max(steps))},
-               adapted=sum(l.weight.numel() for l in scalora.layers),
-               adapter=sum(l.lora_A.numel() + l.lora_B.numel() for l in scalora.layers))
+               adapted=adapted, adapter=sum(l.lora_A.numel() + l.lora_B.numel() for l in scalora.layers))
     del model, opt, scalora, saved
     return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8])
     parser.add_argument("--dtype", choices=list(DTYPES), help="base weight dtype (default: both)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
@@ -159,7 +204,37 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=30, help="hidden layers (SmolLM2-135M has 30)")
     parser.add_argument("--rank-sketch", type=int, default=64, help="ScaLoRAConfig.rank_sketch (0: no rank estimate)")
     parser.add_argument("--quick", action="store_true", help="r=4, 2 hidden layers, 1 repeat: a smoke test")
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks_refresh.md"),
+                        help="where the report goes (besides the console); '' for none (default for --quick)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.out = ""
+    lines: list = []
+    with contextlib.redirect_stdout(_Tee(sys.stdout, lines)):
+        report(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# The refresh's cost and roofline (CPU)\n\nGenerated by `python tools/benchmark.py refresh`.\n\n"
+                    + "".join(lines))
+        print(f"wrote {args.out}")
+
+
+class _Tee:
+    """A stdout that also keeps what is written (the report file is the console output)."""
+
+    def __init__(self, out, lines: list):
+        self.out, self.lines = out, lines
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def report(args) -> None:
+    """Measure and print (``main``'s options)."""
     if args.quick:
         args.ranks, args.layers, args.repeats = [4], 2, 1
     if args.threads:
@@ -178,20 +253,29 @@ def main(argv=None) -> None:
     print("adapter parameters: " + ", ".join(f"r={row['r']}: {row['adapter']:,}" for row in rows
                                              if row["dtype"] == first["dtype"]))
     print()
-    print("| base | r | refresh ms | solve ms | merge ms | other ms | ms/layer | LoRA step ms | refresh/step "
+    print("| base | r | refresh ms | " + " | ".join(f"{k} ms" for k in PHASES) + " | LoRA step ms | refresh/step "
           f"| overhead I={INTERVAL} | solvers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|")
     for row in rows:
-        ms = {k: 1e3 * row[k] for k in ("total", "solve", "merge", "step")}
         ratio = row["total"] / row["step"]
         mix = " ".join(f"{k}:{v}" for k, v in sorted(row["mix"].items()))
         lo_t, hi_t = (1e3 * t for t in row["spread"]["total"])
         lo_s, hi_s = (1e3 * t for t in row["spread"]["step"])
-        print(f"| {row['dtype']} | {row['r']} | {ms['total']:.0f} ({lo_t:.0f}-{hi_t:.0f}) | {ms['solve']:.0f} "
-              f"| {ms['merge']:.0f} | {ms['total'] - ms['solve'] - ms['merge']:.0f} | {ms['total'] / row['layers']:.2f} "
-              f"| {ms['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {ratio:.3f} | {100 * ratio / INTERVAL:.1f}% | {mix} |")
-    print(f"refresh and LoRA step: median (min-max) of {args.repeats}; solve, merge: medians of separate loops, "
-          "other = refresh - solve - merge. A wide range means other processes competed for the CPU.")
+        print(f"| {row['dtype']} | {row['r']} | {1e3 * row['total']:.0f} ({lo_t:.0f}-{hi_t:.0f}) | "
+              + " | ".join(f"{1e3 * row['parts'][k]:.0f}" for k in PHASES)
+              + f" | {1e3 * row['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {ratio:.3f} | {100 * ratio / INTERVAL:.1f}% | {mix} |")
+    print(f"refresh and LoRA step: median (min-max) of {args.repeats}; phases: medians of the core's steps run one "
+          "after the other. A wide range means other processes competed for the CPU.")
+    print()
+    print("Roofline: the floor is one in-place pass over every adapted weight and its merge state (the bytes a "
+          "merge must read and write), timed in this run (fastest repeat).")
+    print()
+    print("| base | r | bytes moved MB | floor ms | bandwidth GB/s | merge FLOPs G | merge / floor | refresh / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['dtype']} | {row['r']} | {row['bytes'] / 1e6:.0f} | {1e3 * row['floor']:.1f} | "
+              f"{row['bytes'] / row['floor'] / 1e9:.1f} | {row['flops'] / 1e9:.2f} | "
+              f"{row['parts']['merge'] / row['floor']:.1f} | {row['total'] / row['floor']:.1f} |")
     print()
     for d in dtypes:
         policy = get_policy("auto", DTYPES[d])

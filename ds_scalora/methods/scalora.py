@@ -91,7 +91,7 @@ class ScaLoRA:
             "step": self.step,
             "totals": dict(self.totals),
             "merge_state": {names[i]: v for i, v in enumerate(self.core.merge_state) if v is not None},
-            "sketches": {names[i]: sketch.Y for i, sketch in self.core.sketches.items()},
+            "sketches": {names[i]: sketch.Y.clone() for i, sketch in self.core.sketches.items()},  # own copies, not views
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -56,7 +56,7 @@ class ScaLoRAConfig:
     seed: int = field(default=0, metadata={"help": "seeds stochastic rounding; replicas that share it round identically"})
     rank_sketch: int = field(default=64, metadata={"help": (
         "columns k of the random sketch that estimates each layer's accumulated rank up to k (ds_scalora.spectrum."
-        "RankSketch; 4·k·d_out bytes per layer); 0 turns it off")})
+        "RankSketch and SketchBatch; 4·k·(d_out + d_in) bytes per layer, on the rank that solves it); 0 turns it off")})
     restart: bool = field(default=False, metadata={"help": (
         "the ReLoRA-style baseline instead of ScaLoRA: every refresh merges the whole adapter (α = β = 0, so factors "
         "and moments become zero) and re-initialises lora_A as PEFT does; the learning-rate re-warm-up is the "

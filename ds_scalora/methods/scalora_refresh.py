@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..precision import get_policy
-from ..rescale import MOMENT_POWERS, expand_column_scale, merge_delta_flat
-from ..scaling import SOLVERS, restart_solution, solve_scaling
-from ..spectrum import RankSketch
+from ..rescale import MOMENT_POWERS, merged_sq_norms, scale_columns_
+from ..scaling import SOLVERS, restart_solution, solve_scaling_batch
+from ..spectrum import SketchBatch
 from .adapted_layers import AdaptedLinear, fresh_lora_A
 
 # every ScalingSolution.solver_used, packed as a code into the all-reduce that shares the solutions
@@ -96,22 +96,34 @@ class RefreshCore:
         self.merge_state = [policy.init_state(access.weight_slice(layer.weight)[0])
                             for policy, layer in zip(self.policies, layers)]  # fmt: skip
         access.own_writable_copies([layer.weight for layer in layers])
-        # the accumulated-rank sketch of layer i lives on the rank that solves it (i mod N)
-        k = config.rank_sketch
-        self.sketches = {
-            i: RankSketch(access.full_shape(layer.lora_B)[0], access.full_shape(layer.lora_A)[1], k,
-                          seed=i, device=layer.lora_B.device)
-            for i, layer in enumerate(layers) if k and i % access.world == access.rank
-        }  # fmt: skip
+        # the accumulated-rank sketch of layer i lives on the rank that solves it (i mod N), stored and
+        # updated with the other layers of its shape
+        self.sketch_batches: list = []  # (layer indices, SketchBatch)
+        self.sketches = {}  # layer index -> its RankSketch (a view into its batch; what checkpoints hold)
+        if config.rank_sketch:
+            for group in self.shape_groups([i for i in range(len(layers)) if i % access.world == access.rank]):
+                d_out, d_in = access.full_shape(layers[group[0]].lora_B)[0], access.full_shape(layers[group[0]].lora_A)[1]
+                batch = SketchBatch(d_out, d_in, config.rank_sketch, seeds=group, device=layers[group[0]].lora_B.device)
+                self.sketch_batches.append((group, batch))
+                self.sketches.update(zip(group, batch.sketches))
         self.totals = Counter()  # over the run: refreshes, and layers per solver / reason
+
+    def shape_groups(self, indices: list) -> list[list]:
+        """``indices`` grouped by the full shapes of their factors: what is solved and sketched in one batch."""
+        groups = {}
+        for i in indices:
+            layer = self.layers[i]
+            groups.setdefault((tuple(self.access.full_shape(layer.lora_B)), tuple(self.access.full_shape(layer.lora_A))),
+                              []).append(i)
+        return list(groups.values())
 
     @torch.no_grad()
     def refresh(self, step: int) -> RefreshReport:
         """Rescale every adapted layer now, from the gradients the access object holds; ``step`` is the
         optimizer step about to be taken (it seeds the merges and restarts)."""
         report = RefreshReport(step=step)
-        full, directions = self.gather_factors_and_grads()
-        if not all(torch.isfinite(t).all() for pair in full for t in pair):
+        full, directions, finite = self.gather_factors_and_grads()
+        if not finite:
             # A non-finite gradient anywhere means this optimizer step is skipped (loss scaling,
             # overflow checks) or the run is already corrupt: rescaling the other layers would only
             # leave the factors inconsistent with a skipped step. No layer is touched.
@@ -121,37 +133,52 @@ class RefreshCore:
             return report
         solutions = self.solve_round_robin(full, directions)
         merged = []
-        ranks = torch.zeros(len(self.layers), dtype=torch.float64)
-        energy = torch.zeros(len(self.layers), dtype=torch.float64)
         for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
             report.solvers[used] += 1
             if reason:
                 report.reasons[reason] += 1
             if used != "none":
-                report.merged_sq_norm += self.merge_layer(index, layer, A, B, alpha, beta, step)
+                self.merge_layer(index, layer, A, B, alpha, beta, step)
                 self.rescale_pieces(layer, alpha, beta)
                 if used == "restart":
                     self._reinit_lora_A(index, layer, step)
                 report.alpha_beta.append((alpha * beta).float())
                 merged.append(layer.weight)
-            sketch = self.sketches.get(index)
-            if sketch is not None:
-                if used != "none":
-                    sketch.add(A, B, 1 - alpha * beta, layer.scale)
-                    A, B = A * alpha.to(A), B * beta.to(B)  # the adapter after the rescale
-                ranks[index], energy[index] = sketch.measure(A.shape[1], A, B, layer.scale)
+        norms = self.merged_norms(full, solutions)
+        ranks, energy = self.measure_sketches(full, solutions)
         self.access.share_replica_slices(merged)
-        # one all-reduce for the merged norm (summed over slices) and the ranks (each from its owner)
-        totals = self.access.all_reduce(torch.cat([torch.tensor([report.merged_sq_norm], dtype=torch.float64), ranks,
-                                                   energy])
-                                        .to(self.layers[0].lora_B.device)).cpu()  # fmt: skip
-        report.merged_sq_norm = float(totals[0])
+        # one all-reduce for the merged norms and the ranks (each from the rank that owns the layer)
+        totals = self.access.all_reduce(torch.cat([norms, ranks, energy]).to(self.layers[0].lora_B.device)).cpu()
+        n = len(self.layers)
+        report.merged_sq_norm = float(totals[:n].sum())
         if self.config.rank_sketch:
-            n = len(self.layers)
-            report.accumulated_rank = [int(r) for r in totals[1 : 1 + n]]
-            report.energy_outside = [float(e) for e in totals[1 + n :]]
+            report.accumulated_rank = [int(r) for r in totals[n : 2 * n]]
+            report.energy_outside = [float(e) for e in totals[2 * n :]]
         self._count(report)
         return report
+
+    def merged_norms(self, full, solutions) -> torch.Tensor:
+        """‖merged delta‖² per layer, each counted once, by the rank that solved it (zero elsewhere)."""
+        norms = torch.zeros(len(self.layers), dtype=torch.float64)
+        mine = [i for i in range(len(self.layers)) if i % self.access.world == self.access.rank]
+        for group in self.shape_groups(mine):
+            A, B = (torch.stack([full[i][k] for i in group]) for k in (0, 1))
+            alpha, beta = (torch.stack([solutions[i][k] for i in group]) for k in (0, 1))
+            norms[group] = merged_sq_norms(A, B, alpha, beta, [self.layers[i].scale for i in group])
+        return norms
+
+    def measure_sketches(self, full, solutions):
+        """Add this refresh's merges to the sketches this rank owns and measure them, a shape at a time;
+        returns (ranks, energy shares) per layer, zero for the layers other ranks own."""
+        ranks = torch.zeros(len(self.layers), dtype=torch.float64)
+        energy = torch.zeros(len(self.layers), dtype=torch.float64)
+        for group, batch in self.sketch_batches:
+            A, B = (torch.stack([full[i][k] for i in group]) for k in (0, 1))
+            kept = torch.stack([solutions[i][0] * solutions[i][1] for i in group])  # α∘β (1 where not rescaled)
+            scale = torch.tensor([self.layers[i].scale for i in group], dtype=torch.float64)
+            r, e = batch.refresh(A, B, 1 - kept, kept, scale, A.shape[-1])
+            ranks[group], energy[group] = r.double(), e.double()
+        return ranks, energy
 
     def _work_dtype(self) -> torch.dtype:
         """fp32 (the ZeRO masters), or fp64 when the factors are fp64 (the float64 references)."""
@@ -161,7 +188,8 @@ class RefreshCore:
     def gather_factors_and_grads(self):
         """Full (A, B, grad_A, grad_B) of every layer, paper orientation, in the work dtype. With solver
         "adam" also Adam's next step directions (U_A, U_B), computed elementwise on each rank's pieces and
-        assembled in the same buffer; otherwise None. Missing gradients read as zeros."""
+        assembled in the same buffer; otherwise None. Missing gradients read as zeros. Third: whether
+        all of it is finite (one check of the joined buffer)."""
         adam = self.config.solver == "adam"
         sizes = [math.prod(self.access.full_shape(p)) for layer in self.layers for p in (layer.lora_B, layer.lora_A)]
         offsets = [0]
@@ -183,6 +211,7 @@ class RefreshCore:
                     if adam:
                         buffer[2 * total + at : 2 * total + at + piece.numel] = piece.adam_direction().to(dtype)
         self.access.join_pieces(buffer)
+        finite = bool(torch.isfinite(buffer).all())
         full, directions = [], []
         for i, layer in enumerate(self.layers):
             shapes = (self.access.full_shape(layer.lora_B), self.access.full_shape(layer.lora_A))
@@ -193,23 +222,19 @@ class RefreshCore:
             )
             full.append((a, bt.T, ga, gbt.T))
             directions.append((ua, ubt.T) if adam else None)
-        return full, (directions if adam else None)
+        return full, (directions if adam else None), finite
 
     def solve_round_robin(self, full, directions=None):
-        """Layer i is solved on rank i mod N; one all-reduce shares the packed results."""
+        """Layer i is solved on rank i mod N, all of a rank's layers of one shape in one batch
+        (``solve_scaling_batch``); one all-reduce shares the packed results."""
         rank, world = self.access.rank, self.access.world
+        solutions = self.solve_layers([i for i in range(len(full)) if i % world == rank], full, directions)
         widths = [2 * A.shape[1] + 1 for A, _, _, _ in full]
         packed = torch.zeros(sum(widths), dtype=torch.float64, device=full[0][0].device)
         at = 0
-        for i, ((A, B, gA, gB), layer) in enumerate(zip(full, self.layers)):
-            if i % world == rank:
-                if self.config.restart:
-                    sol = restart_solution(A.shape[1])
-                else:
-                    sol = solve_scaling(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=layer.scale,
-                                        directions=directions[i] if directions else None,
-                                        **self.config.solve_options())
-                r = A.shape[1]
+        for i, (A, _, _, _) in enumerate(full):
+            if i in solutions:
+                sol, r = solutions[i], A.shape[1]
                 packed[at : at + r] = sol.alpha
                 packed[at + r : at + 2 * r] = sol.beta
                 packed[at + 2 * r] = _SOLVERS.index(sol.solver_used) * 10 + _REASONS.index(sol.reason)
@@ -223,14 +248,33 @@ class RefreshCore:
             at += 2 * r + 1
         return out
 
-    def merge_layer(self, index: int, layer: AdaptedLinear, A, B, alpha, beta, step: int) -> float:
-        """Merge into this rank's slice of the frozen weight; returns the slice's ‖delta‖²."""
+    def solve_layers(self, indices: list, full, directions=None) -> dict:
+        """{layer index: ScalingSolution} for ``indices``, the layers of one shape solved together."""
+        if self.config.restart:
+            return {i: restart_solution(full[i][0].shape[1]) for i in indices}
+        out = {}
+        for group in self.shape_groups(indices):
+            A, B, gA, gB = (torch.stack([full[i][k] for i in group]) for k in range(4))
+            dirs = None
+            if directions:
+                dirs = tuple(torch.stack([directions[i][k] for i in group]) for k in range(2))
+            scale = torch.tensor([self.layers[i].scale for i in group], dtype=torch.float64)
+            sols = solve_scaling_batch(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=scale,
+                                       directions=dirs, **self.config.solve_options())
+            out.update(zip(group, sols))
+        return out
+
+    def merge_layer(self, index: int, layer: AdaptedLinear, A, B, alpha, beta, step: int) -> None:
+        """Merge ``s A diag(1 − α∘β) Bᵀ`` into this rank's slice of the frozen weight, formed from the
+        factors a block of rows at a time (``MergePolicy.merge_product_``)."""
         target, start = self.access.weight_slice(layer.weight)
         dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
-        delta = merge_delta_flat(A, B, alpha, beta, layer.scale, start, target.numel(), layer.fan_in_fan_out, dtype)
+        coef = ((1.0 - alpha.double() * beta.double()) * layer.scale).to(device=A.device, dtype=dtype)
+        left, right = (B, A) if layer.fan_in_fan_out else (A, B)  # the weight's own layout
         seed = merge_seed(self.config.seed, step, index, self.access.rank)
-        self.policies[index].merge_(target, delta.to(target.device), self.merge_state[index], seed=seed)
-        return float(delta.pow(2).sum(dtype=torch.float64))
+        self.policies[index].merge_product_(target, (left.to(dtype) * coef).to(target.device),
+                                            right.to(device=target.device, dtype=dtype), start,
+                                            self.merge_state[index], seed=seed)
 
     def rescale_pieces(self, layer: AdaptedLinear, alpha, beta) -> None:
         """Scale this rank's pieces of masters, gradients and moments (spec §4 steps 4 to 6, crossed)."""
@@ -240,18 +284,18 @@ class RefreshCore:
             if piece is None:
                 continue
             shape = self.access.full_shape(p)
-            k_own = expand_column_scale(own.to(piece.master.device), shape, axis, piece.start, piece.numel)
-            k_cross = expand_column_scale(crossed.to(piece.master.device), shape, axis, piece.start, piece.numel)
-            piece.master.mul_(k_own.to(piece.master.dtype))
+            own_k = own.to(device=piece.master.device, dtype=piece.master.dtype)
+            crossed_k = crossed.to(device=piece.master.device, dtype=piece.master.dtype)
+            scale_columns_(piece.master, own_k, shape, axis, piece.start)
             if piece.grad is not None:
-                piece.grad.mul_(k_cross.to(piece.grad.dtype))
+                scale_columns_(piece.grad, crossed_k, shape, axis, piece.start)
             for name, t in piece.moments.items():
                 if name not in MOMENT_POWERS:
                     raise ValueError(
                         f"optimizer state {name!r} has no known rule under column rescaling; "
                         f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
                     )
-                t.mul_(k_cross.to(t.dtype) ** MOMENT_POWERS[name])
+                scale_columns_(t, crossed_k ** MOMENT_POWERS[name], shape, axis, piece.start)
 
     def _reinit_lora_A(self, index: int, layer: AdaptedLinear, step: int) -> None:
         """ReLoRA's restart: a fresh PEFT init of lora_A (the same draw on every rank), piece by piece."""

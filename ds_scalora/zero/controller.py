@@ -90,7 +90,7 @@ class ZeroScaLoRA:
         """Write this rank's merge-state shard into a checkpoint's tag directory (atomic rename). With
         ``weights``, it also carries this rank's slice of every adapted frozen weight (merges included), for
         hosts whose checkpoints leave frozen parameters out (``ScaLoRACallback``)."""
-        sketches = {i: sketch.Y for i, sketch in self.core.sketches.items()}
+        sketches = {i: sketch.Y.clone() for i, sketch in self.core.sketches.items()}  # views into a batch: own copies
         slices = [self.access.weight_slice(layer.weight)[0].detach().clone().cpu() for layer in self.layers] if weights else None
         shards.write(self.shard_path(tag_dir), shards.ScaLoRAShard(**self.state_dict(), rank=self.access.rank,
                                                                    merge_state=self.merge_state, sketches=sketches,

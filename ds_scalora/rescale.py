@@ -73,23 +73,6 @@ def cross_moments_(state_A: dict, state_B: dict, alpha, beta) -> None:
             t.mul_(k.to(device=t.device, dtype=t.dtype) ** MOMENT_POWERS[name])
 
 
-def merge_delta_flat(A, B, alpha, beta, scale: float, start: int, numel: int, transpose: bool = False,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Elements ``[start, start + numel)`` of the flattened (row-major) merge delta, computing only the
-    rows they touch: what one rank needs to merge into its own shard of the frozen weight.
-
-    ``transpose`` gives the delta in a d_in x d_out layout (GPT-2's Conv1D stores weights that way).
-    """
-    left, right = (B, A) if transpose else (A, B)
-    cols = right.shape[0]
-    if numel <= 0:
-        return torch.zeros(0, dtype=dtype, device=A.device)
-    row0, row1 = start // cols, (start + numel - 1) // cols + 1
-    rows = merge_delta(left[row0:row1], right, alpha if not transpose else beta,
-                       beta if not transpose else alpha, scale, dtype)
-    return rows.reshape(-1).narrow(0, start - row0 * cols, numel)
-
-
 def expand_column_scale(k: torch.Tensor, shape: tuple, axis: int, start: int, numel: int) -> torch.Tensor:
     """The per-element factor for elements ``[start, start + numel)`` of a row-major 2-D tensor of
     ``shape`` whose index along ``axis`` is scaled by ``k``: how a column scaling acts on a flat shard.

@@ -102,12 +102,6 @@ class ScalingProblem:
     def __getitem__(self, index) -> ScalingProblem:
         return ScalingProblem(self.H[index], self.lam[index], self.col_norms[index], self.linear)
 
-    @staticmethod
-    def cat(problems: list) -> ScalingProblem:
-        """One batch from several (same r and kind): the layers of different shapes solved together."""
-        return ScalingProblem(*(torch.cat([getattr(p, k) for p in problems]) for k in ("H", "lam", "col_norms")),
-                              linear=problems[0].linear)
-
 
 def _scales(scale, n: int) -> torch.Tensor:
     return torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(n).reshape(n, 1, 1)
@@ -329,8 +323,7 @@ def solve_scaling_batch(A, B, grad_A, grad_B, strength, solver: str = "column", 
 def solve_problems(problem: ScalingProblem, strength, solver: str = "column", *, shrink: float = 1.0,
                    max_scale: float | None = None, ablation: str | None = None,
                    finite: torch.Tensor | None = None) -> list[ScalingSolution]:
-    """Solve a batch of problems (``build_problems``, possibly several shapes joined by
-    ``ScalingProblem.cat``) with the options of :func:`solve_scaling`; ``finite`` marks the layers
+    """Solve a batch of problems (``build_problems``) with the options of :func:`solve_scaling`; ``finite`` marks the layers
     whose inputs were finite (the others get no rescale, ``reason="nonfinite"``)."""
     strength = check_options(strength, solver, shrink, max_scale, ablation)
     auto = strength == "auto"

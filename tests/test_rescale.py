@@ -6,7 +6,6 @@ from ds_scalora.rescale import (
     cross_gradients_,
     expand_column_scale,
     merge_delta,
-    merge_delta_flat,
     rescale_factors_,
 )
 
@@ -42,14 +41,21 @@ def test_rewrite_preserves_effective_weight_and_crosses_gradients():
 
 
 def test_flat_pieces_tile_the_dense_versions():
-    """A shard of the merge delta / of a column scaling equals the same slice of the dense result."""
+    """A shard of the merge (as the refresh forms it from the factors, ``MergePolicy.merge_product_``, in
+    both weight layouts) / of a column scaling equals the same slice of the dense result."""
+    from ds_scalora.precision import get_policy
+
     g = torch.Generator().manual_seed(1)
     A, B = torch.randn(11, 4, dtype=F64, generator=g), torch.randn(6, 4, dtype=F64, generator=g)
     alpha, beta = torch.rand(4, dtype=F64, generator=g), torch.rand(4, dtype=F64, generator=g)
     dense = merge_delta(A, B, alpha, beta, 0.5, dtype=F64)
     for transpose, full in ((False, dense.reshape(-1)), (True, dense.T.reshape(-1))):
-        pieces = [merge_delta_flat(A, B, alpha, beta, 0.5, start, n, transpose, F64) for start, n in ((0, 13), (13, 40), (53, 13))]
-        torch.testing.assert_close(torch.cat(pieces), full, rtol=1e-14, atol=1e-14)
+        coef = (1 - alpha * beta) * 0.5
+        left, right = (B * coef, A) if transpose else (A * coef, B)
+        merged = torch.zeros(66, dtype=F64)
+        for start, n in ((0, 13), (13, 40), (53, 13)):
+            get_policy("auto", F64).merge_product_(merged[start : start + n], left, right, start, None)
+        torch.testing.assert_close(merged, full, rtol=1e-14, atol=1e-14)
     k = torch.rand(4, dtype=F64, generator=g)
     M = torch.randn(11, 4, dtype=F64, generator=g)  # like lora_B: columns scaled
     assert torch.equal(expand_column_scale(k, (11, 4), 1, 5, 30) * M.reshape(-1)[5:35], (M * k).reshape(-1)[5:35])

@@ -7,11 +7,13 @@ does. One refresh, for the whole model (spec §4):
 1. every rank copies its pieces of all factors and gradients into one flat buffer, and
    ``access.join_pieces`` assembles the full factors and gradients everywhere (one all-reduce under
    ZeRO-1/2/3, nothing at ZeRO-0 or in one process; the adapters are ~0.3% of a model);
-2. the layers are solved round-robin (layer i on rank i mod N) and ``access.all_reduce`` of the packed
-   α, β shares them: every rank ends with bit-identical values;
+2. the layers are solved round-robin (layer i on rank i mod N), a rank's layers of one shape in one
+   batch (``solve_scaling_batch``), and ``access.all_reduce`` of the packed α, β shares them: every
+   rank ends with bit-identical values;
 3. each rank rescales its own pieces of the masters, gradients and Adam moments (crossed), with no
    communication, and merges into its own slice of each frozen weight (``access.weight_slice``) through
-   the precision policy, whose high-precision state therefore lives only beside that slice;
+   the precision policy, whose high-precision state therefore lives only beside that slice; the merge is
+   formed from the factors (``MergePolicy.merge_product_``), never as a weight-sized temporary;
 4. ``access.share_replica_slices`` makes replicated weights (ZeRO-0/1/2) bit-identical again.
 
 With one process the access object is the identity at every step, so this is also the plain

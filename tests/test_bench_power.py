@@ -76,3 +76,15 @@ def test_distillation_task_knows_its_answer():
     result = distill.run({"method": "lora", "r": 4}, 1e-3, seed=3, steps=0)
     assert result["weight_error"] == pytest.approx(1.0, abs=1e-6)
     assert result["kl"] > 0
+
+
+def test_steps_to_reach_counts_from_the_curves_first_step_and_its_rounding():
+    """A curve with a point at step 0 (facts128's) is counted from 0; a run reaches its own final value,
+    which is stored to 6 decimals while the curve is rounded to 5."""
+    from ds_scalora.bench.power import steps_to_reach
+
+    curve = [5.5, 2.0, 0.70754]  # steps 0, 10, 20
+    assert steps_to_reach(curve, 0.707538, every=10, start=0) == 20
+    assert steps_to_reach(curve, 2.0, every=10, start=0) == 10
+    assert steps_to_reach(curve, 0.5, every=10, start=0) is None
+    assert steps_to_reach([0.9, 0.4], 0.5, every=20) == 40  # no start point: the first is at step `every`

@@ -76,6 +76,7 @@ class Task:
     metric: str = "error"  # the result field compared (lower is better)
     floor: float | None = None  # rank-r LoRA's best possible value, when known
     curve_every: int = 20  # steps between the points of a run's curve of the metric
+    curve_start: int | None = None  # the step of a curve's first point (None: curve_every; 0 with an eval at start)
     extra: tuple | None = None  # (result field, column title): one more per-arm mean in the report
 
     def run(self, spec: dict, lr: float, seed: int) -> dict:
@@ -194,7 +195,8 @@ def facts_task() -> Task:
                      "every linear layer, 100 steps of 16 (12.5 epochs); teacher-forced answer NLL on all 128 facts "
                      "every 10 steps (the metric), greedy exact match beside it (256 facts learned nothing beyond the "
                      "format in 100 steps: FactsTask's docstring)", facts_arms(),
-                     tune_seeds=[100, 101], report_seeds=list(range(8)), metric="nll", curve_every=10)
+                     tune_seeds=[100, 101], report_seeds=list(range(8)), metric="nll", curve_every=10,
+                     curve_start=0)  # the training entry point evaluates at step 0 too (eval_on_start)
 
 
 TASKS = {"regression": regression_task, "distill": distill_task, "facts128": facts_task}
@@ -320,11 +322,18 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}g}" if x and abs(x) < 0.01 else f"{x:.{digits}f}"
 
 
-def steps_to_reach(curve: list, level: float, every: int = 20) -> int | None:
-    """First evaluated step whose error is at or below ``level`` (curves hold the error every ``every`` steps)."""
+# curves are stored rounded to 5 decimals (_compact), the final metric to 6: a point within this of a level
+# has reached it (else a run would not reach its own final value)
+_CURVE_ROUNDING = 5e-6
+
+
+def steps_to_reach(curve: list, level: float, every: int = 20, start: int | None = None) -> int | None:
+    """First evaluated step whose error is at or below ``level``: curves hold the error every ``every``
+    steps from step ``start`` (None: from step ``every``, no point at step 0)."""
+    start = every if start is None else start
     for i, v in enumerate(curve):
-        if v is not None and v <= level:
-            return (i + 1) * every
+        if v is not None and v <= level + _CURVE_ROUNDING:
+            return start + i * every
     return None
 
 
@@ -386,10 +395,10 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
                 fig["gap"] = g
             else:
                 row.append("—")
-            reach = [steps_to_reach(recs[s]["curve"], base[1][s][task.metric], task.curve_every)
+            reach = [steps_to_reach(recs[s]["curve"], base[1][s][task.metric], task.curve_every, task.curve_start)
                      for s in task.report_seeds]
-            lora_steps = [steps_to_reach(base[1][s]["curve"], base[1][s][task.metric], task.curve_every)
-                          for s in task.report_seeds]
+            lora_steps = [steps_to_reach(base[1][s]["curve"], base[1][s][task.metric], task.curve_every,
+                                         task.curve_start) for s in task.report_seeds]
             ratios = [a / b for a, b in zip(reach, lora_steps) if a is not None and b]
             reached = sum(a is not None for a in reach)
             row.append(f"{reached}/{len(reach)} seeds; median ratio {sorted(ratios)[len(ratios) // 2]:.2f}"

@@ -37,7 +37,9 @@ def one_rank_group():
     yield
     # leave the process as it was: other tests (the HF Trainer) must not see a process group
     torch.use_deterministic_algorithms(False)  # zero_worker turns it on
-    torch.distributed.destroy_process_group()
+    # DeepSpeed's own call: it also drops the groups deepspeed.utils.groups caches, which would otherwise
+    # name a destroyed group in the next test that builds an engine (test_divergence, run after this file)
+    deepspeed.comm.destroy_process_group()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

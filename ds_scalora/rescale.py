@@ -73,21 +73,10 @@ def cross_moments_(state_A: dict, state_B: dict, alpha, beta) -> None:
             t.mul_(k.to(device=t.device, dtype=t.dtype) ** MOMENT_POWERS[name])
 
 
-def expand_column_scale(k: torch.Tensor, shape: tuple, axis: int, start: int, numel: int) -> torch.Tensor:
-    """The per-element factor for elements ``[start, start + numel)`` of a row-major 2-D tensor of
-    ``shape`` whose index along ``axis`` is scaled by ``k``: how a column scaling acts on a flat shard.
-
-    PEFT's ``lora_B.weight`` (d_out x r) is scaled along axis 1, ``lora_A.weight`` (r x d_in) along axis 0.
-    """
-    idx = torch.arange(start, start + numel, device=k.device)
-    which = idx % shape[1] if axis == 1 else idx // shape[1]
-    return k[which]
-
-
 def scale_columns_(flat: torch.Tensor, k: torch.Tensor, shape: tuple, axis: int, start: int) -> None:
     """In place: ``flat`` holds elements ``[start, start + numel)`` of a row-major 2-D tensor of
-    ``shape``; its index along ``axis`` is scaled by ``k`` (what :func:`expand_column_scale` spells out
-    element by element), by broadcasting over a partial first row, the whole rows and a partial last
+    ``shape``; its index along ``axis`` is scaled by ``k`` (the tests spell it out element by
+    element), by broadcasting over a partial first row, the whole rows and a partial last
     row: at most three operations, no index tensor."""
     n, cols = flat.numel(), shape[1]
     if n == 0:

@@ -4,12 +4,23 @@ import torch
 
 from ds_scalora.rescale import (
     cross_gradients_,
-    expand_column_scale,
     merge_delta,
     rescale_factors_,
 )
 
 F64 = torch.float64
+
+
+def expand_column_scale(  # the element-by-element reference for scale_columns_
+    k: torch.Tensor, shape: tuple, axis: int, start: int, numel: int) -> torch.Tensor:
+    """The per-element factor for elements ``[start, start + numel)`` of a row-major 2-D tensor of
+    ``shape`` whose index along ``axis`` is scaled by ``k``: how a column scaling acts on a flat shard.
+
+    PEFT's ``lora_B.weight`` (d_out x r) is scaled along axis 1, ``lora_A.weight`` (r x d_in) along axis 0.
+    """
+    idx = torch.arange(start, start + numel, device=k.device)
+    which = idx % shape[1] if axis == 1 else idx // shape[1]
+    return k[which]
 
 
 def test_rewrite_preserves_effective_weight_and_crosses_gradients():

@@ -123,19 +123,29 @@ class SketchBatch:
         self.omega = torch.stack([sketch.omega() for sketch in self.sketches])  # n x d_in x k
 
     @torch.no_grad()
-    def refresh(self, A: torch.Tensor, B: torch.Tensor, merged: torch.Tensor, kept: torch.Tensor, scale: torch.Tensor,
-                r: int, rtol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    def add(self, A: torch.Tensor, B: torch.Tensor, merged: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Account for merges ``scale · A diag(merged) Bᵀ`` (merged = 1 − α∘β, 0 where a layer was not
-        rescaled), then measure the accumulated update with the adapter left, ``scale · A diag(kept) Bᵀ``
-        (kept = α∘β); A: n x d_out x r, B: n x d_in x r, the factors before the rescale. Returns each
+        rescaled); A: n x d_out x r, B: n x d_in x r, the factors before the rescale. Every refresh does
+        this (O((d_out + d_in)·r·k) per layer, one batched product). Returns ``Bᵀ Ω`` (n x r x k), which
+        :meth:`measure` reuses."""
+        dev = self.Y.device
+        B, scale = B.to(dev, torch.float32), scale.to(dev, torch.float32)
+        BtO = B.mT @ self.omega  # n x r x k
+        weights = merged.to(dev, torch.float32) * scale[:, None]
+        self.Y.baddbmm_(A.to(dev, torch.float32) * weights[:, None, :], BtO)
+        return BtO
+
+    @torch.no_grad()
+    def measure(self, A: torch.Tensor, BtO: torch.Tensor, kept: torch.Tensor, scale: torch.Tensor, r: int,
+                rtol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        """Measure the accumulated update with the adapter left, ``scale · A diag(kept) Bᵀ`` (kept = α∘β),
+        from the k x k Gram matrices in float64 (O(d_out·k²) per layer and an eigendecomposition: the
+        costly part, which is why a refresh measures only every ``rank_sketch_every`` steps). Returns each
         layer's numerical rank (:meth:`RankSketch.rank`) and share of energy outside its top r
         (:meth:`RankSketch.energy_outside`), as :meth:`RankSketch.measure` would."""
         dev = self.Y.device
-        A, B, scale = A.to(dev, torch.float32), B.to(dev, torch.float32), scale.to(dev, torch.float32)[:, None, None]
-        BtO = B.mT @ self.omega  # n x r x k
-        self.Y.add_(scale * (A * merged.to(dev, torch.float32)[:, None, :]) @ BtO)
-        now = torch.baddbmm(self.Y.double(), scale.double() * (A.double() * kept.to(dev, torch.float64)[:, None, :]),
-                            BtO.double())
+        weights = kept.to(dev, torch.float64) * scale.to(dev, torch.float64)[:, None]
+        now = torch.baddbmm(self.Y.double(), A.to(dev, torch.float64) * weights[:, None, :], BtO.double())
         e = torch.linalg.eigvalsh(now.mT @ now).clamp_min(0).flip(-1).cpu()  # descending, per layer
         s = e.sqrt()
         ranks = torch.where(s[:, 0] > 0, (s > rtol * s[:, :1]).sum(-1), 0)

@@ -155,6 +155,19 @@ def test_high_rank_accumulation_is_real():
 def test_schedule_warmup_interval_and_nonfinite_gradients():
     config = ScaLoRAConfig(interval=10, warmup_steps=5)
     assert [s for s in range(40) if config.is_due(s)] == [5, 15, 25, 35]
+    # the rank sketches are measured at the first refresh of each window of rank_sketch_every steps
+    # (brute force: scan the refreshes in order, remembering the windows already measured)
+    for interval, warmup, every in [(1, 10, 10), (3, 0, 10), (10, 5, 10), (4, 2, 7), (2, 1, 1), (25, 3, 10)]:
+        config = ScaLoRAConfig(interval=interval, warmup_steps=warmup, rank_sketch_every=every)
+        seen, expected = set(), []
+        for s in (s for s in range(200) if config.is_due(s)):
+            if s // every not in seen:
+                seen.add(s // every)
+                expected.append(s)
+        assert [s for s in range(200) if config.is_due(s) and config.is_measured(s)] == expected
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="rank_sketch_every"):
+            ScaLoRAConfig(rank_sketch_every=bad)
     model = tiny_lora_model(torch.float32)
     opt = adamw(model)
     scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=2, warmup_steps=1))
@@ -165,6 +178,8 @@ def test_schedule_warmup_interval_and_nonfinite_gradients():
         opt.step()
         opt.zero_grad()
     assert [r is not None for r in reports] == [False, True, False, True, False]
+    # rank_sketch_every 10: the first refresh measures its sketches, the next (step 3, same window) does not
+    assert len(reports[1].accumulated_rank) == 14 and reports[3].accumulated_rank == []
     # a NaN gradient in one layer: the whole refresh is skipped (the step would be skipped or
     # corrupt anyway) and counted; nothing is touched
     model(**fixed_batch(seed=9)).loss.backward()

@@ -78,3 +78,31 @@ def test_energy_outside_top_r_exact_and_sketched():
         estimates.append(sketch.energy_outside(4))
     assert all(abs(e - exact) < 0.1 for e in estimates), (exact, estimates)
     assert sum(estimates) / len(estimates) < exact  # biased low, as documented
+
+
+def test_sketch_batch_is_each_layer_sketched_alone():
+    """SketchBatch (one stacked Y per shape; ``add`` at every refresh, ``measure`` only when asked) against
+    a RankSketch per layer fed the same merges. A measurement skipped leaves nothing out: the merges are
+    added all the same. Ranks equal; shares to 1e-5 relative (Y is float32 in both, summed in a
+    different order, ~1e-7 relative, and the share is a ratio of sums of its squared singular values)."""
+    from ds_scalora.spectrum import SketchBatch
+
+    g = torch.Generator().manual_seed(4)
+    n, d_out, d_in, r = 3, 40, 30, 3
+    batch = SketchBatch(d_out, d_in, 20, seeds=[11, 12, 13])
+    alone = [RankSketch(d_out, d_in, 20, seed) for seed in (11, 12, 13)]
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    for refresh in range(4):
+        A = torch.randn(n, d_out, r, generator=g, dtype=torch.float64)
+        B = torch.randn(n, d_in, r, generator=g, dtype=torch.float64)
+        kept = torch.rand(n, r, generator=g, dtype=torch.float64)
+        kept[1] = 1.0  # layer 1 not rescaled at all: nothing merged into its sketch
+        BtO = batch.add(A, B, 1 - kept, scale)
+        for j, sketch in enumerate(alone):
+            sketch.add(A[j], B[j], 1 - kept[j], float(scale[j]))
+        if refresh in (0, 3):  # refreshes 1 and 2 are not measured
+            ranks, shares = batch.measure(A, BtO, kept, scale, r)
+            for j, sketch in enumerate(alone):
+                rank, share = sketch.measure(r, A[j] * kept[j], B[j], float(scale[j]))
+                assert int(ranks[j]) == rank and float(shares[j]) == pytest.approx(share, rel=1e-5)
+    assert [int(x) for x in ranks] == [12, 3, 12]  # 4 merges of rank 3 (the adapter's directions among them)

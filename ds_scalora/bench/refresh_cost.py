@@ -14,14 +14,17 @@ What is measured, per (base dtype, r):
 * setup (untimed): PEFT LoRA on q,k,v,o,gate,up,down (adapters in fp32), 3 AdamW steps on a
   2 x 64 random-token batch (lora_B becomes non-zero, Adam moments exist), then one more
   forward/backward to fill ``.grad``. Factors, gradients and moments are snapshotted.
-* total: ``ScaLoRA.refresh()`` (strength "auto"), median over repeats; the snapshot is restored
-  before each repeat, so every repeat does the same work (the base weights keep accumulating
-  merges, which does not change the cost).
+* total: ``ScaLoRA.refresh()`` (strength "auto"), median over repeats, twice: at a step that measures
+  the rank sketches and at one that only adds to them (``ScaLoRAConfig.rank_sketch_every``: ScaLoRA-I
+  measures at every refresh, ScaLoRA every tenth). The snapshot is restored before each repeat, so
+  every repeat does the same work (the base weights keep accumulating merges, which does not change
+  the cost).
 * phases: the refresh core's own steps (``ds_scalora.methods.scalora_refresh.RefreshCore``), timed one
   after the other from the same restored snapshot: gather (factors and gradients into one buffer),
   solve (``solve_round_robin``: every shape's layers in one batch), merge (``merge_layer``: the
   product added into each frozen weight through its precision policy), rescale (masters, gradients and
-  moments, crossed), norms (the merged norms) and sketch (the rank sketches, ``SketchBatch``).
+  moments, crossed), norms (the merged norms), sketch add (the merges into the rank sketches,
+  ``SketchBatch.add``) and sketch measure (their Gram matrices and eigenvalues, ``SketchBatch.measure``).
   One process: the replica all-gather and the all-reduces are no-ops here (``tools/benchmark.py zero``
   measures them across ranks).
 * roofline: the merge must read and write every adapted weight and its precision state once; that
@@ -30,7 +33,9 @@ What is measured, per (base dtype, r):
   implies and the merge's FLOPs (2·r per adapted parameter).
 * LoRA step (fp32 base only: bf16 training on a CPU without bf16 matmuls is not what anyone runs):
   forward + backward + AdamW step on a 4 x 256 random-token batch, one untimed warm-up, median over
-  repeats. Ratio = refresh / step; amortised overhead at interval I = refresh / (I step).
+  repeats. Ratio = refresh / step; amortised overhead per step: at I = 1 (nine refreshes of ten not
+  measured) ((E − 1)·unmeasured + measured) / (E·step) with E = rank_sketch_every; at I = 10,
+  measured / (10·step).
 """
 
 from __future__ import annotations
@@ -105,7 +110,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-PHASES = ("gather", "solve", "merge", "rescale", "norms", "sketch")
+PHASES = ("gather", "solve", "merge", "rescale", "norms", "sketch add", "sketch measure")
+EVERY = 10  # ScaLoRAConfig.rank_sketch_every
 
 
 @torch.no_grad()
@@ -132,8 +138,16 @@ def phases(scalora: ScaLoRA) -> dict:
     core.merged_norms(full, sols)
     t["norms"] = time.perf_counter() - start
     start = time.perf_counter()
-    core.measure_sketches(full, sols)
-    t["sketch"] = time.perf_counter() - start
+    core.measure_sketches(full, sols, measure=False)
+    t["sketch add"] = time.perf_counter() - start
+    inputs = [(batch, torch.stack([full[i][0] for i in group]),  # what measure_sketches adds when it measures
+               torch.stack([full[i][1] for i in group]).mT @ batch.omega,
+               torch.stack([sols[i][0] * sols[i][1] for i in group]),
+               torch.tensor([core.layers[i].scale for i in group])) for group, batch in core.sketch_batches]
+    start = time.perf_counter()
+    for batch, A, BtO, kept, scale in inputs:
+        batch.measure(A, BtO, kept, scale, A.shape[-1])
+    t["sketch measure"] = time.perf_counter() - start
     return t
 
 
@@ -155,20 +169,23 @@ def bench(dtype_name: str, r: int, args) -> dict:
     for _ in range(3):  # lora_B leaves zero, Adam moments exist
         train_step(model, opt, batch(2, 64))
     model(input_ids=(ids := batch(2, 64)), labels=ids).loss.backward()
+    # interval 1, so that step 0 measures the sketches and step 1 does not; shrink of ScaLoRA-I's default
     scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0, rank_sketch=args.rank_sketch,
-                                                interval=10))
+                                                interval=1, shrink=default_shrink(INTERVAL), rank_sketch_every=EVERY))
     saved = snapshot(scalora)
 
-    totals, parts, floors, mix = [], {k: [] for k in PHASES}, [], Counter()
+    totals, plain, parts, floors, mix = [], [], {k: [] for k in PHASES}, [], Counter()
     for _ in range(args.repeats):
-        restore(scalora, saved)
-        report = None
+        for step, out in ((0, totals), (1, plain)):
+            restore(scalora, saved)
+            report = None
 
-        def run():
-            nonlocal report
-            report = scalora.refresh()
+            def run():
+                nonlocal report
+                report = scalora.core.refresh(step)
 
-        totals.append(timed(run))
+            out.append(timed(run))
+            assert bool(report.accumulated_rank) == (step == 0 and args.rank_sketch > 0)
         mix = report.solvers
         restore(scalora, saved)
         for k, v in phases(scalora).items():
@@ -185,7 +202,8 @@ def bench(dtype_name: str, r: int, args) -> dict:
 
     n = len(scalora.layers)
     adapted = sum(layer.weight.numel() for layer in scalora.layers)
-    out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), step=statistics.median(steps),
+    out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), plain=statistics.median(plain),
+               step=statistics.median(steps),
                parts={k: statistics.median(v) for k, v in parts.items()}, floor=min(floors), bytes=moved,
                flops=2 * r * adapted, mix=dict(mix),
                spread={"total": (min(totals), max(totals)), "step": (min(steps), max(steps))},
@@ -253,29 +271,34 @@ def report(args) -> None:
     print("adapter parameters: " + ", ".join(f"r={row['r']}: {row['adapter']:,}" for row in rows
                                              if row["dtype"] == first["dtype"]))
     print()
-    print("| base | r | refresh ms | " + " | ".join(f"{k} ms" for k in PHASES) + " | LoRA step ms | refresh/step "
-          f"| overhead I={INTERVAL} | solvers |")
-    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|")
+    print("| base | r | refresh ms, measured | not measured | " + " | ".join(f"{k} ms" for k in PHASES)
+          + " | LoRA step ms | overhead I=1 | overhead I=10 | solvers |")
+    print("|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|")
     for row in rows:
-        ratio = row["total"] / row["step"]
         mix = " ".join(f"{k}:{v}" for k, v in sorted(row["mix"].items()))
         lo_t, hi_t = (1e3 * t for t in row["spread"]["total"])
         lo_s, hi_s = (1e3 * t for t in row["spread"]["step"])
-        print(f"| {row['dtype']} | {row['r']} | {1e3 * row['total']:.0f} ({lo_t:.0f}-{hi_t:.0f}) | "
+        per_step_i1 = ((EVERY - 1) * row["plain"] + row["total"]) / EVERY  # I = 1: one refresh in EVERY measures
+        print(f"| {row['dtype']} | {row['r']} | {1e3 * row['total']:.0f} ({lo_t:.0f}-{hi_t:.0f}) | {1e3 * row['plain']:.0f} | "
               + " | ".join(f"{1e3 * row['parts'][k]:.0f}" for k in PHASES)
-              + f" | {1e3 * row['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {ratio:.3f} | {100 * ratio / INTERVAL:.1f}% | {mix} |")
+              + f" | {1e3 * row['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {100 * per_step_i1 / row['step']:.1f}% "
+              f"| {100 * row['total'] / (INTERVAL * row['step']):.1f}% | {mix} |")
     print(f"refresh and LoRA step: median (min-max) of {args.repeats}; phases: medians of the core's steps run one "
-          "after the other. A wide range means other processes competed for the CPU.")
+          "after the other. A wide range means other processes competed for the CPU. Overhead per step: I=1 "
+          f"refreshes at every step and measures its sketches at one refresh in {EVERY} (rank_sketch_every); "
+          f"I={INTERVAL} measures at every refresh.")
     print()
     print("Roofline: the floor is one in-place pass over every adapted weight and its merge state (the bytes a "
           "merge must read and write), timed in this run (fastest repeat).")
     print()
-    print("| base | r | bytes moved MB | floor ms | bandwidth GB/s | merge FLOPs G | merge / floor | refresh / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| base | r | bytes moved MB | floor ms | bandwidth GB/s | merge FLOPs G | merge / floor | refresh / floor "
+          "(measured) | refresh / floor (not measured) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['dtype']} | {row['r']} | {row['bytes'] / 1e6:.0f} | {1e3 * row['floor']:.1f} | "
               f"{row['bytes'] / row['floor'] / 1e9:.1f} | {row['flops'] / 1e9:.2f} | "
-              f"{row['parts']['merge'] / row['floor']:.1f} | {row['total'] / row['floor']:.1f} |")
+              f"{row['parts']['merge'] / row['floor']:.1f} | {row['total'] / row['floor']:.1f} | "
+              f"{row['plain'] / row['floor']:.1f} |")
     print()
     for d in dtypes:
         policy = get_policy("auto", DTYPES[d])

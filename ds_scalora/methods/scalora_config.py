@@ -57,6 +57,11 @@ class ScaLoRAConfig:
     rank_sketch: int = field(default=64, metadata={"help": (
         "columns k of the random sketch that estimates each layer's accumulated rank up to k (ds_scalora.spectrum."
         "RankSketch and SketchBatch; 4·k·(d_out + d_in) bytes per layer, on the rank that solves it); 0 turns it off")})
+    rank_sketch_every: int = field(default=10, metadata={"help": (
+        "measure the sketches (a float64 Gram matrix and an eigendecomposition per layer, the refresh's costliest "
+        "part after the merge) at most once per this many optimizer steps: at the first refresh of each window "
+        "of that many steps, and so at every refresh when `interval` is at least this; the merges are added to "
+        "the sketches at every refresh all the same. 1 = measure at every refresh")})
     restart: bool = field(default=False, metadata={"help": (
         "the ReLoRA-style baseline instead of ScaLoRA: every refresh merges the whole adapter (α = β = 0, so factors "
         "and moments become zero) and re-initialises lora_A as PEFT does; the learning-rate re-warm-up is the "
@@ -87,6 +92,8 @@ class ScaLoRAConfig:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if not isinstance(self.rank_sketch, int) or isinstance(self.rank_sketch, bool) or self.rank_sketch < 0:
             raise ValueError(f"rank_sketch must be an integer >= 0 (0 = off), got {self.rank_sketch!r}")
+        if not isinstance(self.rank_sketch_every, int) or isinstance(self.rank_sketch_every, bool) or self.rank_sketch_every < 1:
+            raise ValueError(f"rank_sketch_every must be an integer >= 1 (1 = at every refresh), got {self.rank_sketch_every!r}")
         if self.precision != "auto" and self.precision not in POLICY_NAMES:
             raise ValueError(f"precision must be 'auto' or one of {POLICY_NAMES}, got {self.precision!r}")
 
@@ -97,3 +104,9 @@ class ScaLoRAConfig:
     def is_due(self, step: int) -> bool:
         """Whether the optimizer step numbered ``step`` (0-based) is preceded by a refresh."""
         return step >= self.warmup_steps and (step - self.warmup_steps) % self.interval == 0
+
+    def is_measured(self, step: int) -> bool:
+        """Whether the refresh before step ``step`` (one that :meth:`is_due`) measures the rank sketches: the
+        first refresh, and every refresh whose window of ``rank_sketch_every`` steps holds no earlier one.
+        Decided from the step alone, so every rank, and a resumed run, agrees."""
+        return step - self.interval < self.warmup_steps or (step - self.interval) // self.rank_sketch_every < step // self.rank_sketch_every

@@ -147,13 +147,13 @@ class RefreshCore:
                 report.alpha_beta.append((alpha * beta).float())
                 merged.append(layer.weight)
         norms = self.merged_norms(full, solutions)
-        ranks, energy = self.measure_sketches(full, solutions)
+        measured = self.measure_sketches(full, solutions, measure=self.config.is_measured(step))
         self.access.share_replica_slices(merged)
         # one all-reduce for the merged norms and the ranks (each from the rank that owns the layer)
-        totals = self.access.all_reduce(torch.cat([norms, ranks, energy]).to(self.layers[0].lora_B.device)).cpu()
+        totals = self.access.all_reduce(torch.cat([norms, *(measured or ())]).to(self.layers[0].lora_B.device)).cpu()
         n = len(self.layers)
         report.merged_sq_norm = float(totals[:n].sum())
-        if self.config.rank_sketch:
+        if self.config.rank_sketch and measured is not None:
             report.accumulated_rank = [int(r) for r in totals[n : 2 * n]]
             report.energy_outside = [float(e) for e in totals[2 * n :]]
         self._count(report)
@@ -169,18 +169,21 @@ class RefreshCore:
             norms[group] = merged_sq_norms(A, B, alpha, beta, [self.layers[i].scale for i in group])
         return norms
 
-    def measure_sketches(self, full, solutions):
-        """Add this refresh's merges to the sketches this rank owns and measure them, a shape at a time;
-        returns (ranks, energy shares) per layer, zero for the layers other ranks own."""
+    def measure_sketches(self, full, solutions, measure: bool = True):
+        """Add this refresh's merges to the sketches this rank owns, a shape at a time, and, if
+        ``measure``, measure them; returns (ranks, energy shares) per layer, zero for the layers other
+        ranks own, or None when not measured."""
         ranks = torch.zeros(len(self.layers), dtype=torch.float64)
         energy = torch.zeros(len(self.layers), dtype=torch.float64)
         for group, batch in self.sketch_batches:
             A, B = (torch.stack([full[i][k] for i in group]) for k in (0, 1))
             kept = torch.stack([solutions[i][0] * solutions[i][1] for i in group])  # α∘β (1 where not rescaled)
             scale = torch.tensor([self.layers[i].scale for i in group], dtype=torch.float64)
-            r, e = batch.refresh(A, B, 1 - kept, kept, scale, A.shape[-1])
-            ranks[group], energy[group] = r.double(), e.double()
-        return ranks, energy
+            BtO = batch.add(A, B, 1 - kept, scale)
+            if measure:
+                r, e = batch.measure(A, BtO, kept, scale, A.shape[-1])
+                ranks[group], energy[group] = r.double(), e.double()
+        return (ranks, energy) if measure else None
 
     def _work_dtype(self) -> torch.dtype:
         """fp32 (the ZeRO masters), or fp64 when the factors are fp64 (the float64 references)."""

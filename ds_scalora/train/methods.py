@@ -143,6 +143,7 @@ class ReLoRA(ScaLoRA):
         o = cfg.method.relora
         return ScaLoRAConfig(interval=o.interval, warmup_steps=o.warmup_steps, restart=True,
                              precision=cfg.method.scalora.precision, rank_sketch=cfg.method.scalora.rank_sketch,
+                             rank_sketch_every=cfg.method.scalora.rank_sketch_every,
                              seed=cfg.train.seed)  # fmt: skip
 
     def lr_factor(self, cfg):

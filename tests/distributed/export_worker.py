@@ -52,6 +52,7 @@ def main() -> None:
     controller = attach(engine, model, ScaLoRAConfig(interval=o.interval, strength=o.strength,
                                                      warmup_steps=o.warmup_steps, solver=o.solver,
                                                      precision=o.precision, rank_sketch=o.rank_sketch,
+                                                     rank_sketch_every=o.rank_sketch_every,
                                                      seed=cfg.train.seed))  # fmt: skip
     root, tag = os.path.split(os.path.abspath(a.checkpoint))
     checkpoints.load(engine, controller, root, tag)

@@ -181,7 +181,7 @@ def train_reference(
         from ds_scalora import ScaLoRA, ScaLoRAConfig
 
         scalora = ScaLoRA(model, opt, ScaLoRAConfig(interval=interval, warmup_steps=scalora_warmup, restart=restart,
-                                                    solver=solver))
+                                                    solver=solver, rank_sketch_every=1))
     elalora = None
     if method == "elalora":
         from ds_scalora.methods import ElaLoRA

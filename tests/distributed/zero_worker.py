@@ -46,11 +46,12 @@ from reference import add_common_args, build_model, elalora_config, global_batch
 
 
 def attach_scalora(engine, model, interval, **options):
-    """The DeepSpeed ScaLoRA controller, refreshing at the same steps as ``ScaLoRA.refresh_if_due``."""
+    """The DeepSpeed ScaLoRA controller, refreshing at the same steps as ``ScaLoRA.refresh_if_due``; its
+    rank sketches measured at every refresh, so that the last refresh's estimate is compared."""
     from ds_scalora import ScaLoRAConfig
     from ds_scalora.zero import attach
 
-    return attach(engine, model, ScaLoRAConfig(interval=interval, **options))
+    return attach(engine, model, ScaLoRAConfig(interval=interval, rank_sketch_every=1, **options))
 
 
 def replica_fingerprints(model) -> list:

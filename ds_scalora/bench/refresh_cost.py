@@ -58,6 +58,7 @@ from . import REPO
 from ..methods import ScaLoRA, ScaLoRAConfig
 from ..methods.scalora import default_shrink
 from ..precision import get_policy
+from ..rescale import apply_scalings
 from ..scaling import SOLVERS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -131,8 +132,7 @@ def phases(scalora: ScaLoRA) -> dict:
         core.merge_layer(i, layer, A, B, a, b, step=0)
     t["merge"] = time.perf_counter() - start
     start = time.perf_counter()
-    for i, layer, A, B, a, b in rescaled:
-        core.rescale_pieces(layer, a, b)
+    apply_scalings([op for i, layer, A, B, a, b in rescaled for op in core.rescale_pieces(layer, a, b)])
     t["rescale"] = time.perf_counter() - start
     start = time.perf_counter()
     core.merged_norms(full, sols)

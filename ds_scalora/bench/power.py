@@ -183,11 +183,12 @@ def distill_task() -> Task:
         # 3e-4 added on 2026-11-25: LoRA's first tuning runs were best at 1e-3, the bottom of [1e-3, 3e-3, 1e-2]
         arm.lrs = [3e-5, 1e-4, 3e-4] if arm.spec["method"] == "full" else [3e-4, 1e-3, 3e-3, 1e-2]
     return DistillTask("distill", "(b) SmolLM2-135M-Instruct distilled (KL) from itself plus a known full-rank update "
-                       f"on {len(distill.TARGETS)} projections (σ_i ∝ i^-½, {distill.RELATIVE_NORM:.0%} of ‖W‖), rank 4 "
+                       f"on {len(distill.TARGETS)} projections (σ_i ∝ i^-½ in the data metric ‖·Σ^½‖ over the top {distill.SUBSPACE} input "
+                       f"directions, E‖ΔW* x‖² = {distill.RELATIVE_ENERGY:.0%} of E‖W x‖²), rank 4 "
                        f"adapters on those, {distill.STEPS} steps of {distill.BATCH} x {distill.SEQ} tokens of offline "
                        "text; held-out KL every 10 steps (the metric), weight error beside it", arms,
                        tune_seeds=[100, 101], report_seeds=list(range(8)), metric="kl", curve_every=distill.EVAL_EVERY,
-                       extra=("weight_error", f"‖ΔW − ΔW*‖²/‖ΔW*‖² (rank-4 floor {distill.lora_floor(4):.3f})"))
+                       extra=("weight_error", f"‖(ΔW − ΔW*)Σ^½‖²/‖ΔW*Σ^½‖² (rank-4 floor {distill.lora_floor(4):.3f})"))
 
 
 def facts_task() -> Task:

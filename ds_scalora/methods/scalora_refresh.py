@@ -207,17 +207,23 @@ class RefreshCore:
         blocks = 3 if adam else 2  # masters, gradients[, directions]
         dtype = self._work_dtype()
         buffer = torch.zeros(blocks * total, dtype=dtype, device=self.layers[0].lora_B.device)
+        into, values = [], []  # copied in one multi-tensor call
         for i, layer in enumerate(self.layers):
             for j, p in enumerate((layer.lora_B, layer.lora_A)):
                 piece = self.access.piece(p)
                 if piece is None:
                     continue
                 at = offsets[2 * i + j] + piece.start
-                buffer[at : at + piece.numel] = piece.master
+                into.append(buffer[at : at + piece.numel])
+                values.append(piece.master)
                 if piece.grad is not None:
-                    buffer[total + at : total + at + piece.numel] = piece.grad.to(dtype)
+                    into.append(buffer[total + at : total + at + piece.numel])
+                    values.append(piece.grad)
                     if adam:
-                        buffer[2 * total + at : 2 * total + at + piece.numel] = piece.adam_direction().to(dtype)
+                        into.append(buffer[2 * total + at : 2 * total + at + piece.numel])
+                        values.append(piece.adam_direction())
+        if into:
+            torch._foreach_copy_(into, values)  # converts to the work dtype
         self.access.join_pieces(buffer)
         finite = bool(torch.isfinite(buffer).all())
         full, directions = [], []
@@ -248,12 +254,14 @@ class RefreshCore:
                 packed[at + 2 * r] = _SOLVERS.index(sol.solver_used) * 10 + _REASONS.index(sol.reason)
             at += widths[i]
         self.access.all_reduce(packed)
-        out, at = [], 0
-        for A, _, _, _ in full:
+        ends = [0]
+        for w in widths:
+            ends.append(ends[-1] + w)
+        codes = [int(c) for c in packed[torch.tensor(ends[1:], device=packed.device) - 1].tolist()]  # one sync
+        out = []
+        for (A, _, _, _), at, code in zip(full, ends, codes):
             r = A.shape[1]
-            code = int(packed[at + 2 * r])
             out.append((packed[at : at + r].clone(), packed[at + r : at + 2 * r].clone(), _SOLVERS[code // 10], _REASONS[code % 10]))
-            at += 2 * r + 1
         return out
 
     def solve_layers(self, indices: list, full, directions=None) -> dict:

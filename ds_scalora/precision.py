@@ -82,8 +82,8 @@ class MergePolicy:
         before anything is written."""
         n, cols = weight.numel(), right.shape[0]
         self._check_target(weight, state)
-        # one sync; a float64 sum carries any NaN or ±Inf and cannot overflow from fp32/bf16 values (a
-        # third of the cost of isfinite(...).all() on these small factors)
+        # one sync; a float64 sum carries any NaN or ±Inf and cannot overflow from fp32/bf16 values (cheaper
+        # on these small factors than two isfinite masks)
         if not math.isfinite(left.sum(dtype=torch.float64) + right.sum(dtype=torch.float64)):
             raise ValueError(f"merge factors of shapes {tuple(left.shape)} and {tuple(right.shape)} contain NaN or Inf")
         if n == 0:

@@ -105,10 +105,3 @@ def apply_scalings(ops: list) -> None:
     """In place: every (view, factor) pair of :func:`column_scalings`, in one multi-tensor call."""
     if ops:
         torch._foreach_mul_([view for view, _ in ops], [factor for _, factor in ops])
-
-
-def scale_columns_(flat: torch.Tensor, k: torch.Tensor, shape: tuple, axis: int, start: int) -> None:
-    """In place: ``flat`` (elements ``[start, start + numel)`` of a row-major 2-D tensor of ``shape``)
-    with its index along ``axis`` scaled by ``k`` (:func:`column_scalings`)."""
-    apply_scalings(column_scalings(flat, k, shape, axis, start))
-

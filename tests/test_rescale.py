@@ -11,7 +11,7 @@ from ds_scalora.rescale import (
 F64 = torch.float64
 
 
-def expand_column_scale(  # the element-by-element reference for scale_columns_
+def expand_column_scale(  # the element-by-element reference for column_scalings
     k: torch.Tensor, shape: tuple, axis: int, start: int, numel: int) -> torch.Tensor:
     """The per-element factor for elements ``[start, start + numel)`` of a row-major 2-D tensor of
     ``shape`` whose index along ``axis`` is scaled by ``k``: how a column scaling acts on a flat shard.
@@ -74,12 +74,14 @@ def test_flat_pieces_tile_the_dense_versions():
     assert torch.equal(expand_column_scale(k, (4, 6), 0, 7, 10) * N.reshape(-1)[7:17], (N * k[:, None]).reshape(-1)[7:17])
 
 
-def test_scale_columns_matches_the_elementwise_expansion():
-    """scale_columns_ (three broadcasts per shard) against expand_column_scale (one factor per element),
-    on every shard boundary of a small tensor: partial first and last rows, whole rows, one element."""
-    from ds_scalora.rescale import scale_columns_
+def test_column_scalings_match_the_elementwise_expansion():
+    """column_scalings (at most three broadcasts per shard) against expand_column_scale (one factor per
+    element), on every shard boundary of small tensors: partial first and last rows, whole rows, one
+    element. All shards of all shapes are multiplied in one apply_scalings call, as a refresh does."""
+    from ds_scalora.rescale import apply_scalings, column_scalings
 
     gen = torch.Generator().manual_seed(0)
+    ops, checks = [], []
     for shape, axis in (((5, 4), 1), ((4, 6), 0), ((1, 7), 1), ((7, 1), 0)):
         M = torch.randn(*shape, dtype=torch.float64, generator=gen)
         k = torch.rand(shape[axis], dtype=torch.float64, generator=gen) + 0.5
@@ -87,6 +89,9 @@ def test_scale_columns_matches_the_elementwise_expansion():
         for start in range(total):
             for numel in range(0, total - start + 1):
                 flat = M.reshape(-1)[start : start + numel].clone()
-                scale_columns_(flat, k, shape, axis, start)
+                ops += column_scalings(flat, k, shape, axis, start)
                 want = expand_column_scale(k, shape, axis, start, numel) * M.reshape(-1)[start : start + numel]
-                assert torch.equal(flat, want), (shape, axis, start, numel)
+                checks.append((flat, want, (shape, axis, start, numel)))
+    apply_scalings(ops)
+    for flat, want, where in checks:
+        assert torch.equal(flat, want), where

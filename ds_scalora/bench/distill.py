@@ -9,10 +9,11 @@ own classes in one process (PEFT layers, ``ScaLoRA`` for ScaLoRA/ReLoRA).
 
 **The update is built in the metric the data can see** (2026-12-02; the first version drew ΔW* with
 random orthogonal vectors, σ_i ∝ i^-½ in the Frobenius norm). A layer's inputs are far from isotropic
-(measured on these windows: one direction holds 21–63% of the input energy, the 50th is 64–436 times
-weaker than the first), so a random ΔW* acted on the text mostly through a few input directions: its
-energy outside the top 4 directions *in the data metric* was 0.20–0.53, not the 0.70 its Frobenius
-spectrum promised, and a rank-4 adapter could hold most of what the KL sees; the Frobenius weight
+(``python -m ds_scalora.bench.distill`` prints it per target: one direction holds 21–64% of the input
+energy, the 50th eigenvalue is 65–452 times smaller than the first), so a random ΔW* acted on the text
+mostly through a few input directions: its energy outside the top 4 directions *in the data metric* was
+0.20–0.53 (measured on 2026-12-02 with the first design's ``true_update``, in git history), not the 0.70
+its Frobenius spectrum promised, and a rank-4 adapter could hold most of what the KL sees; the Frobenius weight
 error stayed ≈ 1 for every method, fine-tuning included, because most of ΔW* lies in directions the
 text never excites. So now, with ``Σ = E[x xᵀ]`` the layer's input second moment (estimated on
 SIGMA_WINDOWS training windows) and ``E_m, λ_m`` its top-``SUBSPACE`` eigenvectors and eigenvalues,
@@ -212,3 +213,23 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
     energy = [energy_outside_top(u, r) for u in updates]
     return {"kl": final if math.isfinite(final) else math.inf, "curve": curve, "weight_error": error,
             "energy_outside_top_r": sum(energy) / len(energy)}
+
+
+def main() -> None:
+    """How anisotropic each target's inputs are (why ΔW* is built in the data metric): per target, the
+    share of the input energy in the top 1 and top 10 directions of Σ, and λ_1 / λ_50."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..train.packaged_models import materialize
+
+    folder = materialize(MODEL)
+    data = windows(AutoTokenizer.from_pretrained(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name, sigma in zip(TARGETS, input_moments(model, TARGETS, data[:-HELD_OUT][:SIGMA_WINDOWS])):
+        e = torch.linalg.eigvalsh(sigma).flip(0)
+        share = e.cumsum(0) / e.sum()
+        print(f"{name}: top-1 share {share[0]:.3f}, top-10 share {share[9]:.3f}, λ1/λ50 {e[0] / e[49]:.0f}")
+
+
+if __name__ == "__main__":
+    main()

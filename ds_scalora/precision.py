@@ -73,18 +73,19 @@ class MergePolicy:
         self._merge(weight, delta, state, seed)
 
     def merge_product_(self, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int,
-                       state: torch.Tensor | None, *, seed: int = 0) -> None:
+                       state: torch.Tensor | None, *, seed: int = 0, checked: bool = False) -> None:
         """In place: ``weight`` (and ``state``), a flat slice, now represent old value + elements
         ``[start, start + weight.numel())`` of the flattened product ``left @ rightᵀ`` (rows x r and
         cols x r: a low-rank merge, formed in ``left``'s dtype): fused into one ``addmm_`` where the
         policy is a plain add, else formed a block of rows at a time and merged, so no temporary the size
         of the weight exists and the weight is read and written once; a non-finite factor is refused
-        before anything is written."""
+        before anything is written (``checked``: the caller has checked the factors finite, as a refresh
+        does for all its layers at once, saving a device sync per layer)."""
         n, cols = weight.numel(), right.shape[0]
         self._check_target(weight, state)
         # one sync; a float64 sum carries any NaN or ±Inf and cannot overflow from fp32/bf16 values (cheaper
         # on these small factors than two isfinite masks)
-        if not math.isfinite(left.sum(dtype=torch.float64) + right.sum(dtype=torch.float64)):
+        if not checked and not math.isfinite(left.sum(dtype=torch.float64) + right.sum(dtype=torch.float64)):
             raise ValueError(f"merge factors of shapes {tuple(left.shape)} and {tuple(right.shape)} contain NaN or Inf")
         if n == 0:
             return

@@ -294,9 +294,11 @@ def check_options(strength, solver: str, shrink: float, max_scale: float | None,
 
 def solve_scaling_batch(A, B, grad_A, grad_B, strength, solver: str = "column", scale=1.0, *,
                         shrink: float = 1.0, directions=None, max_scale: float | None = None,
-                        ablation: str | None = None) -> list[ScalingSolution]:
+                        ablation: str | None = None, finite: torch.Tensor | None = None) -> list[ScalingSolution]:
     """:func:`solve_scaling` for a batch of layers of one shape (``A``: n x d_out x r, ...; ``scale``
-    a float or one per layer); every layer is solved independently, as if alone."""
+    a float or one per layer); every layer is solved independently, as if alone. ``finite``: per layer,
+    that the caller has checked its inputs finite (a refresh checks all layers at once); by default
+    they are checked here."""
     strength = check_options(strength, solver, shrink, max_scale, ablation)
     if solver == "adam" and directions is None:
         raise ValueError("solver='adam' needs directions=(U_A, U_B): Adam's next step directions "
@@ -304,8 +306,9 @@ def solve_scaling_batch(A, B, grad_A, grad_B, strength, solver: str = "column", 
     _check_shapes(A, B, grad_A, grad_B)
     n = A.shape[0]
     inputs = (A, B, grad_A, grad_B) + (tuple(directions) if solver == "adam" else ())
-    finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in inputs]).all(0).cpu()
-    finite &= torch.isfinite(_scales(scale, n).reshape(n))
+    if finite is None:
+        finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in inputs]).all(0).cpu()
+    finite = finite.cpu() & torch.isfinite(_scales(scale, n).reshape(n))
     if ablation == "constant_shrink":
         k = torch.full((A.shape[-1],), shrink**-0.5, dtype=torch.float64)
         constant = ScalingSolution(k, k.clone(), "constant", None, math.nan, math.nan, math.nan)
@@ -356,14 +359,14 @@ def solve_problems(problem: ScalingProblem, strength, solver: str = "column", *,
     objective = problem.objective(final if problem.linear else final * final, c)
     identity = problem.objective(torch.ones(n, 2 * r, dtype=torch.float64), c)
     out = []
-    for i in range(n):
-        if not finite[i]:
+    flags = zip(finite.tolist(), free.any(-1).tolist(), valid.tolist(), objective.tolist(), identity.tolist(), c.tolist())
+    for i, (ok, any_free, is_valid, obj, ident, ci) in enumerate(flags):
+        if not ok:
             out.append(_identity(r, "nonfinite", 1.0 if auto else strength, None))
-        elif not free[i].any() or not valid[i]:
+        elif not any_free or not is_valid:
             out.append(_identity(r, "degenerate", 1.0 if auto else strength, problem[i]))
         else:
-            out.append(ScalingSolution(alpha[i], beta[i], used[i], reason[i], float(objective[i]), float(identity[i]),
-                                       float(c[i])))
+            out.append(ScalingSolution(alpha[i], beta[i], used[i], reason[i], obj, ident, ci))
     return out
 
 

@@ -189,6 +189,22 @@ def test_schedule_warmup_interval_and_nonfinite_gradients():
     assert report.reasons["nonfinite"] == 14 and report.solvers["none"] == 14
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert scalora.totals["reason/nonfinite"] == 14
+    # an Inf likewise (the refresh checks its joined buffer with one float64 sum, which carries either)
+    scalora.layers[0].lora_A.grad[0, 0] = float("inf")
+    assert scalora.refresh().reasons["nonfinite"] == 14
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # finite factors whose merge s·A·diag(1 − α∘β) overflows fp32: refused before any layer is written
+    opt.zero_grad()
+    model(**fixed_batch(seed=11)).loss.backward()
+    saved_B = scalora.layers[5].lora_B.detach().clone()
+    with torch.no_grad():
+        scalora.layers[5].lora_B.copy_(torch.full_like(saved_B, 3e38))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="overflow"):
+        scalora.refresh()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        scalora.layers[5].lora_B.copy_(saved_B)
     # solve_scaling itself also refuses a non-finite layer (tested in test_scaling); and a finite
     # step afterwards refreshes normally
     opt.zero_grad()

@@ -21,7 +21,7 @@ What is measured, per (base dtype, r):
   the cost).
 * phases: the refresh core's own steps (``ds_scalora.methods.scalora_refresh.RefreshCore``), timed one
   after the other from the same restored snapshot: gather (factors and gradients into one buffer),
-  solve (``solve_round_robin``: every shape's layers in one batch), merge (``merge_layer``: the
+  solve (``solve_round_robin``: every shape's layers in one batch), merge (``merge_all``: the
   product added into each frozen weight through its precision policy), rescale (masters, gradients and
   moments, crossed), norms (the merged norms), sketch add (the merges into the rank sketches,
   ``SketchBatch.add``) and sketch measure (their Gram matrices and eigenvalues, ``SketchBatch.measure``).
@@ -119,31 +119,31 @@ EVERY = 10  # ScaLoRAConfig.rank_sketch_every
 def phases(scalora: ScaLoRA) -> dict:
     """The refresh core's steps one after the other, each timed (what ``RefreshCore.refresh`` runs)."""
     core, t = scalora.core, {}
+    params = [(layer.lora_B, layer.lora_A) for layer in core.layers]
     start = time.perf_counter()
-    full, directions, _ = core.gather_factors_and_grads()
+    buffer, pieces, _ = core.gather_factors_and_grads(params)
     t["gather"] = time.perf_counter() - start
     start = time.perf_counter()
-    sols = core.solve_round_robin(full, directions)
+    packed, used, _ = core.solve_round_robin(buffer)
     t["solve"] = time.perf_counter() - start
-    rescaled = [(i, layer, A, B, a, b) for i, (layer, (A, B, _, _), (a, b, used, _)) in
-                enumerate(zip(core.layers, full, sols)) if used != "none"]
+    rescaled = [i for i, u in enumerate(used) if u != "none"]
     start = time.perf_counter()
-    for i, layer, A, B, a, b in rescaled:
-        core.merge_layer(i, layer, A, B, a, b, step=0)
+    core.merge_all(buffer, packed, rescaled, step=0)
     t["merge"] = time.perf_counter() - start
     start = time.perf_counter()
-    apply_scalings([op for i, layer, A, B, a, b in rescaled for op in core.rescale_pieces(layer, a, b)])
+    apply_scalings(core.scalings(params, pieces, packed, rescaled))
     t["rescale"] = time.perf_counter() - start
     start = time.perf_counter()
-    core.merged_norms(full, sols)
+    core.merged_norms(buffer, packed)
     t["norms"] = time.perf_counter() - start
     start = time.perf_counter()
-    core.measure_sketches(full, sols, measure=False)
+    core.measure_sketches(buffer, packed, measure=False)
     t["sketch add"] = time.perf_counter() - start
-    inputs = [(batch, torch.stack([full[i][0] for i in group]),  # what measure_sketches adds when it measures
-               torch.stack([full[i][1] for i in group]).mT @ batch.omega,
-               torch.stack([sols[i][0] * sols[i][1] for i in group]),
-               torch.tensor([core.layers[i].scale for i in group])) for group, batch in core.sketch_batches]
+    inputs = []  # what measure_sketches measures (after adding) when it measures
+    for group, batch in core.sketch_batches:
+        A, B = group.stacked(buffer[0])
+        block = group.solutions(packed)
+        inputs.append((batch, A, B.mT @ batch.omega, block[:, : group.r] * block[:, group.r : 2 * group.r], torch.tensor([core.scales[i] for i in group.layers])))
     start = time.perf_counter()
     for batch, A, BtO, kept, scale in inputs:
         batch.measure(A, BtO, kept, scale, A.shape[-1])

@@ -88,6 +88,38 @@ def merge_seed(seed: int, step: int, index: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 10_007 + index) * 65_537 + rank
 
 
+@dataclass(frozen=True)
+class ShapeGroup:
+    """Layers whose factors have one full shape, solved by one rank in one batch (``owner``): in the
+    refresh's joined buffer their lora_B sit side by side from ``b_at`` and their lora_A from ``a_at``,
+    so the stacked factors of the group are views of the buffer, and their solutions one block of the
+    packed results from ``packed_at`` (2r + 1 values per layer: α, β and the solver's code)."""
+
+    owner: int
+    layers: tuple
+    b_shape: tuple  # lora_B: d_out x r
+    a_shape: tuple  # lora_A: r x d_in
+    b_at: int
+    a_at: int
+    packed_at: int
+
+    @property
+    def r(self) -> int:
+        return self.b_shape[1]
+
+    def solutions(self, packed: torch.Tensor) -> torch.Tensor:
+        """The group's block of the packed solutions: n x (2r + 1), a view (α, β, the solver's code)."""
+        n, r = len(self.layers), self.r
+        return packed[self.packed_at : self.packed_at + n * (2 * r + 1)].view(n, 2 * r + 1)
+
+    def stacked(self, block: torch.Tensor):
+        """The group's (A, B) in the paper's orientation (n x d_out x r, n x d_in x r), views of ``block``."""
+        n, (d_out, r), (_, d_in) = len(self.layers), self.b_shape, self.a_shape
+        A = block[self.b_at : self.b_at + n * d_out * r].view(n, d_out, r)
+        Bt = block[self.a_at : self.a_at + n * r * d_in].view(n, r, d_in)
+        return A, Bt.mT
+
+
 class RefreshCore:
     """The refresh of every adapted layer, on whatever ``access`` says this rank holds. ``config`` is a
     ``ScaLoRAConfig``. Collective when the access object communicates: every rank must call it."""
@@ -98,16 +130,23 @@ class RefreshCore:
         self.merge_state = [policy.init_state(access.weight_slice(layer.weight)[0])
                             for policy, layer in zip(self.policies, layers)]  # fmt: skip
         access.own_writable_copies([layer.weight for layer in layers])
+        self.scales = [layer.scale for layer in layers]
+        self.groups, self.total, self.packed_total = self._layout()
+        self.own = [g for g in self.groups if g.owner == access.rank]
+        # where each layer's solver code sits in the packed solutions, and the layer order they come in
+        self.code_at = torch.tensor([g.packed_at + k * (2 * g.r + 1) + 2 * g.r for g in self.groups
+                                     for k in range(len(g.layers))])  # fmt: skip
+        self.code_layers = [i for g in self.groups for i in g.layers]
         # the accumulated-rank sketch of layer i lives on the rank that solves it (i mod N), stored and
         # updated with the other layers of its shape
-        self.sketch_batches: list = []  # (layer indices, SketchBatch)
+        self.sketch_batches: list = []  # (ShapeGroup, SketchBatch)
         self.sketches = {}  # layer index -> its RankSketch (a view into its batch; what checkpoints hold)
         if config.rank_sketch:
-            for group in self.shape_groups([i for i in range(len(layers)) if i % access.world == access.rank]):
-                d_out, d_in = access.full_shape(layers[group[0]].lora_B)[0], access.full_shape(layers[group[0]].lora_A)[1]
-                batch = SketchBatch(d_out, d_in, config.rank_sketch, seeds=group, device=layers[group[0]].lora_B.device)
+            for group in self.own:
+                batch = SketchBatch(group.b_shape[0], group.a_shape[1], config.rank_sketch, seeds=list(group.layers),
+                                    device=layers[group.layers[0]].lora_B.device)
                 self.sketch_batches.append((group, batch))
-                self.sketches.update(zip(group, batch.sketches))
+                self.sketches.update(zip(group.layers, batch.sketches))
         self.totals = Counter()  # over the run: refreshes, and layers per solver / reason
 
     def shape_groups(self, indices: list) -> list[list]:
@@ -119,12 +158,30 @@ class RefreshCore:
                               []).append(i)
         return list(groups.values())
 
+    def _layout(self):
+        """Every rank's layers (i mod N) grouped by shape, in one order that all ranks share: the
+        :class:`ShapeGroup` s, the length of one block of the joined buffer, and that of the packed
+        solutions."""
+        groups, at, packed_at = [], 0, 0
+        for owner in range(self.access.world):
+            for members in self.shape_groups([i for i in range(len(self.layers)) if i % self.access.world == owner]):
+                first = self.layers[members[0]]
+                b_shape = tuple(self.access.full_shape(first.lora_B))
+                a_shape = tuple(self.access.full_shape(first.lora_A))
+                n = len(members)
+                groups.append(ShapeGroup(owner, tuple(members), b_shape, a_shape, at, at + n * math.prod(b_shape),
+                                         packed_at))
+                at += n * (math.prod(b_shape) + math.prod(a_shape))
+                packed_at += n * (2 * b_shape[1] + 1)
+        return groups, at, packed_at
+
     @torch.no_grad()
     def refresh(self, step: int) -> RefreshReport:
         """Rescale every adapted layer now, from the gradients the access object holds; ``step`` is the
         optimizer step about to be taken (it seeds the merges and restarts)."""
         report = RefreshReport(step=step)
-        full, directions, finite = self.gather_factors_and_grads()
+        params = [(layer.lora_B, layer.lora_A) for layer in self.layers]
+        buffer, pieces, finite = self.gather_factors_and_grads(params)
         if not finite:
             # A non-finite gradient anywhere means this optimizer step is skipped (loss scaling,
             # overflow checks) or the run is already corrupt: rescaling the other layers would only
@@ -133,27 +190,24 @@ class RefreshCore:
             report.reasons["nonfinite"] = len(self.layers)
             self._count(report)
             return report
-        solutions = self.solve_round_robin(full, directions)
-        merged, scalings, restarts = [], [], []
-        for index, (layer, (A, B, _, _), (alpha, beta, used, reason)) in enumerate(zip(self.layers, full, solutions)):
-            report.solvers[used] += 1
-            if reason:
-                report.reasons[reason] += 1
-            if used != "none":
-                self.merge_layer(index, layer, A, B, alpha, beta, step)
-                scalings += self.rescale_pieces(layer, alpha, beta)
-                if used == "restart":
-                    restarts.append((index, layer))
-                report.alpha_beta.append((alpha * beta).float())
-                merged.append(layer.weight)
-        apply_scalings(scalings)  # every layer's masters, gradients and moments in one multi-tensor call
-        for index, layer in restarts:  # after the scaling, which zeroed the old lora_A
-            self._reinit_lora_A(index, layer, step)
-        norms = self.merged_norms(full, solutions)
-        measured = self.measure_sketches(full, solutions, measure=self.config.is_measured(step))
-        self.access.share_replica_slices(merged)
+        packed, used, reasons = self.solve_round_robin(buffer)
+        for u, why in zip(used, reasons):
+            report.solvers[u] += 1
+            if why:
+                report.reasons[why] += 1
+        rescaled = [i for i, u in enumerate(used) if u != "none"]
+        self.merge_all(buffer, packed, rescaled, step)
+        apply_scalings(self.scalings(params, pieces, packed, rescaled))  # masters, gradients, moments: one call
+        for index in rescaled:
+            if used[index] == "restart":  # after the scaling, which zeroed the old lora_A
+                self._reinit_lora_A(index, self.layers[index], step)
+        alpha, beta = self.per_layer(packed)
+        report.alpha_beta = [(alpha[i] * beta[i]).float() for i in rescaled]
+        norms = self.merged_norms(buffer, packed)
+        measured = self.measure_sketches(buffer, packed, measure=self.config.is_measured(step))
+        self.access.share_replica_slices([self.layers[i].weight for i in rescaled])
         # one all-reduce for the merged norms and the ranks (each from the rank that owns the layer)
-        totals = self.access.all_reduce(torch.cat([norms, *(measured or ())]).to(self.layers[0].lora_B.device)).cpu()
+        totals = self.access.all_reduce(torch.cat([norms, *(measured or ())]).to(params[0][0].device)).cpu()
         n = len(self.layers)
         report.merged_sq_norm = float(totals[:n].sum())
         if self.config.rank_sketch and measured is not None:
@@ -162,161 +216,175 @@ class RefreshCore:
         self._count(report)
         return report
 
-    def merged_norms(self, full, solutions) -> torch.Tensor:
+    def _work_dtype(self, params) -> torch.dtype:
+        """fp32 (the ZeRO masters), or fp64 when the factors are fp64 (the float64 references)."""
+        return torch.float64 if any(p.dtype == torch.float64 for pair in params for p in pair) else torch.float32
+
+    def gather_factors_and_grads(self, params):
+        """Every layer's full lora_B, lora_A and their gradients (and, with solver "adam", Adam's next step
+        directions, computed elementwise on each rank's pieces) in one joined buffer, in the work dtype:
+        ``blocks x total`` with block 0 the factors, 1 the gradients, 2 the directions, each laid out by
+        :class:`ShapeGroup`. Missing gradients read as zeros. Also this rank's pieces (reused by the
+        rescale) and whether everything is finite (one check of the joined buffer)."""
+        adam = self.config.solver == "adam"
+        buffer = torch.zeros(3 if adam else 2, self.total, dtype=self._work_dtype(params), device=params[0][0].device)
+        pieces = {}
+        into, values = [], []  # copied in one multi-tensor call
+        for group in self.groups:
+            for k, i in enumerate(group.layers):
+                for p, at in ((params[i][0], group.b_at + k * math.prod(group.b_shape)),
+                              (params[i][1], group.a_at + k * math.prod(group.a_shape))):
+                    piece = pieces[id(p)] = self.access.piece(p)
+                    if piece is None:
+                        continue
+                    at += piece.start
+                    into.append(buffer[0, at : at + piece.numel])
+                    values.append(piece.master)
+                    if piece.grad is not None:
+                        into.append(buffer[1, at : at + piece.numel])
+                        values.append(piece.grad)
+                        if adam:
+                            into.append(buffer[2, at : at + piece.numel])
+                            values.append(piece.adam_direction())
+        if into:
+            torch._foreach_copy_(into, values)  # converts to the work dtype
+        self.access.join_pieces(buffer.view(-1))
+        # one reduction in float64: it carries any NaN or ±Inf and cannot overflow from fp32 values (an fp64
+        # buffer whose finite values sum past 1.8e308 reads as non-finite: the refresh is skipped, nothing lost)
+        finite = math.isfinite(buffer.sum(dtype=torch.float64))
+        return buffer, pieces, finite
+
+    def solve_round_robin(self, buffer: torch.Tensor):
+        """Layer i is solved on rank i mod N, all of a rank's layers of one shape in one batch
+        (``solve_scaling_batch``); one all-reduce shares the packed results. Returns the packed
+        solutions (float64, laid out by :class:`ShapeGroup`) and per layer the solver used and the reason."""
+        packed = torch.zeros(self.packed_total, dtype=torch.float64, device=buffer.device)
+        for group in self.own:
+            r, n = group.r, len(group.layers)
+            if self.config.restart:
+                sols = [restart_solution(r) for _ in group.layers]
+            else:
+                A, B = group.stacked(buffer[0])
+                gA, gB = group.stacked(buffer[1])
+                dirs = group.stacked(buffer[2]) if self.config.solver == "adam" else None
+                scale = torch.tensor([self.scales[i] for i in group.layers], dtype=torch.float64)
+                # finite: the joined buffer was checked as a whole
+                sols = solve_scaling_batch(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=scale,
+                                           directions=dirs, finite=torch.ones(n, dtype=torch.bool),
+                                           **self.config.solve_options())
+            codes = torch.tensor([_SOLVERS.index(s.solver_used) * 10 + _REASONS.index(s.reason) for s in sols],
+                                 dtype=torch.float64)
+            block = torch.cat([torch.stack([s.alpha for s in sols]), torch.stack([s.beta for s in sols]),
+                               codes[:, None]], dim=1)
+            group.solutions(packed).copy_(block)
+        self.access.all_reduce(packed)
+        used, reasons = [None] * len(self.layers), [None] * len(self.layers)
+        codes = packed[self.code_at.to(packed.device)].tolist()  # to the host in one transfer
+        for i, code in zip(self.code_layers, codes):
+            used[i], reasons[i] = _SOLVERS[int(code) // 10], _REASONS[int(code) % 10]
+        return packed, used, reasons
+
+    def per_layer(self, packed: torch.Tensor):
+        """(α per layer, β per layer): views of the packed solutions."""
+        alpha, beta = [None] * len(self.layers), [None] * len(self.layers)
+        for group in self.groups:
+            block, r = group.solutions(packed), group.r
+            for k, i in enumerate(group.layers):
+                alpha[i], beta[i] = block[k, :r], block[k, r : 2 * r]
+        return alpha, beta
+
+    def merge_all(self, buffer: torch.Tensor, packed: torch.Tensor, rescaled: list, step: int) -> None:
+        """Merge ``s A diag(1 − α∘β) Bᵀ`` of every rescaled layer into this rank's slice of its frozen
+        weight, formed from the factors a block of rows at a time (``MergePolicy.merge_product_``). The
+        coefficients are applied to A a shape at a time, and all factors are checked finite at once
+        before anything is written."""
+        todo = set(rescaled)
+        work, checks = [], []  # (layer index, A diag(coef), B); one float64 sum per shape
+        for group in self.groups:
+            A, B = group.stacked(buffer[0])
+            block = group.solutions(packed)
+            alpha, beta = block[:, : group.r], block[:, group.r : 2 * group.r]
+            scale = torch.tensor([self.scales[i] for i in group.layers], dtype=torch.float64, device=A.device)
+            coef = (1.0 - alpha * beta) * scale[:, None]
+            scaled = A * coef.to(A.dtype)[:, None, :]
+            checks.append(scaled.sum(dtype=torch.float64))  # B comes from the checked buffer
+            work += [(i, scaled[k], B[k]) for k, i in enumerate(group.layers) if i in todo]
+        if work and not math.isfinite(torch.stack(checks).sum()):
+            raise ValueError("the merge factors contain NaN or Inf (an overflow of A·(1 − α∘β)·s): nothing was merged")
+        for index, left, right in work:
+            layer = self.layers[index]
+            target, start = self.access.weight_slice(layer.weight)
+            dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
+            if layer.fan_in_fan_out:  # the weight's own layout: d_in x d_out
+                left, right = right, left
+            seed = merge_seed(self.config.seed, step, index, self.access.rank)
+            self.policies[index].merge_product_(target, left.to(device=target.device, dtype=dtype),
+                                                right.to(device=target.device, dtype=dtype), start,
+                                                self.merge_state[index], seed=seed, checked=True)
+
+    def scalings(self, params, pieces: dict, packed: torch.Tensor, rescaled: list) -> list:
+        """How to scale this rank's pieces of masters, gradients and moments of the rescaled layers (spec
+        §4 steps 4 to 6, crossed): (view, factor) pairs (:func:`~ds_scalora.rescale.column_scalings`),
+        which the refresh multiplies at once (:func:`~ds_scalora.rescale.apply_scalings`). lora_B is the
+        paper's A (columns scaled by α, its gradient and moments by β); lora_A = Bᵀ (rows by β, and α)."""
+        factors = {}  # (device, dtype) -> α, β and their squares per layer, converted once
+
+        def converted(t: torch.Tensor):
+            key = (t.device, t.dtype)
+            if key not in factors:
+                k = packed.to(device=t.device, dtype=t.dtype)
+                factors[key] = (self.per_layer(k), self.per_layer(k * k))
+            return factors[key]
+
+        ops = []
+        for index in rescaled:
+            for j, p in enumerate(params[index]):
+                piece = pieces[id(p)]
+                if piece is None:
+                    continue
+                shape, axis = self.access.full_shape(p), 1 - j
+                # lora_B (j = 0) is scaled by α and its gradient and moments by β; lora_A (j = 1) the other way
+                own, crossed = (0, 1) if j == 0 else (1, 0)
+                ops += column_scalings(piece.master, converted(piece.master)[0][own][index], shape, axis, piece.start)
+                if piece.grad is not None:
+                    ops += column_scalings(piece.grad, converted(piece.grad)[0][crossed][index], shape, axis, piece.start)
+                for name, t in piece.moments.items():
+                    if name not in MOMENT_POWERS:
+                        raise ValueError(
+                            f"optimizer state {name!r} has no known rule under column rescaling; "
+                            f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
+                        )
+                    powers = converted(t)[MOMENT_POWERS[name] - 1]  # k or k²
+                    ops += column_scalings(t, powers[crossed][index], shape, axis, piece.start)
+        return ops
+
+    def merged_norms(self, buffer: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """‖merged delta‖² per layer, each counted once, by the rank that solved it (zero elsewhere)."""
         norms = torch.zeros(len(self.layers), dtype=torch.float64)
-        mine = [i for i in range(len(self.layers)) if i % self.access.world == self.access.rank]
-        for group in self.shape_groups(mine):
-            A, B = (torch.stack([full[i][k] for i in group]) for k in (0, 1))
-            alpha, beta = (torch.stack([solutions[i][k] for i in group]) for k in (0, 1))
-            norms[group] = merged_sq_norms(A, B, alpha, beta, [self.layers[i].scale for i in group])
+        for group in self.own:
+            A, B = group.stacked(buffer[0])
+            block = group.solutions(packed)
+            alpha, beta = block[:, : group.r], block[:, group.r : 2 * group.r]
+            norms[list(group.layers)] = merged_sq_norms(A, B, alpha, beta, [self.scales[i] for i in group.layers])
         return norms
 
-    def measure_sketches(self, full, solutions, measure: bool = True):
+    def measure_sketches(self, buffer: torch.Tensor, packed: torch.Tensor, measure: bool = True):
         """Add this refresh's merges to the sketches this rank owns, a shape at a time, and, if
         ``measure``, measure them; returns (ranks, energy shares) per layer, zero for the layers other
         ranks own, or None when not measured."""
         ranks = torch.zeros(len(self.layers), dtype=torch.float64)
         energy = torch.zeros(len(self.layers), dtype=torch.float64)
         for group, batch in self.sketch_batches:
-            A, B = (torch.stack([full[i][k] for i in group]) for k in (0, 1))
-            kept = torch.stack([solutions[i][0] * solutions[i][1] for i in group])  # α∘β (1 where not rescaled)
-            scale = torch.tensor([self.layers[i].scale for i in group], dtype=torch.float64)
+            A, B = group.stacked(buffer[0])
+            block = group.solutions(packed)
+            alpha, beta = block[:, : group.r], block[:, group.r : 2 * group.r]
+            kept = alpha * beta  # α∘β (1 where not rescaled)
+            scale = torch.tensor([self.scales[i] for i in group.layers], dtype=torch.float64)
             BtO = batch.add(A, B, 1 - kept, scale)
             if measure:
                 r, e = batch.measure(A, BtO, kept, scale, A.shape[-1])
-                ranks[group], energy[group] = r.double(), e.double()
+                ranks[list(group.layers)], energy[list(group.layers)] = r.double(), e.double()
         return (ranks, energy) if measure else None
-
-    def _work_dtype(self) -> torch.dtype:
-        """fp32 (the ZeRO masters), or fp64 when the factors are fp64 (the float64 references)."""
-        f64 = any(p.dtype == torch.float64 for layer in self.layers for p in (layer.lora_B, layer.lora_A))
-        return torch.float64 if f64 else torch.float32
-
-    def gather_factors_and_grads(self):
-        """Full (A, B, grad_A, grad_B) of every layer, paper orientation, in the work dtype. With solver
-        "adam" also Adam's next step directions (U_A, U_B), computed elementwise on each rank's pieces and
-        assembled in the same buffer; otherwise None. Missing gradients read as zeros. Third: whether
-        all of it is finite (one check of the joined buffer)."""
-        adam = self.config.solver == "adam"
-        sizes = [math.prod(self.access.full_shape(p)) for layer in self.layers for p in (layer.lora_B, layer.lora_A)]
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
-        total = offsets[-1]
-        blocks = 3 if adam else 2  # masters, gradients[, directions]
-        dtype = self._work_dtype()
-        buffer = torch.zeros(blocks * total, dtype=dtype, device=self.layers[0].lora_B.device)
-        into, values = [], []  # copied in one multi-tensor call
-        for i, layer in enumerate(self.layers):
-            for j, p in enumerate((layer.lora_B, layer.lora_A)):
-                piece = self.access.piece(p)
-                if piece is None:
-                    continue
-                at = offsets[2 * i + j] + piece.start
-                into.append(buffer[at : at + piece.numel])
-                values.append(piece.master)
-                if piece.grad is not None:
-                    into.append(buffer[total + at : total + at + piece.numel])
-                    values.append(piece.grad)
-                    if adam:
-                        into.append(buffer[2 * total + at : 2 * total + at + piece.numel])
-                        values.append(piece.adam_direction())
-        if into:
-            torch._foreach_copy_(into, values)  # converts to the work dtype
-        self.access.join_pieces(buffer)
-        finite = bool(torch.isfinite(buffer).all())
-        full, directions = [], []
-        for i, layer in enumerate(self.layers):
-            shapes = (self.access.full_shape(layer.lora_B), self.access.full_shape(layer.lora_A))
-            a, bt, ga, gbt, ua, ubt = (
-                buffer[k * total + offsets[2 * i + j] : k * total + offsets[2 * i + j + 1]].view(shapes[j])
-                if k < blocks else None
-                for k in range(3) for j in range(2)
-            )
-            full.append((a, bt.T, ga, gbt.T))
-            directions.append((ua, ubt.T) if adam else None)
-        return full, (directions if adam else None), finite
-
-    def solve_round_robin(self, full, directions=None):
-        """Layer i is solved on rank i mod N, all of a rank's layers of one shape in one batch
-        (``solve_scaling_batch``); one all-reduce shares the packed results."""
-        rank, world = self.access.rank, self.access.world
-        solutions = self.solve_layers([i for i in range(len(full)) if i % world == rank], full, directions)
-        widths = [2 * A.shape[1] + 1 for A, _, _, _ in full]
-        packed = torch.zeros(sum(widths), dtype=torch.float64, device=full[0][0].device)
-        at = 0
-        for i, (A, _, _, _) in enumerate(full):
-            if i in solutions:
-                sol, r = solutions[i], A.shape[1]
-                packed[at : at + r] = sol.alpha
-                packed[at + r : at + 2 * r] = sol.beta
-                packed[at + 2 * r] = _SOLVERS.index(sol.solver_used) * 10 + _REASONS.index(sol.reason)
-            at += widths[i]
-        self.access.all_reduce(packed)
-        ends = [0]
-        for w in widths:
-            ends.append(ends[-1] + w)
-        codes = [int(c) for c in packed[torch.tensor(ends[1:], device=packed.device) - 1].tolist()]  # one sync
-        out = []
-        for (A, _, _, _), at, code in zip(full, ends, codes):
-            r = A.shape[1]
-            out.append((packed[at : at + r].clone(), packed[at + r : at + 2 * r].clone(), _SOLVERS[code // 10], _REASONS[code % 10]))
-        return out
-
-    def solve_layers(self, indices: list, full, directions=None) -> dict:
-        """{layer index: ScalingSolution} for ``indices``, the layers of one shape solved together."""
-        if self.config.restart:
-            return {i: restart_solution(full[i][0].shape[1]) for i in indices}
-        out = {}
-        for group in self.shape_groups(indices):
-            A, B, gA, gB = (torch.stack([full[i][k] for i in group]) for k in range(4))
-            dirs = None
-            if directions:
-                dirs = tuple(torch.stack([directions[i][k] for i in group]) for k in range(2))
-            scale = torch.tensor([self.layers[i].scale for i in group], dtype=torch.float64)
-            sols = solve_scaling_batch(A, B, gA, gB, self.config.strength, solver=self.config.solver, scale=scale,
-                                       directions=dirs, **self.config.solve_options())
-            out.update(zip(group, sols))
-        return out
-
-    def merge_layer(self, index: int, layer: AdaptedLinear, A, B, alpha, beta, step: int) -> None:
-        """Merge ``s A diag(1 − α∘β) Bᵀ`` into this rank's slice of the frozen weight, formed from the
-        factors a block of rows at a time (``MergePolicy.merge_product_``)."""
-        target, start = self.access.weight_slice(layer.weight)
-        dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
-        coef = ((1.0 - alpha.double() * beta.double()) * layer.scale).to(device=A.device, dtype=dtype)
-        left, right = (B, A) if layer.fan_in_fan_out else (A, B)  # the weight's own layout
-        seed = merge_seed(self.config.seed, step, index, self.access.rank)
-        self.policies[index].merge_product_(target, (left.to(dtype) * coef).to(target.device),
-                                            right.to(device=target.device, dtype=dtype), start,
-                                            self.merge_state[index], seed=seed)
-
-    def rescale_pieces(self, layer: AdaptedLinear, alpha, beta) -> list:
-        """How to scale this rank's pieces of masters, gradients and moments (spec §4 steps 4 to 6,
-        crossed): (view, factor) pairs (:func:`~ds_scalora.rescale.column_scalings`), which the refresh
-        multiplies for all its layers at once (:func:`~ds_scalora.rescale.apply_scalings`)."""
-        ops = []
-        # lora_B is the paper's A (columns scaled by α, gradients/moments by β); lora_A = Bᵀ (rows by β / α)
-        for p, axis, own, crossed in ((layer.lora_B, 1, alpha, beta), (layer.lora_A, 0, beta, alpha)):
-            piece = self.access.piece(p)
-            if piece is None:
-                continue
-            shape = self.access.full_shape(p)
-            own_k = own.to(device=piece.master.device, dtype=piece.master.dtype)
-            crossed_k = crossed.to(device=piece.master.device, dtype=piece.master.dtype)
-            ops += column_scalings(piece.master, own_k, shape, axis, piece.start)
-            if piece.grad is not None:
-                ops += column_scalings(piece.grad, crossed_k, shape, axis, piece.start)
-            for name, t in piece.moments.items():
-                if name not in MOMENT_POWERS:
-                    raise ValueError(
-                        f"optimizer state {name!r} has no known rule under column rescaling; "
-                        f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
-                    )
-                power = MOMENT_POWERS[name]
-                ops += column_scalings(t, crossed_k if power == 1 else crossed_k**power, shape, axis, piece.start)
-        return ops
 
     def _reinit_lora_A(self, index: int, layer: AdaptedLinear, step: int) -> None:
         """ReLoRA's restart: a fresh PEFT init of lora_A (the same draw on every rank), piece by piece."""

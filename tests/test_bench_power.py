@@ -85,6 +85,7 @@ def test_distillation_task_knows_its_answer():
     assert float((D @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()) == pytest.approx(distill.RELATIVE_ENERGY, rel=1e-8)
     result = distill.run({"method": "lora", "r": 4}, 1e-3, seed=3, steps=0)
     assert result["weight_error"] == pytest.approx(1.0, abs=1e-6)
+    assert result["weight_error_per_target"] == pytest.approx([1.0] * len(distill.TARGETS), abs=1e-4)
     assert result["kl"] > 0
 
 

@@ -208,10 +208,12 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
         effective = [refresher.effective_weight(layer) if refresher is not None else layer.effective_weight()
                      for layer in ordered]
     updates = [w.detach().double() - w0.double() for w, w0 in zip(effective, W0)]
-    error = sum(data_energy(u - d, S) for u, d, S in zip(updates, deltas, sigmas)) / sum(
-        data_energy(d, S) for d, S in zip(deltas, sigmas))
+    errors = [data_energy(u - d, S) for u, d, S in zip(updates, deltas, sigmas)]
+    energies = [data_energy(d, S) for d, S in zip(deltas, sigmas)]
     energy = [energy_outside_top(u, r) for u in updates]
-    return {"kl": final if math.isfinite(final) else math.inf, "curve": curve, "weight_error": error,
+    return {"kl": final if math.isfinite(final) else math.inf, "curve": curve,
+            "weight_error": sum(errors) / sum(energies),
+            "weight_error_per_target": [round(e / d, 4) for e, d in zip(errors, energies)],  # in TARGETS' order
             "energy_outside_top_r": sum(energy) / len(energy)}
 
 

@@ -6,7 +6,9 @@ does. One refresh, for the whole model (spec §4):
 
 1. every rank copies its pieces of all factors and gradients into one flat buffer, and
    ``access.join_pieces`` assembles the full factors and gradients everywhere (one all-reduce under
-   ZeRO-1/2/3, nothing at ZeRO-0 or in one process; the adapters are ~0.3% of a model);
+   ZeRO-1/2/3, nothing at ZeRO-0 or in one process; the adapters are ~0.3% of a model); the buffer
+   is laid out by :class:`ShapeGroup` (each rank's layers of one shape side by side), so a group's
+   stacked factors are views of it, not copies;
 2. the layers are solved round-robin (layer i on rank i mod N), a rank's layers of one shape in one
    batch (``solve_scaling_batch``), and ``access.all_reduce`` of the packed α, β shares them: every
    rank ends with bit-identical values;
@@ -15,6 +17,10 @@ does. One refresh, for the whole model (spec §4):
    the precision policy, whose high-precision state therefore lives only beside that slice; the merge is
    formed from the factors (``MergePolicy.merge_product_``), never as a weight-sized temporary;
 4. ``access.share_replica_slices`` makes replicated weights (ZeRO-0/1/2) bit-identical again.
+
+Everything that can be checked or converted once per refresh is (finiteness of the joined buffer and of
+the merge factors, the solvers' codes, α and β per dtype), so the per-layer work is the merge's
+``addmm_`` and the rescale's views: ``python tools/benchmark.py refresh`` times each phase.
 
 With one process the access object is the identity at every step, so this is also the plain
 algorithm; the float64 tests check it against brute force (``tests/test_scalora_reference.py``).

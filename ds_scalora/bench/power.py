@@ -182,7 +182,7 @@ def distill_task() -> Task:
     for arm in arms:
         # 3e-4 added on 2026-11-25: LoRA's first tuning runs were best at 1e-3, the bottom of [1e-3, 3e-3, 1e-2]
         # full fine-tuning's grid moved up on 2026-12-02: on the rebuilt task its seed-100 KL was best at 3e-4, the top
-        # of [3e-5, 1e-4, 3e-4] (0.00165), and worse at 1e-3 (0.00253, measured in a run that kept no record)
+        # of [3e-5, 1e-4, 3e-4] (0.00165), and worse at 1e-3 (0.00253; both seeds' records are in docs/bench_records)
         arm.lrs = [1e-4, 3e-4, 1e-3] if arm.spec["method"] == "full" else [3e-4, 1e-3, 3e-3, 1e-2]
     return DistillTask("distill", "(b) SmolLM2-135M-Instruct distilled (KL) from itself plus a known full-rank update "
                        f"on {len(distill.TARGETS)} projections (σ_i ∝ i^-½ in the data metric ‖·Σ^½‖ over the top {distill.SUBSPACE} input "

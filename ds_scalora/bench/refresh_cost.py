@@ -148,8 +148,9 @@ def phases(scalora: ScaLoRA) -> dict:
     inputs = []  # what measure_sketches measures (after adding) when it measures
     for group, batch in core.sketch_batches:
         A, B = group.stacked(buffer[0])
-        block = group.solutions(packed)
-        inputs.append((batch, A, B.mT @ batch.omega, block[:, : group.r] * block[:, group.r : 2 * group.r], torch.tensor([core.scales[i] for i in group.layers])))
+        alpha, beta = group.alpha_beta(packed)
+        scale = torch.tensor([core.scales[i] for i in group.layers])
+        inputs.append((batch, A, B.mT @ batch.omega, alpha * beta, scale))
     start = time.perf_counter()
     for batch, A, BtO, kept, scale in inputs:
         batch.measure(A, BtO, kept, scale, A.shape[-1])

@@ -118,6 +118,11 @@ class ShapeGroup:
         n, r = len(self.layers), self.r
         return packed[self.packed_at : self.packed_at + n * (2 * r + 1)].view(n, 2 * r + 1)
 
+    def alpha_beta(self, packed: torch.Tensor):
+        """The group's α and β (n x r each), views of the packed solutions."""
+        block = self.solutions(packed)
+        return block[:, : self.r], block[:, self.r : 2 * self.r]
+
     def stacked(self, block: torch.Tensor):
         """The group's (A, B) in the paper's orientation (n x d_out x r, n x d_in x r), views of ``block``."""
         n, (d_out, r), (_, d_in) = len(self.layers), self.b_shape, self.a_shape
@@ -294,9 +299,9 @@ class RefreshCore:
         """(α per layer, β per layer): views of the packed solutions."""
         alpha, beta = [None] * len(self.layers), [None] * len(self.layers)
         for group in self.groups:
-            block, r = group.solutions(packed), group.r
+            a, b = group.alpha_beta(packed)
             for k, i in enumerate(group.layers):
-                alpha[i], beta[i] = block[k, :r], block[k, r : 2 * r]
+                alpha[i], beta[i] = a[k], b[k]
         return alpha, beta
 
     def merge_all(self, buffer: torch.Tensor, packed: torch.Tensor, rescaled: list, step: int) -> None:
@@ -308,8 +313,7 @@ class RefreshCore:
         work, checks = [], []  # (layer index, A diag(coef), B); one float64 sum per shape
         for group in self.groups:
             A, B = group.stacked(buffer[0])
-            block = group.solutions(packed)
-            alpha, beta = block[:, : group.r], block[:, group.r : 2 * group.r]
+            alpha, beta = group.alpha_beta(packed)
             scale = torch.tensor([self.scales[i] for i in group.layers], dtype=torch.float64, device=A.device)
             coef = (1.0 - alpha * beta) * scale[:, None]
             scaled = A * coef.to(A.dtype)[:, None, :]
@@ -369,8 +373,7 @@ class RefreshCore:
         norms = torch.zeros(len(self.layers), dtype=torch.float64)
         for group in self.own:
             A, B = group.stacked(buffer[0])
-            block = group.solutions(packed)
-            alpha, beta = block[:, : group.r], block[:, group.r : 2 * group.r]
+            alpha, beta = group.alpha_beta(packed)
             norms[list(group.layers)] = merged_sq_norms(A, B, alpha, beta, [self.scales[i] for i in group.layers])
         return norms
 
@@ -382,8 +385,7 @@ class RefreshCore:
         energy = torch.zeros(len(self.layers), dtype=torch.float64)
         for group, batch in self.sketch_batches:
             A, B = group.stacked(buffer[0])
-            block = group.solutions(packed)
-            alpha, beta = block[:, : group.r], block[:, group.r : 2 * group.r]
+            alpha, beta = group.alpha_beta(packed)
             kept = alpha * beta  # α∘β (1 where not rescaled)
             scale = torch.tensor([self.scales[i] for i in group.layers], dtype=torch.float64)
             BtO = batch.add(A, B, 1 - kept, scale)

@@ -60,7 +60,7 @@ def test_paired_statistics_against_scipy_and_by_hand():
     assert g["low"] <= g["share"] <= g["high"]
 
 
-def test_distillation_task_knows_its_answer():
+def test_distillation_task_knows_its_answer(tmp_path, monkeypatch):
     """Task (b)'s known update, checked in float64 against its definition: ΔW* Σ^½ has singular values
     ∝ i^-½ on SUBSPACE directions (exact SVD; the rank-4 floor the report quotes is their energy past
     the fourth) and E‖ΔW* x‖² is RELATIVE_ENERGY of E‖W x‖², for an anisotropic Σ like the text's.
@@ -70,6 +70,7 @@ def test_distillation_task_knows_its_answer():
     from ds_scalora.bench import distill
     from ds_scalora.spectrum import energy_outside_top
 
+    monkeypatch.setenv("DS_SCALORA_CACHE", str(tmp_path))  # the teacher's cache stays out of the home folder
     g = torch.Generator().manual_seed(0)
     W = torch.randn(576, 576, generator=g, dtype=torch.float64)
     X = torch.randn(4096, 576, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 576, dtype=torch.float64)
@@ -87,6 +88,54 @@ def test_distillation_task_knows_its_answer():
     assert result["weight_error"] == pytest.approx(1.0, abs=1e-6)
     assert result["weight_error_per_target"] == pytest.approx([1.0] * len(distill.TARGETS), abs=1e-4)
     assert result["kl"] > 0
+
+
+def test_distillation_teacher_cache_hits_misses_and_recovers(tmp_path, monkeypatch):
+    """The cached teacher states give the teacher's own logits through ``lm_head``; the same teacher on
+    the same batches is read back without computing, any changed weight or token misses, and a corrupt
+    file is recomputed and replaced."""
+    import os
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_scalora.bench import distill
+
+    monkeypatch.setenv("DS_SCALORA_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(config).eval()
+    batches = [torch.randint(0, 64, (2, 5)) for _ in range(3)]
+    states = distill.teacher_states(teacher, batches)
+    with torch.no_grad():
+        for b, h in zip(batches, states):
+            assert torch.equal(teacher.lm_head(h), teacher(input_ids=b).logits)
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [torch.zeros(1)]
+
+    key = distill.fingerprint(*teacher.state_dict().values(), *batches)
+    assert torch.equal(distill.cached("teacher", key, compute)[1], states[1])  # a hit: nothing computed
+    assert calls == []
+    changed = [batches[0], batches[1].clone(), batches[2]]
+    changed[1][0, 0] = (changed[1][0, 0] + 1) % 64
+    assert distill.fingerprint(*teacher.state_dict().values(), *changed) != key
+    with torch.no_grad():
+        teacher.model.norm.weight[0] += 1e-3
+    assert distill.fingerprint(*teacher.state_dict().values(), *batches) != key
+    assert distill.fingerprint(torch.zeros(2, 3)) != distill.fingerprint(torch.zeros(3, 2))  # shape counts
+
+    (path,) = [os.path.join(tmp_path, "distill", f) for f in os.listdir(tmp_path / "distill")]
+    with open(path, "wb") as f:
+        f.write(b"not a torch file")
+    assert torch.equal(distill.cached("teacher", key, compute)[0], torch.zeros(1))  # recomputed
+    assert calls == [1]
+    assert torch.equal(torch.load(path, weights_only=True)[0], torch.zeros(1))  # and replaced
+    assert not [f for f in os.listdir(tmp_path / "distill") if f.endswith(".tmp")]
 
 
 def test_steps_to_reach_counts_from_the_curves_first_step_and_its_rounding():

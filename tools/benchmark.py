@@ -5,6 +5,7 @@
     python tools/benchmark.py scaling --preset cpu       # the ZeRO scaling report (suite --scaling-only)
     python tools/benchmark.py power                      # the powered ScaLoRA benchmark -> docs/benchmarks_power.md
     python tools/benchmark.py refresh                    # one refresh against a LoRA step, SmolLM2-135M shape
+    python tools/benchmark.py elalora                    # ElaLoRA's step time against LoRA at its buffer rank
     python tools/benchmark.py profile-refresh            # cProfile of the refresh inside the training entry point
     python tools/benchmark.py zero --quick               # a refresh's communication at 1, 2, 4 DeepSpeed ranks
     python tools/benchmark.py convert-memory             # peak memory of tools/convert.py merged
@@ -28,6 +29,7 @@ COMMANDS = {
     "scaling": ("suite", ["--scaling-only"]),
     "power": ("power", []),
     "refresh": ("refresh_cost", []),
+    "elalora": ("elalora_cost", []),
     "profile-refresh": ("profile_refresh", []),
     "zero": ("zero_scaling", []),
     "convert-memory": ("convert_memory", []),

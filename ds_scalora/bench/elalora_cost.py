@@ -1,0 +1,176 @@
+"""ElaLoRA's step time against LoRA's at its buffer rank, measured side by side (issue 21, item 3).
+
+Why: ElaLoRA keeps ``max_rank`` slots per matrix of which ``init_rank`` are active, so its forward and
+backward run at the buffer rank, whatever its budget. The fair reference is LoRA at that rank; what
+ElaLoRA adds on top is its own per-step work (the orthogonality regulariser's gradient, the importance
+averages, a reallocation round every ``interval`` steps) and AdaLoRA's ``SVDLinear`` forward
+(``(A ∘ λ)`` per step). Target: ≤ 1.05x LoRA at the buffer rank on the CPU, one rank.
+
+How to run (from the repository root; nothing is downloaded, the models are randomly initialised)::
+
+    python tools/benchmark.py elalora             # SmolLM2-135M shape, r0 = 8 of R = 16 -> docs/benchmarks_elalora.md
+    python tools/benchmark.py elalora --quick     # smoke test: 2 layers, 1 round, 2 x 16 tokens, no report file
+
+What is measured: three models built from one random SmolLM2-135M-shaped base (fp32, the same weights):
+LoRA at rank R (the buffer), LoRA at rank r0 (the budget) and ElaLoRA (r0 of R, every default of
+``ElaLoRAConfig`` but the warm-ups, set to 0 so that the measured steps include reallocation rounds at
+their real frequency), each with its own AdamW. Each round runs a block of ``interval`` training steps
+(forward, backward, ``ElaLoRA.after_backward``, clipping, AdamW) of each model, in an order that rotates
+from round to round, on the demo's batch; per round, each block's time over LoRA-at-R's. One untimed
+warm-up round first. A 10-step block varies by a few per cent from one block to the next on a shared
+2-core machine, so the median ratio and the range over rounds are reported, with a verdict only when the
+range is on one side of the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from . import REPO
+from .refresh_cost import TARGETS, _Tee, batch
+from ..methods.elalora import ElaLoRA, elastic_lora_model
+from ..methods.elalora_config import ElaLoRAConfig
+
+TARGET = 1.05  # issue 21: ElaLoRA's step time over LoRA's at the buffer rank, CPU
+
+
+def base_model(layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def variants(base, init_rank: int, max_rank: int, interval: int = ElaLoRAConfig.interval) -> dict:
+    """name -> (model, optimizer, ElaLoRA or None), on deep copies of ``base``."""
+    from peft import LoraConfig, get_peft_model
+
+    out = {}
+    for name, r in ((f"lora r={max_rank}", max_rank), (f"lora r={init_rank}", init_rank)):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                               target_modules=TARGETS))
+        out[name] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), None)
+    model = elastic_lora_model(copy.deepcopy(base), TARGETS, init_rank=init_rank, max_rank=max_rank,
+                               alpha=2 * init_rank, total_steps=100_000)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    config = ElaLoRAConfig(total_steps=100_000, init_rank=init_rank, max_rank=max_rank, init_warmup=0, final_warmup=0,
+                           interval=interval)
+    out[f"elalora {init_rank} of {max_rank}"] = (model, opt, ElaLoRA(model, opt, config))
+    return out
+
+
+def block(model, opt, ela, ids: torch.Tensor, steps: int, reports: list | None = None) -> float:
+    """Seconds of ``steps`` training steps, the loop ElaLoRA's docstring prescribes (LoRA: without it);
+    ElaLoRA's round reports are appended to ``reports`` when given."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        if ela is not None:
+            report = ela.after_backward()
+            if reports is not None:
+                reports.append(report)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def interleaved(models: dict, ids: torch.Tensor, rounds: int, steps: int) -> dict:
+    """{name: [time over the first model's, per round]} for every model but the first (the reference)."""
+    names = list(models)
+    ratios = {name: [] for name in names[1:]}
+    for round_ in range(rounds + 1):  # round 0: untimed warm-up
+        times = {}
+        for k in range(len(names)):
+            name = names[(round_ + k) % len(names)]
+            times[name] = block(*models[name], ids, steps)
+        if round_:
+            for name in names[1:]:
+                ratios[name].append(times[name] / times[names[0]])
+    return ratios
+
+
+def verdict(values: list, target: float) -> str:
+    mid = statistics.median(values)
+    if max(values) <= target:
+        return "met"
+    if min(values) > target:
+        return f"missed by {mid - target:.3f}"
+    return "undecided (the range straddles it)"
+
+
+def report(args) -> None:
+    if args.quick:
+        args.layers, args.rounds, args.batch = 2, 1, [2, 16]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, "
+          f"{platform.processor() or platform.machine()}, load average at start {os.getloadavg()[0]:.2f} "
+          "(other processes skew the figures)")
+    start = time.perf_counter()
+    models = variants(base_model(args.layers), args.init_rank, args.max_rank, args.interval)
+    ela = models[f"elalora {args.init_rank} of {args.max_rank}"][2]
+    ids = batch(*args.batch)
+    ratios = interleaved(models, ids, args.rounds, args.interval)
+    rounds_done = sum(ela.core.config.moves_at(step) > 0 for step in range(ela.step))
+    cover = 1 - 2 * 0.5**args.rounds
+    reference = next(iter(models))
+    print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init, fp32; adapters on {','.join(TARGETS)}; "
+          f"batch {args.batch[0]} x {args.batch[1]} tokens; AdamW, clipping at 1.0")
+    print(f"{args.rounds} rounds (after one untimed), each a block of {args.interval} training steps of every model in "
+          f"a rotating order; per round, the block's time over {reference}'s. ElaLoRA: every ElaLoRAConfig default but "
+          f"the warm-ups (0), so its {ela.step} steps held {rounds_done} reallocation rounds, one per {args.interval} "
+          f"steps as in a run. Median and range over the rounds (the range holds the median ratio with probability "
+          f"{cover:.0%}).")
+    print()
+    print(f"| method | step time / {reference}, median | range | target | verdict |")
+    print("|---|---|---|---|---|")
+    for name, values in ratios.items():
+        is_ela = name.startswith("elalora")
+        print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} | "
+              f"{f'≤ {TARGET}' if is_ela else 'n/a'} | {verdict(values, TARGET) if is_ela else 'reference'} |")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init-rank", type=int, default=8, help="r0, the active slots (ElaLoRAConfig's default)")
+    parser.add_argument("--max-rank", type=int, default=16, help="R, the buffer (ElaLoRAConfig's default)")
+    parser.add_argument("--layers", type=int, default=30, help="hidden layers (SmolLM2-135M has 30)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--interval", type=int, default=ElaLoRAConfig.interval,
+                        help="steps per block and ElaLoRA's reallocation interval (default: ElaLoRA's): one "
+                             "round per block")
+    parser.add_argument("--batch", type=int, nargs=2, default=[8, 72], metavar=("ROWS", "TOKENS"),
+                        help="the batch (default: the demo's, 8 rows of about 72 tokens)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="2 hidden layers, 1 round, 2 x 16 tokens, no report file")
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks_elalora.md"),
+                        help="where the report goes (besides the console); '' for none (default for --quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.out = ""
+    lines: list = []
+    with contextlib.redirect_stdout(_Tee(sys.stdout, lines)):
+        report(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# ElaLoRA's step time against LoRA at its buffer rank (CPU)\n\nGenerated by "
+                    "`python tools/benchmark.py elalora`.\n\n" + "".join(lines))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

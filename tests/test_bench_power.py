@@ -43,6 +43,12 @@ def test_sweep_records_resume_and_report(tmp_path):
     text, figures = power.render(task, root=str(tmp_path))
     assert "| scalora-I |" in text and "gap closed" in text
     assert figures["scalora-I"]["diff"]["n"] == 3
+    t = power.run_time(task, root=str(tmp_path))
+    assert t["runs"] == 16 and t["missing"] == 0 and t["hours"] > 0
+    with open(tmp_path / "regression" / "lora.jsonl") as f:  # the first tuning record lost: it and LoRA's 3 report
+        kept = f.read().splitlines()[1:]                     # runs (tuning incomplete, no setting) are missing
+    (tmp_path / "regression" / "lora.jsonl").write_text("\n".join(kept) + "\n")
+    assert power.run_time(task, root=str(tmp_path))["missing"] == 1 + 3
 
 
 def test_paired_statistics_against_scipy_and_by_hand():

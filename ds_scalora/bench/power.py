@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -316,6 +317,24 @@ def report_values(task: Task, arm: Arm, root: str = RECORDS):
     return setting, recs
 
 
+def run_time(task: Task, root: str = RECORDS) -> dict:
+    """The sweep's run time from its records: runs recorded and their seconds, runs still missing (tuning
+    points on the tuning seeds; report seeds at the tuned setting, or all of them while tuning is
+    incomplete) and an estimate of their time at the median recorded run."""
+    done, seconds, missing = 0, [], 0
+    for arm in task.arms:
+        have = load_records(task.name, arm.name, root)
+        done += len(have)
+        seconds += [r["seconds"] for r in have.values() if isinstance(r.get("seconds"), (int, float))]
+        missing += sum(_key("tune", spec, lr, s) not in have for spec, lr in _points(arm) for s in task.tune_seeds)
+        setting = tuned_setting(task, arm, root)
+        missing += len(task.report_seeds) if setting is None else sum(
+            _key("report", setting[0], setting[1], s) not in have for s in task.report_seeds)
+    median = statistics.median(seconds) if seconds else math.nan
+    return {"runs": done, "hours": sum(seconds) / 3600, "median_s": median, "missing": missing,
+            "missing_hours": missing * median / 3600}
+
+
 # -- the report ---------------------------------------------------------------------------------------
 
 def _fmt(x, digits=3):
@@ -463,7 +482,12 @@ def write_report(tasks: list, path: str, root: str = RECORDS, command: str = "")
              "`docs/bench_records/` (one line per finished run; the report regenerates from them alone).", ""]
     for task in tasks:
         text, figures = render(task, root)
-        parts += [text, "", "**Targets**", ""] + [f"- {t}" for t in targets(task, figures)] + [""]
+        t = run_time(task, root)
+        parts += [text, "", f"Run time: {t['runs']} runs recorded, {t['hours']:.1f} h in all (median "
+                  f"{_fmt(t['median_s'], 1)} s a run, as the records state it: on a loaded machine a run takes longer); "
+                  f"{t['missing']} runs of this task's arms still missing"
+                  + (f", about {t['missing_hours']:.1f} h at the median" if t["missing"] else "") + ".",
+                  "", "**Targets**", ""] + [f"- {t}" for t in targets(task, figures)] + [""]
     text = "\n".join(parts)
     with open(path + ".tmp", "w") as f:
         f.write(text)

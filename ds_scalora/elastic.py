@@ -26,9 +26,22 @@ import torch
 def update_importance_(ema_ipt: torch.Tensor, ema_unc: torch.Tensor, value: torch.Tensor, grad: torch.Tensor,
                        beta1: float, beta2: float) -> None:  # fmt: skip
     """Advance the two exponential moving averages of one tensor's entries in place."""
-    sens = (value.float() * grad.float()).abs()
-    ema_ipt.mul_(beta1).add_(sens, alpha=1 - beta1)
-    ema_unc.mul_(beta2).add_((sens - ema_ipt).abs(), alpha=1 - beta2)
+    update_importances_([ema_ipt], [ema_unc], [value], [grad], beta1, beta2)
+
+
+def update_importances_(ema_ipt: list, ema_unc: list, values: list, grads: list, beta1: float, beta2: float) -> None:
+    """:func:`update_importance_` of many tensors (fp32 averages) in a few multi-tensor calls: the same
+    elementwise operations in the same order, so the same bits."""
+    if not ema_ipt:
+        return
+    sens = torch._foreach_mul([v.float() for v in values], [g.float() for g in grads])
+    torch._foreach_abs_(sens)
+    torch._foreach_mul_(ema_ipt, beta1)
+    torch._foreach_add_(ema_ipt, sens, alpha=1 - beta1)
+    torch._foreach_sub_(sens, ema_ipt)  # sens − Ī, in place: sens is not needed after this
+    torch._foreach_abs_(sens)
+    torch._foreach_mul_(ema_unc, beta2)
+    torch._foreach_add_(ema_unc, sens, alpha=1 - beta2)
 
 
 def slot_of(start: int, numel: int, shape: tuple[int, int], slot_axis: int, device=None) -> torch.Tensor:
@@ -142,10 +155,17 @@ def orthogonality_penalty(M: torch.Tensor, active: torch.Tensor, rows: bool) -> 
     gradient and they stay exactly zero. Gradient: d‖X‖ = ⟨X, dX⟩/‖X‖ with X symmetric gives
     2 X M / ‖X‖ (rows) or 2 M X / ‖X‖ (columns); 0 where X = 0.
     """
-    G = M @ M.T if rows else M.T @ M
-    X = G - torch.diag(active.to(M.dtype))
+    norm, grad = orthogonality_penalties(M[None], active[None], rows)
+    return norm[0], grad[0]
+
+
+def orthogonality_penalties(M: torch.Tensor, active: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`orthogonality_penalty` of a batch of factors of one shape (M: n x R x d or n x d x R, active:
+    n x R): the n norms and the n gradients, with no host synchronisation (the zero case is a ``where``)."""
+    G = M @ M.mT if rows else M.mT @ M
+    X = G - torch.diag_embed(active.to(M.dtype))
     norm = torch.linalg.matrix_norm(X)
-    if float(norm) == 0.0:
-        return norm, torch.zeros_like(M)
-    grad = (2 * X @ M if rows else 2 * M @ X) / norm
+    grad = 2 * (X @ M if rows else M @ X)
+    safe = torch.where(norm == 0, torch.ones_like(norm), norm)
+    grad = torch.where((norm == 0)[:, None, None], torch.zeros_like(grad), grad / safe[:, None, None])
     return norm, grad

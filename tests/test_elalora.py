@@ -93,6 +93,43 @@ def test_orthogonality_gradient_matches_autograd(rows):
     assert float(grad[~active].abs().sum() if rows else grad[:, ~active].abs().sum()) == 0  # inactive: no pull
 
 
+@pytest.mark.parametrize("rows", [True, False])
+def test_batched_penalties_and_importances_equal_one_at_a_time(rows):
+    """The per-step work runs batched (one shape at a time, multi-tensor EMAs): the same values as one
+    factor at a time, written out here, including a factor whose penalty is exactly zero."""
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn((5, 4, 30) if rows else (5, 30, 4), dtype=torch.float64, generator=g)
+    active = torch.rand(5, 4, generator=g) < 0.6
+    active[:, 0] = True
+    for k in range(5):
+        if rows:
+            M[k][~active[k]] = 0
+        else:
+            M[k][:, ~active[k]] = 0
+    M[3] = 0
+    active[3] = False  # G = 0 = D: a zero penalty and a zero gradient, not NaN
+    norms, grads = elastic.orthogonality_penalties(M, active, rows)
+    for k in range(5):
+        G = M[k] @ M[k].T if rows else M[k].T @ M[k]
+        X = G - torch.diag(active[k].double())
+        ref = torch.linalg.matrix_norm(X)
+        assert abs(float(norms[k] - ref)) <= 1e-12 * max(float(ref), 1.0)
+        ref_grad = torch.zeros_like(M[k]) if ref == 0 else 2 * (X @ M[k] if rows else M[k] @ X) / ref
+        assert torch.allclose(grads[k], ref_grad, rtol=1e-12, atol=0)
+    assert float(norms[3]) == 0 and not grads[3].any()
+    values = [torch.randn(n, generator=g) for n in (7, 1, 12)]
+    grads_ = [torch.randn(n, generator=g) for n in (7, 1, 12)]
+    ipt = [torch.rand(n, generator=g) for n in (7, 1, 12)]
+    unc = [torch.rand(n, generator=g) for n in (7, 1, 12)]
+    ipt_ref, unc_ref = [t.clone() for t in ipt], [t.clone() for t in unc]
+    elastic.update_importances_(ipt, unc, values, grads_, 0.85, 0.8)
+    for i in range(3):  # the formulas of §A.2, one tensor at a time: bit for bit
+        sens = (values[i] * grads_[i]).abs()
+        ipt_ref[i] = ipt_ref[i] * 0.85 + sens * (1 - 0.85)
+        unc_ref[i] = unc_ref[i] * 0.8 + (sens - ipt_ref[i]).abs() * (1 - 0.8)
+        assert torch.allclose(ipt[i], ipt_ref[i], rtol=1e-6, atol=0) and torch.allclose(unc[i], unc_ref[i], rtol=1e-6, atol=1e-7)
+
+
 # -- the reference, float64 ----------------------------------------------------------------------------
 
 CFG = {"init_rank": 2, "max_rank": 4, "init_warmup": 1, "final_warmup": 1, "interval": 2, "moves": 3, "per_matrix": 2}

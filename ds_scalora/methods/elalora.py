@@ -138,11 +138,13 @@ class ElasticRanks:
         if cfg.orth_reg > 0:
             report.orth_penalty = self._add_orthogonality_grad(pieces, full)
         if elastic.scores_are_updated(step, cfg.total_steps, cfg.final_warmup):
+            ipts, uncs, values, grads = [], [], [], []
             for i, layer_pieces in enumerate(pieces):
                 for name, piece in layer_pieces.items():
                     if piece is not None and piece.grad is not None:
                         ipt, unc = self._ema(i, name, piece)
-                        elastic.update_importance_(ipt, unc, piece.master, piece.grad, cfg.beta1, cfg.beta2)
+                        ipts.append(ipt), uncs.append(unc), values.append(piece.master), grads.append(piece.grad)
+            elastic.update_importances_(ipts, uncs, values, grads, cfg.beta1, cfg.beta2)
         if moves > 0:
             self._reallocate(step, moves, pieces, full, report)
         report.ranks = self.ranks()
@@ -157,24 +159,31 @@ class ElasticRanks:
     def _gather_masters(self, pieces, need_full: bool):
         """Full fp32 P and Q of every layer (one all-reduce) if needed, and whether every rank's
         gradients are finite (carried by the same all-reduce, or by a one-element one)."""
-        local_bad = any(
-            piece is not None and piece.grad is not None and not bool(torch.isfinite(piece.grad).all())
-            for layer_pieces in pieces for piece in layer_pieces.values()
-        )  # fmt: skip
+        grads = [piece.grad for layer_pieces in pieces for piece in layer_pieces.values()
+                 if piece is not None and piece.grad is not None and piece.grad.numel()]
+        # one multi-tensor L2 norm per gradient and one host read: NaN and ±Inf propagate through it (the
+        # fastest of the checks measured on the CPU: 4 ms over 630 tensors, isfinite().all() 17 ms, the max
+        # norm 24 ms). A gradient whose squares overflow (entries near 1e19 in fp32) reads as non-finite too:
+        # the step's ElaLoRA work is skipped and nothing is written, as for a NaN
+        local_bad = bool(grads) and not bool(torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
+                                             .isfinite().all())
         device = self.layers[0].P.device
         if not need_full:
             flag = self.access.all_reduce(torch.tensor([float(local_bad)], device=device))
             return None, float(flag[0]) == 0
         dtype = _work_dtype(pieces)
         buffer = torch.zeros(sum(math.prod(s[n]) for s in self.shapes for n in ("P", "Q")) + 1, dtype=dtype, device=device)
-        offsets, at = [], 0
+        offsets, at, into, values = [], 0, [], []
         for i, layer_pieces in enumerate(pieces):
             for name in ("P", "Q"):
                 offsets.append(at)
                 piece = layer_pieces[name]
                 if piece is not None:
-                    buffer[at + piece.start : at + piece.start + piece.numel] = piece.master
+                    into.append(buffer[at + piece.start : at + piece.start + piece.numel])
+                    values.append(piece.master)
                 at += math.prod(self.shapes[i][name])
+        if into:
+            torch._foreach_copy_(into, values)  # one multi-tensor call, converting to the work dtype
         buffer[-1] = float(local_bad)  # joined like a piece: summed over shards; at ZeRO-0 the same on every rank
         self.access.join_pieces(buffer)
         if float(buffer[-1]) != 0:
@@ -187,18 +196,27 @@ class ElasticRanks:
         return full, True
 
     def _add_orthogonality_grad(self, pieces, full) -> float:
-        """Add ``orth_reg/N · ∇‖·‖_F`` of every P and Q (N = 2 x layers, PEFT's mean) to the gradients."""
+        """Add ``orth_reg/N · ∇‖·‖_F`` of every P and Q (N = 2 x layers, PEFT's mean) to the gradients; the
+        factors of one shape in one batch (:func:`~ds_scalora.elastic.orthogonality_penalties`)."""
         coef = self.config.orth_reg / (2 * len(self.layers))
-        total = 0.0
-        for i, layer_pieces in enumerate(pieces):
-            for name, rows in (("Q", True), ("P", False)):
-                value, grad = elastic.orthogonality_penalty(full[i][name], self.active[i].to(full[i][name].device), rows)
-                total += float(value)
-                piece = layer_pieces[name]
-                if piece is not None and piece.grad is not None:
-                    g = grad.reshape(-1)[piece.start : piece.start + piece.numel]
-                    piece.grad.add_(g.to(piece.grad.dtype), alpha=coef)
-        return total / (2 * len(self.layers))
+        norms, into, adds = [], [], []
+        for name, rows in (("Q", True), ("P", False)):
+            groups: dict = {}
+            for i in range(len(self.layers)):
+                groups.setdefault(self.shapes[i][name], []).append(i)
+            for members in groups.values():
+                M = torch.stack([full[i][name] for i in members])
+                active = torch.stack([self.active[i] for i in members]).to(M.device)
+                norm, grad = elastic.orthogonality_penalties(M, active, rows)
+                norms.append(norm)
+                for k, i in enumerate(members):
+                    piece = pieces[i][name]
+                    if piece is not None and piece.grad is not None:
+                        into.append(piece.grad)
+                        adds.append(grad[k].reshape(-1)[piece.start : piece.start + piece.numel].to(piece.grad.dtype))
+        if into:
+            torch._foreach_add_(into, adds, alpha=coef)
+        return float(torch.cat(norms).sum()) / (2 * len(self.layers))
 
     def _reallocate(self, step: int, moves: int, pieces, full, report: RoundReport) -> None:
         cfg = self.config

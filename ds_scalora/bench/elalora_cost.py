@@ -34,31 +34,18 @@ import time
 import torch
 
 from .console_report import add_shared_arguments, print_and_write, verdict
-from .refresh_cost import TARGETS, batch
+from .refresh_cost import TARGETS, base_model, batch, with_lora
 from ..methods.elalora import ElaLoRA, elastic_lora_model
 from ..methods.elalora_config import ElaLoRAConfig
 
 TARGET = 1.05  # issue 21: ElaLoRA's step time over LoRA's at the buffer rank, CPU
 
 
-def base_model(layers: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
-
-
 def variants(base, init_rank: int, max_rank: int, interval: int = ElaLoRAConfig.interval) -> dict:
     """name -> (model, optimizer, ElaLoRA or None), on deep copies of ``base``."""
-    from peft import LoraConfig, get_peft_model
-
     out = {}
     for name, r in ((f"lora r={max_rank}", max_rank), (f"lora r={init_rank}", init_rank)):
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                               target_modules=TARGETS))
-        out[name] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), None)
+        out[name] = (*with_lora(copy.deepcopy(base), r), None)
     model = elastic_lora_model(copy.deepcopy(base), TARGETS, init_rank=init_rank, max_rank=max_rank,
                                alpha=2 * init_rank, total_steps=100_000)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

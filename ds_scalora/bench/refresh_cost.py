@@ -70,15 +70,23 @@ INTERVAL = 10
 TARGETS_CPU = {"scalora": 1.15, "scalora-I": 1.03}  # issue 21: step time over LoRA's on the CPU
 
 
-def build(dtype: torch.dtype, r: int, layers: int, seed: int = 0):
-    """SmolLM2-135M shape, random init, base in ``dtype``, PEFT LoRA (fp32 adapters), AdamW."""
+def base_model(layers: int, seed: int = 0) -> LlamaForCausalLM:
+    """The SmolLM2-135M shape with ``layers`` hidden layers, random init (seeded), fp32."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-    base = LlamaForCausalLM(config).to(dtype)
+    return LlamaForCausalLM(config)
+
+
+def with_lora(base, r: int):
+    """PEFT LoRA of rank ``r`` (α = 2r) on TARGETS, and an AdamW over its factors."""
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    return model, opt
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def build(dtype: torch.dtype, r: int, layers: int, seed: int = 0):
+    """SmolLM2-135M shape, random init, base in ``dtype``, PEFT LoRA (fp32 adapters), AdamW."""
+    return with_lora(base_model(layers, seed).to(dtype), r)
 
 
 def batch(size: int, seq: int, vocab: int = 49152) -> torch.Tensor:

@@ -7,6 +7,15 @@ on it: ``merged`` (a Hugging Face model), ``peft_export`` (a PEFT LoRA adapter f
 ``ds_scalora.checkpoint`` reads the checkpoint files (DeepSpeed's and the method shards).
 """
 
-from .source import ExportError, RunSource, resolve_checkpoint
+from importlib import import_module
 
 __all__ = ["ExportError", "RunSource", "resolve_checkpoint"]
+
+
+def __getattr__(name):
+    """The names of ``source``, imported on first use: ``source`` reads DeepSpeed's files and so imports
+    DeepSpeed (seconds), which the run config, importing ``final_model`` to validate its choice, must not pay
+    before it can reject bad input."""
+    if name in __all__:
+        return getattr(import_module(".source", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

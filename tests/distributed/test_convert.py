@@ -25,7 +25,7 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-from launch import _env, free_port, run_deepspeed  # noqa: E402
+from launch import EXTENDED, _env, node_launcher, run_deepspeed  # noqa: E402
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +53,7 @@ class _Runs(dict):
     def __missing__(self, stage):
         run = self.root / f"z{stage}"
         sets = _sets(run, stage, RUNS[stage])
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               str(REPO / "launch" / "train.py"), "--config", TINY, "--set", *sets]  # fmt: skip
+        cmd = node_launcher(2, REPO / "launch" / "train.py", ["--config", TINY, "--set", *sets])
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         tag = run / "checkpoints" / "step00000006"
@@ -81,7 +80,9 @@ def _logits(model_dir, ids, dtype=torch.float64):
         return model(input_ids=ids).logits.double()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-2 extended: ZeRO-1 writes the same flat fp32 partitions (one DeepSpeed optimizer for both) and lacks
+# the frozen shapes ZeRO-2 writes (ZeroCheckpoint's one stage-1 branch), so stage 1 is the case to keep
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=EXTENDED), 3])
 def test_merged_export_reproduces_the_engine(runs, stage, tmp_path):
     from safetensors.torch import load_file
 

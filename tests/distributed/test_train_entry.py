@@ -1,6 +1,8 @@
 """``deepspeed launch/train.py --config ds_configs/tiny.yaml`` through the real launcher (CPU, gloo).
 
-Each launch costs ~20-30 s here; the file makes about a dozen. What is shown: every method runs (ScaLoRA at 1 and
+Each launch costs ~20-30 s here; the file makes about a dozen. The user's command itself (DeepSpeed's runner,
+``deepspeed --num_gpus N`` or ``--hostfile``) runs in the every-method and two-node tests; the others start
+DeepSpeed's per-node launcher, which the runner execs, directly (``command``). What is shown: every method runs (ScaLoRA at 1 and
 2 ranks, LoRA at 2, rsLoRA and full fine-tuning at 1; two nodes through a hostfile at ZeRO-3); a run killed with SIGKILL right after a
 checkpoint resumes to exactly the uninterrupted run's final state (packed rows, a length in epochs); early
 stopping keeps the best checkpoint; bad input ends with one paragraph and a non-zero status, before any
@@ -20,21 +22,27 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("deepspeed")
-from launch import _env, free_port  # noqa: E402
+from launch import _env, free_port, node_launcher  # noqa: E402
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "ds_configs" / "tiny.yaml")
 
 
-def command(ranks, out, *sets):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), str(REPO / "launch" / "train.py"), "--config", TINY, "--set", f"train.output_dir={out}", *sets]
-    return cmd  # several KEY=VALUE after one --set
+def command(ranks, out, *sets, runner=False):
+    """``launch/train.py`` on ``ranks`` ranks with the tiny config: through DeepSpeed's runner (``deepspeed
+    --num_gpus N``, the user's command) if ``runner``, else through the per-node launcher it execs (see
+    launch.node_launcher: the same ranks, without the runner's own start)."""
+    args = ["--config", TINY, "--set", f"train.output_dir={out}", *sets]  # several KEY=VALUE after one --set
+    if not runner:
+        return node_launcher(ranks, REPO / "launch" / "train.py", args)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), str(REPO / "launch" / "train.py"), *args]  # fmt: skip
 
 
-def train(ranks, out, *sets, expect_ok=True):
-    proc = subprocess.run(command(ranks, out, *sets), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+def train(ranks, out, *sets, expect_ok=True, runner=False):
+    proc = subprocess.run(command(ranks, out, *sets, runner=runner), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         with open(Path(out) / "summary.json") as f:
@@ -46,7 +54,7 @@ def train(ranks, out, *sets, expect_ok=True):
 @pytest.mark.parametrize("ranks,method", [(2, "scalora"), (2, "lora"), (1, "rslora"), (1, "full"), (1, "relora")])
 def test_every_method_runs(ranks, method, tmp_path):
     s = train(ranks, tmp_path / "run", f"method.name={method}", "train.max_steps=6", "train.eval_steps=6",
-              "method.relora.interval=2", "method.relora.warmup_steps=2", "method.relora.rewarm_steps=2")
+              "method.relora.interval=2", "method.relora.warmup_steps=2", "method.relora.rewarm_steps=2", runner=True)
     assert s["steps"] == 6 and s["world_size"] == ranks and s["method"] == method
     assert {"eval_loss", "eval_ppl", "eval_exact_match"} <= set(s["eval"])
     assert all(h["loss"] == h["loss"] for h in s["history"])  # finite

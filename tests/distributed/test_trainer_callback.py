@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from launch import run_deepspeed  # noqa: E402
+from launch import EXTENDED, run_deepspeed  # noqa: E402
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).resolve().parent / "sft_worker.py"
@@ -34,7 +34,8 @@ def _merged_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-2 extended: test_hf_trainer.py runs the Trainer with DeepSpeed at ZeRO-2 through the same callback
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=EXTENDED), 3])
 def test_sft_trainer_with_callback_resumes_exactly_and_saves_the_merged_model(tmp_path, stage):
     run, merged = tmp_path / "run", tmp_path / "merged"
     args = ["--run-dir", run, "--steps", 6, "--stage", stage]

@@ -30,20 +30,18 @@ updates them, and under ZeRO-3 they are partitioned and gathered back.
 
 Cost: one 2-rank launch is ~20-30 s here (process start-up and imports dominate; training is <1 s).
 The first launch on a machine JIT-builds DeepSpeed's shm comm op (g++ and ninja needed) into
-~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR): +30-75 s once. By default this file makes 2 launches (ZeRO-3 fp32, ZeRO-2 bf16: the ScaLoRA tests cover the other stages and two nodes);
+~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR): +30-75 s once. By default this file makes 2 launches (ZeRO-3 fp32, ZeRO-2 bf16: the ScaLoRA tests cover the other stages, test_train_entry.py two nodes);
 the extended tests (ZeRO-1/2 fp32, two nodes, 4 ranks, checkpoint resume) run only with DS_SCALORA_DIST_EXTENDED=1.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 
-from launch import run_deepspeed, run_deepspeed_two_nodes  # noqa: E402
+from launch import EXTENDED, run_deepspeed, run_deepspeed_two_nodes  # noqa: E402
 from reference import build_model, compare_results, split_params, train_reference  # noqa: E402
 
 pytestmark = pytest.mark.dist
@@ -54,9 +52,6 @@ TOL = {
     "bf16": {"tensor": 0.15, "global": 0.04, "loss": 1e-3, "grad_norm": 1e-2},
 }
 EXPECTED_WRAPPER = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
-EXTENDED = pytest.mark.skipif(
-    os.environ.get("DS_SCALORA_DIST_EXTENDED") != "1", reason="set DS_SCALORA_DIST_EXTENDED=1 (extra launches)"
-)
 _REFERENCES: dict = {}
 
 
@@ -114,7 +109,7 @@ def test_plain_lora_matches_single_process(stage, dtype, tmp_path):
     check_equivalent(got, reference(dtype, 2), dtype, f"ZeRO-{stage} {dtype} 2 ranks")
 
 
-@EXTENDED  # the ScaLoRA tests launch two nodes by default
+@EXTENDED  # two nodes by default: test_train_entry.py's hostfile run at ZeRO-3
 def test_two_node_loopback_launch_zero3(tmp_path):
     """Two DeepSpeed launchers (--hostfile, --no_ssh, --node_rank 0/1) rendezvous on 127.0.0.1."""
     got = run_deepspeed_two_nodes(1, worker_args(3, "fp32"), tmp_path, timeout=600, launcher="deepspeed")

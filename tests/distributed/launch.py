@@ -155,7 +155,7 @@ def node_launcher(num_ranks: int, script, args) -> list[str]:
     launcher ``python -u -m deepspeed.launcher.launch`` with ``num_ranks`` local ranks on a free port. Calling it
     directly saves the runner's own start (its ``import deepspeed``: 6-7 s measured on the 2-core machine,
     before the ranks start); the runner itself runs where a test is about the user's command
-    (test_train_entry.py: every method, two nodes through a hostfile; test_examples.py)."""
+    (test_train_entry.py: the 2-rank runs of every method, two nodes through a hostfile; test_examples.py)."""
     info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(num_ranks))}).encode()).decode()
     return [
         sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}", "--node_rank=0",

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-from launch import EXTENDED, _env, node_launcher, run_deepspeed  # noqa: E402
+from launch import _env, node_launcher, run_deepspeed  # noqa: E402
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[2]
@@ -80,9 +80,7 @@ def _logits(model_dir, ids, dtype=torch.float64):
         return model(input_ids=ids).logits.double()
 
 
-# ZeRO-2 extended: ZeRO-1 writes the same flat fp32 partitions (one DeepSpeed optimizer for both) and lacks
-# the frozen shapes ZeRO-2 writes (ZeroCheckpoint's one stage-1 branch), so stage 1 is the case to keep
-@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=EXTENDED), 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])  # the ZeRO-2 run is shared with the PEFT and safety tests below
 def test_merged_export_reproduces_the_engine(runs, stage, tmp_path):
     from safetensors.torch import load_file
 

@@ -31,8 +31,9 @@ A seed fixes ΔW*, the adapters' initialisation and the order of the training wi
 **The teacher is computed once per seed** (2026-12-03). Every arm and learning rate of one seed sees
 the same teacher on the same batches, so its last hidden states (8 x 64 x 576 floats a batch, 122 MB
 a run) are cached on disk (:func:`cached`) and each step only applies the teacher's ``lm_head``: a run
-costs about a third less (a 20-step run: 107.5 s before, 70.6 s from the cache), and its numbers are the same (the states come from the same batches as
-before, and ``lm_head`` of them is what the teacher's forward computes). The cache key hashes
+costs about a third less (a 20-step run: 107.5 s before, 70.6 s from the cache), and its numbers are the
+same (the states come from the same batches as before, and ``lm_head`` of them is what the teacher's
+forward computes). The cache key hashes
 everything the states depend on, so a changed model, update, text or torch recomputes them.
 """
 

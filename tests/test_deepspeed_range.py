@@ -5,9 +5,11 @@ This test installs ``OLDEST_DEEPSPEED`` beside it, once per machine, into
 ``$DS_SCALORA_CACHE/deepspeed-<version>`` (``pip install --target --no-deps --no-build-isolation``: the
 installed torch builds it, no op is compiled; about 40 s), and runs, in a subprocess with that directory
 first on ``PYTHONPATH``: ``tests/test_zero_single_rank.py`` (ZeRO-0 to 3 on one rank against the
-single-process reference, ReLoRA, bf16, non-finite gradients, refusals) and the 2-rank ScaLoRA
-equivalence at ZeRO-2 and ZeRO-3. The whole equivalence suite (16 tests) passed with 0.19.6 by hand on
-2026-12-01 (870 s); that is too long for CI to repeat.
+single-process reference, ReLoRA, bf16, non-finite gradients, refusals) and the 2-rank equivalence tests
+that share one launch (``launch.SharedLaunch``): ScaLoRA at ZeRO-0 to 3, its Adam-aware solver and bf16,
+ElaLoRA at ZeRO-0/2/3, LoRA at ZeRO-3 and bf16 ZeRO-2, eleven runs for the cost of one launch. The whole
+equivalence suite (16 tests) passed with 0.19.6 by hand on 2026-12-01 (870 s); that is too long for CI to
+repeat.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from ds_scalora.train.packaged_models import cache_dir
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[1]
+SCALORA = "tests/distributed/test_zero_scalora_equivalence.py::"
 SELECTION = ["tests/test_zero_single_rank.py",
-             "tests/distributed/test_zero_scalora_equivalence.py::test_scalora_matches_single_process_2_ranks[2]",
-             "tests/distributed/test_zero_scalora_equivalence.py::test_scalora_matches_single_process_2_ranks[3]"]  # fmt: skip
+             f"{SCALORA}test_scalora_matches_single_process_2_ranks", f"{SCALORA}test_scalora_bf16_zero3",
+             f"{SCALORA}test_adam_aware_solver_zero3_matches_single_process",
+             "tests/distributed/test_zero_elalora_equivalence.py",
+             "tests/distributed/test_zero_lora_equivalence.py::test_plain_lora_matches_single_process"]  # fmt: skip
 
 
 def _oldest_deepspeed() -> Path:

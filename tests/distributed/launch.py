@@ -3,6 +3,10 @@
 * ``run_deepspeed(num_ranks, args, tmp_path, timeout)``: one launcher, DeepSpeed's per-node
   ``python -m deepspeed.launcher.launch --world_info=<b64 {"localhost": [0..N-1]}> ... zero_worker.py <args>
   --out <tmp>/...``, the command ``deepspeed --num_gpus N`` execs (its runner is tested elsewhere).
+* ``SharedLaunch(num_ranks)``: runs that test modules register at import (``add(key, args)``) and that
+  all go through one launch (``zero_worker.py --plan``) at the first ``result(key, tmp_path_factory)``:
+  start-up is paid once instead of per run (a 2-rank launch is ~29 s on 2 cores, ~20 s of it start-up;
+  each further run in it ~10 s). ``SHARED_2_RANKS`` is the one the equivalence tests share.
 * ``run_deepspeed_two_nodes(ranks_per_node, args, tmp_path, timeout, launcher=...)``: two launcher
   processes that rendezvous over loopback as two "nodes" (node_rank 0 and 1), no ssh/pdsh:
 
@@ -53,8 +57,8 @@ WORKER = HERE / "zero_worker.py"
 
 # Launches whose path another default test already takes (each says which, where it is marked) run only
 # with DS_SCALORA_DIST_EXTENDED=1, so that the README's test command stays well under 30 minutes on 2 cores.
-EXTENDED = pytest.mark.skipif(
-    os.environ.get("DS_SCALORA_DIST_EXTENDED") != "1", reason="set DS_SCALORA_DIST_EXTENDED=1 (extra launches)"
+EXTENDED_ON = os.environ.get("DS_SCALORA_DIST_EXTENDED") == "1"
+EXTENDED = pytest.mark.skipif(not EXTENDED_ON, reason="set DS_SCALORA_DIST_EXTENDED=1 (extra launches)"
 )
 
 
@@ -175,6 +179,58 @@ def run_deepspeed(num_ranks: int, args, tmp_path, timeout: float = 600, name: st
     out = tmp_path / f"{name}.pt"
     cmd = node_launcher(num_ranks, worker, _with_out(args, out))
     return _run_all([cmd], [tmp_path / f"{name}.log"], out, timeout)
+
+
+class SharedLaunch:
+    """Runs of ``zero_worker.py`` at one world size that share one launch (see the module docstring).
+
+    Every run registered by the modules imported in this pytest session goes into the one launch, whichever
+    of their tests are selected. ``{dir}`` in a run's arguments becomes the launch's directory (for a
+    checkpoint a later launch resumes from). A failed launch fails every test that uses it, with its log."""
+
+    def __init__(self, num_ranks: int):
+        self.num_ranks = num_ranks
+        self.runs: dict[str, list[str]] = {}
+        self.results: dict[str, dict] = {}
+        self.error: LaunchError | None = None
+        self.dir: Path | None = None
+
+    def add(self, key: str, args) -> str:
+        if key in self.runs:
+            raise ValueError(f"a shared run named {key!r} is already registered")
+        self.runs[key] = [str(a) for a in args]
+        return key
+
+    def result(self, key: str, tmp_path_factory) -> dict:
+        if key not in self.results and self.error is None:
+            pending = {k: args for k, args in self.runs.items() if k not in self.results}
+            self.dir = Path(tmp_path_factory.mktemp(f"shared{self.num_ranks}"))
+            try:
+                self.results.update(run_deepspeed_plan(self.num_ranks, pending, self.dir))
+            except LaunchError as e:
+                self.error = e
+        if self.error is not None:
+            raise self.error
+        return self.results[key]
+
+
+SHARED_2_RANKS = SharedLaunch(2)
+
+
+def run_deepspeed_plan(num_ranks: int, runs: dict[str, list[str]], tmp_path, timeout: float | None = None) -> dict:
+    """Every run of ``runs`` (key -> zero_worker.py arguments) in one launch; returns key -> result."""
+    tmp_path = Path(tmp_path)
+    outs = {key: tmp_path / f"{key}.pt" for key in runs}
+    plan = [_with_out([a.replace("{dir}", str(tmp_path)) for a in args], outs[key]) for key, args in runs.items()]
+    (tmp_path / "plan.json").write_text(json.dumps(plan, indent=1))
+    cmd = node_launcher(num_ranks, WORKER, ["--plan", tmp_path / "plan.json"])
+    last = outs[list(runs)[-1]]
+    _run_all([cmd], [tmp_path / "plan.log"], last, timeout or 300 + 60 * len(runs))
+    results = {}
+    for key, out in outs.items():
+        results[key] = torch.load(out, weights_only=True)
+        results[key]["meta"]["logs"] = [str(tmp_path / "plan.log")]
+    return results
 
 
 def run_deepspeed_two_nodes(

@@ -21,13 +21,17 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from launch import run_deepspeed  # noqa: E402
+from launch import SHARED_2_RANKS  # noqa: E402
 from reference import compare_results, train_reference  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
 STEPS, GAS, MICRO, CLIP = 8, 2, 2, 0.15
 TOL = {"tensor": 1e-4, "global": 2e-5, "loss": 1e-5}
+STAGES = (0, 2, 3)
+for _stage in STAGES:  # in the equivalence tests' shared launch (launch.SharedLaunch)
+    SHARED_2_RANKS.add(f"elalora-zero{_stage}", ["--stage", _stage, "--dtype", "fp32", "--steps", STEPS, "--gas", GAS,
+                                                 "--micro-batch", MICRO, "--clip", CLIP, "--method", "elalora"])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +40,9 @@ def reference():
                            method="elalora")  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_ranks_match_single_process(stage, reference, tmp_path):
-    got = run_deepspeed(2, ["--stage", stage, "--dtype", "fp32", "--steps", STEPS, "--gas", GAS, "--micro-batch",
-                            MICRO, "--clip", CLIP, "--method", "elalora"], tmp_path)  # fmt: skip
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_single_process(stage, reference, tmp_path_factory):
+    got = SHARED_2_RANKS.result(f"elalora-zero{stage}", tmp_path_factory)
     ref_rounds, got_rounds = reference["elalora"]["rounds"], got["elalora"]["rounds"]
     assert [r["step"] for r in ref_rounds] == [0, 3, 5] and [r["moves"] for r in ref_rounds] == [0, 3, 2]
     assert got_rounds == ref_rounds

@@ -28,10 +28,12 @@ them). Measured on this machine (2 vCPU, torch 2.13 CPU, DeepSpeed 0.19.8):
 Frozen base weights must be bit-identical to the initial ones (same dtype, torch.equal): ZeRO never
 updates them, and under ZeRO-3 they are partitioned and gathered back.
 
-Cost: one 2-rank launch is ~20-30 s here (process start-up and imports dominate; training is <1 s).
-The first launch on a machine JIT-builds DeepSpeed's shm comm op (g++ and ninja needed) into
-~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR): +30-75 s once. By default this file makes 2 launches (ZeRO-3 fp32, ZeRO-2 bf16: the ScaLoRA tests cover the other stages, test_train_entry.py two nodes);
-the extended tests (ZeRO-1/2 fp32, two nodes, 4 ranks, checkpoint resume) run only with DS_SCALORA_DIST_EXTENDED=1.
+Cost: one 2-rank launch is ~20-30 s here (process start-up and imports dominate; training is <1 s), so
+this file's default runs (ZeRO-3 fp32, ZeRO-2 bf16: the ScaLoRA tests cover the other stages,
+test_train_entry.py two nodes) go into the launch the equivalence tests share (launch.SharedLaunch: the
+same results bit for bit as a launch of their own, checked on 2026-12-03; ~2.5 s a run there).
+The extended tests (ZeRO-1/2 fp32, two nodes, 4 ranks, checkpoint resume) run only with
+DS_SCALORA_DIST_EXTENDED=1.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from launch import EXTENDED, run_deepspeed, run_deepspeed_two_nodes  # noqa: E402
+from launch import EXTENDED, EXTENDED_ON, SHARED_2_RANKS, run_deepspeed, run_deepspeed_two_nodes  # noqa: E402
 from reference import build_model, compare_results, split_params, train_reference  # noqa: E402
 
 pytestmark = pytest.mark.dist
@@ -58,6 +60,12 @@ _REFERENCES: dict = {}
 def worker_args(stage, dtype, micro=MICRO, gas=GAS, steps=STEPS, extra=()):
     return ["--stage", stage, "--dtype", dtype, "--steps", steps, "--gas", gas, "--micro-batch", micro,
             "--clip", CLIP, *extra]  # fmt: skip
+
+
+# in the equivalence tests' shared launch (launch.SharedLaunch); ZeRO-1/2 fp32 only when extended
+SHARED_RUNS = [(3, "fp32"), (2, "bf16"), *([(1, "fp32"), (2, "fp32")] if EXTENDED_ON else [])]
+for _stage, _dtype in SHARED_RUNS:
+    SHARED_2_RANKS.add(f"lora-zero{_stage}-{_dtype}", worker_args(_stage, _dtype))
 
 
 def reference(dtype, world, micro=MICRO, gas=GAS):
@@ -99,8 +107,8 @@ def check_equivalent(got, ref, dtype, label):
     [pytest.param(1, "fp32", marks=EXTENDED), pytest.param(2, "fp32", marks=EXTENDED), (3, "fp32"), (2, "bf16")],
     ids=["zero1-fp32", "zero2-fp32", "zero3-fp32", "zero2-bf16"],
 )
-def test_plain_lora_matches_single_process(stage, dtype, tmp_path):
-    got = run_deepspeed(2, worker_args(stage, dtype), tmp_path, timeout=600)
+def test_plain_lora_matches_single_process(stage, dtype, tmp_path_factory):
+    got = SHARED_2_RANKS.result(f"lora-zero{stage}-{dtype}", tmp_path_factory)
     meta = got["meta"]
     assert (meta["world_size"], meta["stage"], meta["dtype"], meta["global_batch"]) == (2, stage, dtype, 8)
     assert meta["zero_optimizer"] == EXPECTED_WRAPPER[stage]

@@ -31,7 +31,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from launch import EXTENDED, run_deepspeed, run_deepspeed_two_nodes  # noqa: E402
+from launch import EXTENDED, SHARED_2_RANKS, run_deepspeed, run_deepspeed_two_nodes  # noqa: E402
 from reference import build_model, compare_results, split_params, train_reference  # noqa: E402
 
 pytestmark = pytest.mark.dist
@@ -48,6 +48,20 @@ def worker_args(stage, dtype, micro, steps=STEPS, extra=()):
     return ["--stage", stage, "--dtype", dtype, "--steps", steps, "--gas", GAS, "--micro-batch", micro,
             "--clip", CLIP, "--method", "scalora", "--interval", INTERVAL, "--scalora-warmup", WARMUP,
             *extra]  # fmt: skip
+
+
+# The 2-rank runs share one launch with the other equivalence modules' (launch.SharedLaunch). Each stage's run
+# saves a checkpoint after step 3 on its way, which the resume test continues from in a launch of its own
+# (and which must not change the run: the equivalence checks see it).
+SHARED_RUNS = {
+    **{f"scalora-zero{stage}": worker_args(stage, "fp32", micro=2,
+                                           extra=("--save-at", 3, "--ckpt", f"{{dir}}/scalora-zero{stage}-ckpt"))
+       for stage in (0, 1, 2, 3)},  # fmt: skip
+    "scalora-zero3-adam": worker_args(3, "fp32", micro=2, extra=("--solver", "adam")),
+    "scalora-zero3-bf16": worker_args(3, "bf16", micro=2),
+}
+for _key, _args in SHARED_RUNS.items():
+    SHARED_2_RANKS.add(_key, _args)
 
 
 def reference(dtype, world, micro, solver="column"):
@@ -121,16 +135,16 @@ def check(got, ref, dtype, label, world):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_scalora_matches_single_process_2_ranks(stage, tmp_path):
-    got = run_deepspeed(2, worker_args(stage, "fp32", micro=2), tmp_path, timeout=600)
+def test_scalora_matches_single_process_2_ranks(stage, tmp_path_factory):
+    got = SHARED_2_RANKS.result(f"scalora-zero{stage}", tmp_path_factory)
     check(got, reference("fp32", 2, 2), "fp32", f"ZeRO-{stage} fp32 2 ranks", 2)
 
 
-def test_adam_aware_solver_zero3_matches_single_process(tmp_path):
+def test_adam_aware_solver_zero3_matches_single_process(tmp_path_factory):
     """The Adam-aware solver needs Adam's next step directions, computed on each rank's pieces of the
     partitioned moments and gradients and assembled with the factors: ZeRO-3's flat sub-groups are the
     hardest layout. Same fp32 tolerances as the paper's solver."""
-    got = run_deepspeed(2, worker_args(3, "fp32", micro=2, extra=("--solver", "adam")), tmp_path, timeout=600)
+    got = SHARED_2_RANKS.result("scalora-zero3-adam", tmp_path_factory)
     assert got["meta"]["scalora_totals"].get("solver/adam", 0) > 0
     check(got, reference("fp32", 2, 2, solver="adam"), "fp32", "ZeRO-3 fp32 2 ranks, solver adam", 2)
 
@@ -140,8 +154,8 @@ def test_scalora_4_ranks_zero2(tmp_path):
     check(got, reference("fp32", 4, 1), "fp32", "ZeRO-2 fp32 4 ranks", 4)
 
 
-def test_scalora_bf16_zero3(tmp_path):
-    got = run_deepspeed(2, worker_args(3, "bf16", micro=2), tmp_path, timeout=600)
+def test_scalora_bf16_zero3(tmp_path_factory):
+    got = SHARED_2_RANKS.result("scalora-zero3-bf16", tmp_path_factory)
     check(got, reference("bf16", 2, 2), "bf16", "ZeRO-3 bf16 2 ranks", 2)
 
 
@@ -154,14 +168,15 @@ def test_scalora_two_node_loopback_matches_one_node(tmp_path):
 
 # ZeRO-2 extended: test_train_entry.py's killed run resumes ScaLoRA at ZeRO-2 (tiny.yaml) to the same losses exactly
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=EXTENDED), 3])
-def test_resume_reproduces_the_uninterrupted_run(stage, tmp_path):
-    """Save after step 3 (between refreshes), resume in a new launch: the same losses and state, exactly.
+def test_resume_reproduces_the_uninterrupted_run(stage, tmp_path, tmp_path_factory):
+    """Save after step 3 (between refreshes; the shared run of this stage), resume in a new launch: the same
+    losses and state, exactly.
     ZeRO-1 is left out (80 s of CI): DeepSpeed runs ZeRO-1 and 2 through one optimizer and ZeroAccess reads
     both as "fragments", so stage 2 covers its save and load; ZeRO-1 checkpoint files are read in
     test_convert.py."""
-    ckpt = tmp_path / "ckpt"
-    full = run_deepspeed(2, worker_args(stage, "fp32", micro=2, extra=("--save-at", 3, "--ckpt", ckpt)), tmp_path / "a")
-    resumed = run_deepspeed(2, worker_args(stage, "fp32", micro=2, extra=("--resume", ckpt)), tmp_path / "b")
+    full = SHARED_2_RANKS.result(f"scalora-zero{stage}", tmp_path_factory)
+    ckpt = SHARED_2_RANKS.dir / f"scalora-zero{stage}-ckpt"
+    resumed = run_deepspeed(2, worker_args(stage, "fp32", micro=2, extra=("--resume", ckpt)), tmp_path)
     assert resumed["meta"]["resumed_from"] == 3
     assert resumed["losses"] == full["losses"]
     for name, t in full["trainable"].items():

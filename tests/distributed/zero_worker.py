@@ -6,6 +6,7 @@ Run under a launcher (all ranks build the same model from the same seed)::
         --stage 2 --dtype fp32 --steps 6 --gas 2 --micro-batch 2 --clip 1.0 --out /tmp/z2.pt
         [--method lora|scalora] [--interval I] [--scalora-warmup W]
         [--save-at STEP --ckpt DIR] [--resume DIR] [--zero-extra JSON]
+    ... tests/distributed/zero_worker.py --plan runs.json   # several runs, one after the other, in one launch
 
 The global batch of step t is ``reference.global_batch(t, world*gas*micro)``; rank r runs micro-steps
 k = 0..gas-1 on rows [(r*gas + k)*micro, +micro) (``reference.rank_micro_batch``). Each micro-batch
@@ -19,6 +20,11 @@ Rank 0 writes (``torch.save``) the dictionary documented in ``reference.py``: ``
 none, e.g. stage 0), ``trainable`` (full fp32 masters
 via ``safe_get_full_fp32_param``, a collective called on every rank in one order), ``frozen`` (full
 base weights; ZeRO-3 gathers them with ``GatheredParameters``) and ``meta``.
+
+``--plan FILE`` (a JSON list of argument lists, each with its own ``--out``) runs them one after the
+other in the same ranks: process start-up and imports (~20 s of a 2-rank launch's ~29 s on 2 cores) are
+paid once (``launch.SharedLaunch``). Each run starts from its own seed and engine; the engine of the
+previous run is destroyed first.
 
 Checkpoints: ``--save-at S --ckpt DIR`` calls ``engine.save_checkpoint(DIR, tag="step{S}")`` after
 optimizer step S (1-based) with ``client_state={"step", "losses", "grad_norms", "scalora"}``;
@@ -250,10 +256,23 @@ def main(argv=None) -> None:
         torch.save(result, tmp)
         os.replace(tmp, a.out)
     dist.barrier()
+    if hasattr(engine, "destroy"):  # a next run of a --plan in this process starts clean (ZeRO-3 hooks released)
+        engine.destroy()
+
+
+def run_plan(path) -> None:
+    for argv in json.loads(Path(path).read_text()):
+        main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    plan = argparse.ArgumentParser(add_help=False)
+    plan.add_argument("--plan")
+    known, _ = plan.parse_known_args()
+    if known.plan:
+        run_plan(known.plan)
+    else:
+        main()
     from ds_scalora.zero import end_distributed, exit_process
 
     end_distributed()  # barrier + destroy_process_group

@@ -4,6 +4,7 @@ merged weight (fp32 at the policy's precision) and the fp32 masters of the facto
 
     deepspeed --num_gpus N tests/distributed/export_worker.py --config tiny.yaml --set k=v ... \
         --checkpoint RUN/checkpoints/stepNNNNNNNN --out result.pt
+    ... tests/distributed/export_worker.py --plan runs.json   # several checkpoints in one launch (plan.py)
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ def fixed_batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=g)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
     p.add_argument("--set", nargs="*", default=[])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     import deepspeed
     import torch.distributed as dist
@@ -72,10 +73,13 @@ def main() -> None:
         torch.save({"logits": logits, "input_ids": ids.cpu(), "layers": layers,
                     "meta": {"world": dist.get_world_size(), "stage": engine.zero_optimization_stage()}}, a.out)  # fmt: skip
     dist.barrier()
+    engine.destroy()  # a next run of a --plan starts clean
 
 
 if __name__ == "__main__":
-    main()
+    from plan import main_or_plan  # beside this script: the first entry of sys.path
+
+    main_or_plan(main)
     from ds_scalora.zero import end_distributed, exit_process
 
     end_distributed()  # barrier + destroy_process_group

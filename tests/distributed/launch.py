@@ -217,19 +217,21 @@ class SharedLaunch:
 SHARED_2_RANKS = SharedLaunch(2)
 
 
-def run_deepspeed_plan(num_ranks: int, runs: dict[str, list[str]], tmp_path, timeout: float | None = None) -> dict:
-    """Every run of ``runs`` (key -> zero_worker.py arguments) in one launch; returns key -> result."""
+def run_deepspeed_plan(num_ranks: int, runs: dict[str, list], tmp_path, timeout: float | None = None,
+                       worker: Path = WORKER) -> dict:
+    """Every run of ``runs`` (key -> ``worker`` arguments) in one launch (``--plan``, plan.py); returns key ->
+    the result rank 0 wrote."""
     tmp_path = Path(tmp_path)
     outs = {key: tmp_path / f"{key}.pt" for key in runs}
-    plan = [_with_out([a.replace("{dir}", str(tmp_path)) for a in args], outs[key]) for key, args in runs.items()]
+    plan = [_with_out([str(a).replace("{dir}", str(tmp_path)) for a in args], outs[key]) for key, args in runs.items()]
     (tmp_path / "plan.json").write_text(json.dumps(plan, indent=1))
-    cmd = node_launcher(num_ranks, WORKER, ["--plan", tmp_path / "plan.json"])
+    cmd = node_launcher(num_ranks, worker, ["--plan", tmp_path / "plan.json"])
     last = outs[list(runs)[-1]]
     _run_all([cmd], [tmp_path / "plan.log"], last, timeout or 300 + 60 * len(runs))
     results = {}
     for key, out in outs.items():
         results[key] = torch.load(out, weights_only=True)
-        results[key]["meta"]["logs"] = [str(tmp_path / "plan.log")]
+        results[key].setdefault("meta", {})["logs"] = [str(tmp_path / "plan.log")]
     return results
 
 

@@ -4,7 +4,8 @@ Three runs (ZeRO-1 fp32, ZeRO-2 bf16, ZeRO-3 bf16; 6 steps, refreshes at steps 2
 the frozen weights and, in bf16, in the fp32 residual shards), each followed by
 ``export_worker.py``, which loads the checkpoint into an engine and dumps its logits on a fixed batch,
 its controller's full merged weights and the factors' fp32 masters: the references, taken from the
-running engine and not from the files the converter reads. 6 launches, ~3 min on 2 cores.
+running engine and not from the files the converter reads. The three training launches, then one
+launch of ``export_worker.py --plan`` for the three checkpoints (plan.py): 4 launches, ~2.5 min on 2 cores.
 
 Tolerances: an exported fp32 weight vs the engine's float64 ``merged + s·B A``: 1e-6 relative (one fp32
 rounding). Logits of the exported model (float64) vs the engine's: 1e-4 of max |logit| for the fp32 run;
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-from launch import _env, node_launcher, run_deepspeed  # noqa: E402
+from launch import _env, node_launcher, run_deepspeed_plan  # noqa: E402
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[2]
@@ -43,29 +44,24 @@ def _sets(out, stage, dtype):
             "train.eval_on_start=false", f"deepspeed.zero_optimization.stage={stage}", f"model.dtype={dtype}"]  # fmt: skip
 
 
-class _Runs(dict):
-    """stage -> (run dir, engine reference dict), launched on first use and shared by the module."""
-
-    def __init__(self, root):
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, stage):
-        run = self.root / f"z{stage}"
-        sets = _sets(run, stage, RUNS[stage])
-        cmd = node_launcher(2, REPO / "launch" / "train.py", ["--config", TINY, "--set", *sets])
+def _train_and_export(root: Path) -> dict:
+    """stage -> (run dir, engine reference dict): every stage's training run, then their references in one
+    launch of the export worker."""
+    sets, exports = {}, {}
+    for stage, dtype in RUNS.items():
+        sets[stage] = _sets(root / f"z{stage}", stage, dtype)
+        cmd = node_launcher(2, REPO / "launch" / "train.py", ["--config", TINY, "--set", *sets[stage]])
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        tag = run / "checkpoints" / "step00000006"
-        ref = run_deepspeed(2, ["--config", TINY, "--set", *sets, "--checkpoint", tag], self.root, name=f"ref{stage}",
-                            worker=WORKER)  # fmt: skip
-        self[stage] = (run, ref)
-        return self[stage]
+        tag = root / f"z{stage}" / "checkpoints" / "step00000006"
+        exports[f"ref{stage}"] = ["--config", TINY, "--set", *sets[stage], "--checkpoint", tag]
+    refs = run_deepspeed_plan(2, exports, root, worker=WORKER)
+    return {stage: (root / f"z{stage}", refs[f"ref{stage}"]) for stage in RUNS}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return _Runs(tmp_path_factory.mktemp("convert"))
+    return _train_and_export(tmp_path_factory.mktemp("convert"))
 
 
 def _convert(*args):
@@ -80,7 +76,7 @@ def _logits(model_dir, ids, dtype=torch.float64):
         return model(input_ids=ids).logits.double()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])  # the ZeRO-2 run is shared with the PEFT and safety tests below
+@pytest.mark.parametrize("stage", [1, 2, 3])  # the runs are shared with the PEFT and safety tests below
 def test_merged_export_reproduces_the_engine(runs, stage, tmp_path):
     from safetensors.torch import load_file
 

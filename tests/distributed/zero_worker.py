@@ -21,10 +21,8 @@ none, e.g. stage 0), ``trainable`` (full fp32 masters
 via ``safe_get_full_fp32_param``, a collective called on every rank in one order), ``frozen`` (full
 base weights; ZeRO-3 gathers them with ``GatheredParameters``) and ``meta``.
 
-``--plan FILE`` (a JSON list of argument lists, each with its own ``--out``) runs them one after the
-other in the same ranks: process start-up and imports (~20 s of a 2-rank launch's ~29 s on 2 cores) are
-paid once (``launch.SharedLaunch``). Each run starts from its own seed and engine; the engine of the
-previous run is destroyed first.
+``--plan FILE`` runs several argument lists one after the other in the same ranks (``plan.py``,
+``launch.SharedLaunch``); each run starts from its own seed and engine, and destroys its engine at the end.
 
 Checkpoints: ``--save-at S --ckpt DIR`` calls ``engine.save_checkpoint(DIR, tag="step{S}")`` after
 optimizer step S (1-based) with ``client_state={"step", "losses", "grad_norms", "scalora"}``;
@@ -260,19 +258,10 @@ def main(argv=None) -> None:
         engine.destroy()
 
 
-def run_plan(path) -> None:
-    for argv in json.loads(Path(path).read_text()):
-        main(argv)
-
-
 if __name__ == "__main__":
-    plan = argparse.ArgumentParser(add_help=False)
-    plan.add_argument("--plan")
-    known, _ = plan.parse_known_args()
-    if known.plan:
-        run_plan(known.plan)
-    else:
-        main()
+    from plan import main_or_plan
+
+    main_or_plan(main)
     from ds_scalora.zero import end_distributed, exit_process
 
     end_distributed()  # barrier + destroy_process_group

@@ -36,12 +36,10 @@ def update_importances_(ema_ipt: list, ema_unc: list, values: list, grads: list,
         return
     sens = torch._foreach_mul([v.float() for v in values], [g.float() for g in grads])
     torch._foreach_abs_(sens)
-    torch._foreach_mul_(ema_ipt, beta1)
-    torch._foreach_add_(ema_ipt, sens, alpha=1 - beta1)
+    torch._foreach_lerp_(ema_ipt, sens, 1 - beta1)  # Ī + (1−β1)(I − Ī): one pass where mul_ and add_ took two
     torch._foreach_sub_(sens, ema_ipt)  # sens − Ī, in place: sens is not needed after this
     torch._foreach_abs_(sens)
-    torch._foreach_mul_(ema_unc, beta2)
-    torch._foreach_add_(ema_unc, sens, alpha=1 - beta2)
+    torch._foreach_lerp_(ema_unc, sens, 1 - beta2)
 
 
 def slot_of(start: int, numel: int, shape: tuple[int, int], slot_axis: int, device=None) -> torch.Tensor:
@@ -165,7 +163,7 @@ def orthogonality_penalties(M: torch.Tensor, active: torch.Tensor, rows: bool) -
     G = M @ M.mT if rows else M.mT @ M
     X = G - torch.diag_embed(active.to(M.dtype))
     norm = torch.linalg.matrix_norm(X)
-    grad = 2 * (X @ M if rows else M @ X)
-    safe = torch.where(norm == 0, torch.ones_like(norm), norm)
-    grad = torch.where((norm == 0)[:, None, None], torch.zeros_like(grad), grad / safe[:, None, None])
-    return norm, grad
+    # the factor 2/‖X‖ goes on X (R x R), so that the product with M is the one pass over the factors;
+    # where ‖X‖ = 0, X is exactly zero and so is the gradient
+    X = X * (2 / torch.where(norm == 0, torch.ones_like(norm), norm))[:, None, None]
+    return norm, (X @ M if rows else M @ X)

@@ -101,6 +101,18 @@ class ElasticRanks:
             if R != config.max_rank:
                 raise ValueError(f"{layer.name} has {R} slots but max_rank is {config.max_rank}: build the model "
                                  "with elastic_lora_model(..., max_rank=config.max_rank)")  # fmt: skip
+        # the gather buffer's layout: every Q, then every P, those of one shape side by side, so that a shape's
+        # factors are one (n x R x d or n x d x R) view for the regulariser, with no copy
+        self.offsets, self.groups, at = {}, [], 0  # (layer, "P"/"Q") -> offset; (name, members, offset, shape)
+        for name in ("Q", "P"):
+            by_shape: dict = {}
+            for i, shapes in enumerate(self.shapes):
+                by_shape.setdefault(shapes[name], []).append(i)
+            for shape, members in by_shape.items():
+                self.groups.append((name, members, at, shape))
+                for i in members:
+                    self.offsets[(i, name)], at = at, at + math.prod(shape)
+        self.gather_numel = at
         self.scales = [svd_scale(float(layer.module.scaling[layer.adapter]), config.init_rank) for layer in layers]
         self.active = [torch.arange(config.max_rank) < config.init_rank for _ in layers]
         self.ema: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # this rank's pieces only
@@ -129,14 +141,15 @@ class ElasticRanks:
         pieces = [{name: self.access.piece(p) for name, p, _ in layer.factors()} for layer in self.layers]
         moves = cfg.moves_at(step)
         need_full = cfg.orth_reg > 0 or moves > 0
-        full, finite = self._gather_masters(pieces, need_full)
+        buffer, finite = self._gather_masters(pieces, need_full)
         if not finite:
             report.skipped = "nonfinite"
             report.ranks = self.ranks()
             self.totals["skipped_nonfinite"] += 1
             return report
+        full = None if buffer is None else self._full_views(buffer)
         if cfg.orth_reg > 0:
-            report.orth_penalty = self._add_orthogonality_grad(pieces, full)
+            report.orth_penalty = self._add_orthogonality_grad(pieces, buffer)
         if elastic.scores_are_updated(step, cfg.total_steps, cfg.final_warmup):
             ipts, uncs, values, grads = [], [], [], []
             for i, layer_pieces in enumerate(pieces):
@@ -157,8 +170,9 @@ class ElasticRanks:
         return self.ema[(i, name)]
 
     def _gather_masters(self, pieces, need_full: bool):
-        """Full fp32 P and Q of every layer (one all-reduce) if needed, and whether every rank's
-        gradients are finite (carried by the same all-reduce, or by a one-element one)."""
+        """The full fp32 P and Q of every layer in one buffer (one all-reduce; its layout: ``self.groups``) if
+        needed, and whether every rank's gradients are finite (carried by the same all-reduce, or by a
+        one-element one)."""
         grads = [piece.grad for layer_pieces in pieces for piece in layer_pieces.values()
                  if piece is not None and piece.grad is not None and piece.grad.numel()]
         # one multi-tensor L2 norm per gradient and one host read: NaN and ±Inf propagate through it (the
@@ -171,49 +185,44 @@ class ElasticRanks:
         if not need_full:
             flag = self.access.all_reduce(torch.tensor([float(local_bad)], device=device))
             return None, float(flag[0]) == 0
-        dtype = _work_dtype(pieces)
-        buffer = torch.zeros(sum(math.prod(s[n]) for s in self.shapes for n in ("P", "Q")) + 1, dtype=dtype, device=device)
-        offsets, at, into, values = [], 0, [], []
+        buffer = torch.zeros(self.gather_numel + 1, dtype=_work_dtype(pieces), device=device)
+        into, values = [], []
         for i, layer_pieces in enumerate(pieces):
             for name in ("P", "Q"):
-                offsets.append(at)
                 piece = layer_pieces[name]
                 if piece is not None:
-                    into.append(buffer[at + piece.start : at + piece.start + piece.numel])
+                    at = self.offsets[(i, name)] + piece.start
+                    into.append(buffer[at : at + piece.numel])
                     values.append(piece.master)
-                at += math.prod(self.shapes[i][name])
         if into:
             torch._foreach_copy_(into, values)  # one multi-tensor call, converting to the work dtype
         buffer[-1] = float(local_bad)  # joined like a piece: summed over shards; at ZeRO-0 the same on every rank
         self.access.join_pieces(buffer)
         if float(buffer[-1]) != 0:
             return None, False
-        full = []
-        for i in range(len(self.layers)):
-            P = buffer[offsets[2 * i] : offsets[2 * i] + math.prod(self.shapes[i]["P"])].view(self.shapes[i]["P"])
-            Q = buffer[offsets[2 * i + 1] : offsets[2 * i + 1] + math.prod(self.shapes[i]["Q"])].view(self.shapes[i]["Q"])
-            full.append({"P": P, "Q": Q})
-        return full, True
+        return buffer[:-1], True
 
-    def _add_orthogonality_grad(self, pieces, full) -> float:
+    def _full_views(self, buffer: torch.Tensor) -> list[dict]:
+        """Per layer, its full P and Q: views into the gathered buffer."""
+        return [{name: buffer[self.offsets[(i, name)] : self.offsets[(i, name)] + math.prod(self.shapes[i][name])]
+                 .view(self.shapes[i][name]) for name in ("P", "Q")} for i in range(len(self.layers))]  # fmt: skip
+
+    def _add_orthogonality_grad(self, pieces, buffer: torch.Tensor) -> float:
         """Add ``orth_reg/N · ∇‖·‖_F`` of every P and Q (N = 2 x layers, PEFT's mean) to the gradients; the
-        factors of one shape in one batch (:func:`~ds_scalora.elastic.orthogonality_penalties`)."""
+        factors of one shape in one batch (:func:`~ds_scalora.elastic.orthogonality_penalties`), read as one
+        view of the gathered buffer."""
         coef = self.config.orth_reg / (2 * len(self.layers))
         norms, into, adds = [], [], []
-        for name, rows in (("Q", True), ("P", False)):
-            groups: dict = {}
-            for i in range(len(self.layers)):
-                groups.setdefault(self.shapes[i][name], []).append(i)
-            for members in groups.values():
-                M = torch.stack([full[i][name] for i in members])
-                active = torch.stack([self.active[i] for i in members]).to(M.device)
-                norm, grad = elastic.orthogonality_penalties(M, active, rows)
-                norms.append(norm)
-                for k, i in enumerate(members):
-                    piece = pieces[i][name]
-                    if piece is not None and piece.grad is not None:
-                        into.append(piece.grad)
-                        adds.append(grad[k].reshape(-1)[piece.start : piece.start + piece.numel].to(piece.grad.dtype))
+        for name, members, at, shape in self.groups:
+            M = buffer[at : at + len(members) * math.prod(shape)].view(len(members), *shape)
+            active = torch.stack([self.active[i] for i in members]).to(M.device)
+            norm, grad = elastic.orthogonality_penalties(M, active, rows=name == "Q")
+            norms.append(norm)
+            for k, i in enumerate(members):
+                piece = pieces[i][name]
+                if piece is not None and piece.grad is not None:
+                    into.append(piece.grad)
+                    adds.append(grad[k].reshape(-1)[piece.start : piece.start + piece.numel].to(piece.grad.dtype))
         if into:
             torch._foreach_add_(into, adds, alpha=coef)
         return float(torch.cat(norms).sum()) / (2 * len(self.layers))

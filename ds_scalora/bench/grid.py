@@ -219,17 +219,11 @@ def ensure_process_group() -> None:
     """One-rank gloo group for in-process runs (``deepspeed.init_distributed`` reads these)."""
     import torch
 
+    from ..zero.single_process import one_rank_if_not_launched
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    one_rank_if_not_launched()
 
 
 def train_once(cfg, hooks=None, log_path: str | None = None) -> dict:

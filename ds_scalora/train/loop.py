@@ -74,8 +74,10 @@ def run(cfg: RunConfig, hooks=None) -> dict:
     import deepspeed
 
     from ..zero import disable_cpu_shm_comm
+    from ..zero.single_process import one_rank_if_not_launched
 
     disable_cpu_shm_comm()  # on CPU: no 75 s op build, no leaked /dev/shm buffers
+    one_rank_if_not_launched()  # `python launch/train.py`: one rank, as `deepspeed --num_gpus 1`
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = deepspeed_config(cfg, world)

@@ -13,7 +13,7 @@ ONE_RANK = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in {*LAUNCHED, *ONE_RANK}:
+    for key in {*LAUNCHED, *ONE_RANK, "SLURM_STEP_NUM_TASKS"}:
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -27,9 +27,13 @@ def test_no_launcher_gives_one_rank_on_a_free_local_port(clean_env):
 def test_a_port_already_chosen_is_kept(clean_env):
     clean_env.setenv("MASTER_PORT", "29777")
     assert one_rank_if_not_launched() is True and os.environ["MASTER_PORT"] == "29777"
+    for key in ONE_RANK:
+        clean_env.delenv(key)
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "1")  # a one-task srun step is one rank too
+    assert one_rank_if_not_launched() is True
 
 
-@pytest.mark.parametrize("key", ["RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+@pytest.mark.parametrize("key", ["RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"])
 def test_a_launcher_or_mpi_is_left_to_deepspeed(clean_env, key):
     clean_env.setenv(key, "4")
     assert one_rank_if_not_launched() is False

@@ -25,8 +25,8 @@ def free_port() -> int:
 
 def one_rank_if_not_launched() -> bool:
     """Set the one-rank variables when no launcher did (those already set are kept); whether it did."""
-    if any(key in os.environ for key in LAUNCHED):
-        return False
+    if any(key in os.environ for key in LAUNCHED) or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return False  # (srun -n N without PMI starts N processes that no variable ranks: not one rank either)
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))

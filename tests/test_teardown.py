@@ -5,12 +5,13 @@ one it is ``sys.exit`` (atexit handlers run). One-rank processes, a few seconds 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ds_scalora.zero.single_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
@@ -31,9 +32,7 @@ exit_process(3)
 
 @pytest.mark.parametrize("gloo,end", [(True, True), (True, False), (False, False)])
 def test_exit_process(gloo, end):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO), gloo=gloo, end=end)], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip

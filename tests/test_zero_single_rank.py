@@ -8,7 +8,6 @@ those of the equivalence tests; the reference is the same single-process trainer
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,13 +21,12 @@ from reference import compare_results, train_reference  # noqa: E402
 from tiny_models import adamw, tiny_lora_model  # noqa: E402
 
 from ds_scalora.zero import UnsupportedConfig, attach, disable_cpu_shm_comm  # noqa: E402
+from ds_scalora.zero.single_process import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -40,7 +40,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ds_scalora.zero.single_process import free_port  # noqa: F401 (the tests import it from here)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -66,11 +67,6 @@ class LaunchError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:

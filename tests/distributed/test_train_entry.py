@@ -32,8 +32,9 @@ TINY = str(REPO / "ds_configs" / "tiny.yaml")
 def command(ranks, out, *sets, runner=False):
     """``launch/train.py`` on ``ranks`` ranks with the tiny config: through DeepSpeed's runner (``deepspeed
     --num_gpus N``, the user's command) if ``runner``; else one rank is a plain ``python launch/train.py``
-    (a one-rank run without a launcher: ds_scalora.zero.single_process; 14 s where the per-node launcher
-    took 28, measured side by side on 2026-12-03, the same losses), and more go through the per-node
+    (a one-rank run without a launcher: ds_scalora.zero.single_process; a 6-step run took 14.2 s where the
+    per-node launcher took 18.9 s, side by side in the tests' environment on 2026-12-03, with the same
+    losses), and more go through the per-node
     launcher the runner execs (see launch.node_launcher: the same ranks, without the runner's own start)."""
     args = ["--config", TINY, "--set", f"train.output_dir={out}", *sets]  # several KEY=VALUE after one --set
     if not runner and ranks == 1:

@@ -1,5 +1,5 @@
 """What the CPU cost benchmarks (``refresh_cost``, ``elalora_cost``) share: a console output that is also
-the report file, and the verdict on ratios measured side by side in rounds."""
+the report file, step times measured side by side in rounds, and the verdict on their ratios."""
 
 from __future__ import annotations
 
@@ -7,8 +7,36 @@ import contextlib
 import os
 import statistics
 import sys
+import time
 
 from . import REPO
+
+
+def side_by_side(steppers: dict, rounds: int, steps: int) -> dict:
+    """{name: [its time over the first stepper's, per round]} for every stepper but the first.
+
+    A stepper is a callable that runs one training step. Each round runs ``steps`` steps of every stepper,
+    interleaved step by step in an order that rotates at every step, each step timed on its own; one
+    untimed warm-up round first. Why step by step: on the shared 2-core machine one model's step time
+    drifted between 2969 and 3458 ms from one 5-step block to the next (2026-12-03, the ElaLoRA shape), so
+    ratios of blocks run one after the other carried that drift; a drift now falls on both sides of a
+    round's ratio."""
+    names = list(steppers)
+    ratios = {name: [] for name in names[1:]}
+    turn = 0
+    for round_ in range(rounds + 1):
+        times = dict.fromkeys(names, 0.0)
+        for _ in range(steps):
+            for k in range(len(names)):  # no stepper always runs first
+                name = names[(turn + k) % len(names)]
+                start = time.perf_counter()
+                steppers[name]()
+                times[name] += time.perf_counter() - start
+            turn += 1
+        if round_:
+            for name in names[1:]:
+                ratios[name].append(times[name] / times[names[0]])
+    return ratios
 
 
 def verdict(values: list, target: float) -> str:

@@ -14,12 +14,15 @@ How to run (from the repository root; nothing is downloaded, the models are rand
 What is measured: three models built from one random SmolLM2-135M-shaped base (fp32, the same weights):
 LoRA at rank R (the buffer), LoRA at rank r0 (the budget) and ElaLoRA (r0 of R, every default of
 ``ElaLoRAConfig`` but the warm-ups, set to 0 so that the measured steps include reallocation rounds at
-their real frequency), each with its own AdamW. Each round runs a block of ``interval`` training steps
-(forward, backward, ``ElaLoRA.after_backward``, clipping, AdamW) of each model, in an order that rotates
-from round to round, on the demo's batch; per round, each block's time over LoRA-at-R's. One untimed
-warm-up round first. A 10-step block varies by a few per cent from one block to the next on a shared
-2-core machine, so the median ratio and the range over rounds are reported, with a verdict only when the
-range is on one side of the target.
+their real frequency), each with its own AdamW. Each round runs ``interval`` training steps (forward,
+backward, ``ElaLoRA.after_backward``, clipping, AdamW) of each model on the demo's batch, interleaved step
+by step (``console_report.side_by_side``); per round, each model's time over LoRA-at-R's. One untimed
+warm-up round first. Until 2026-12-03 a round ran 10-step blocks one after the other, and a block's step
+time drifted by up to ±9% from one block to the next on the shared 2-core machine: two such runs gave
+ElaLoRA 1.113 and 1.111 with ranges 0.1-0.25 wide, while its parts timed step against step added up to
+~1.04 (forward and backward 1.008 of LoRA's, ``after_backward`` 105 ms, clipping and AdamW over its 630
+tensors 90 ms against 67, at ~3.3 s a step). The median ratio and the range over rounds are reported, with
+a verdict only when the range is on one side of the target.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 
 import torch
 
-from .console_report import add_shared_arguments, print_and_write, verdict
+from .console_report import add_shared_arguments, print_and_write, side_by_side, verdict
 from .refresh_cost import TARGETS, base_model, batch, with_lora
 from ..methods.elalora import ElaLoRA, elastic_lora_model
 from ..methods.elalora_config import ElaLoRAConfig
@@ -73,18 +76,10 @@ def block(model, opt, ela, ids: torch.Tensor, steps: int, reports: list | None =
 
 
 def interleaved(models: dict, ids: torch.Tensor, rounds: int, steps: int) -> dict:
-    """{name: [time over the first model's, per round]} for every model but the first (the reference)."""
-    names = list(models)
-    ratios = {name: [] for name in names[1:]}
-    for round_ in range(rounds + 1):  # round 0: untimed warm-up
-        times = {}
-        for k in range(len(names)):
-            name = names[(round_ + k) % len(names)]
-            times[name] = block(*models[name], ids, steps)
-        if round_:
-            for name in names[1:]:
-                ratios[name].append(times[name] / times[names[0]])
-    return ratios
+    """{name: [time over the first model's, per round]} for every model but the first (the reference):
+    ``console_report.side_by_side`` of one training step of each model (:func:`block`)."""
+    return side_by_side({name: (lambda entry=entry: block(*entry, ids, 1)) for name, entry in models.items()},
+                        rounds, steps)  # fmt: skip
 
 
 def report(args) -> None:
@@ -105,8 +100,8 @@ def report(args) -> None:
     reference = next(iter(models))
     print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init, fp32; adapters on {','.join(TARGETS)}; "
           f"batch {args.batch[0]} x {args.batch[1]} tokens; AdamW, clipping at 1.0")
-    print(f"{args.rounds} rounds (after one untimed), each a block of {args.interval} training steps of every model in "
-          f"a rotating order; per round, the block's time over {reference}'s. ElaLoRA: every ElaLoRAConfig default but "
+    print(f"{args.rounds} rounds (after one untimed), each of {args.interval} training steps of every model, interleaved "
+          f"step by step in an order that rotates at every step; per round, a model's time over {reference}'s. ElaLoRA: every ElaLoRAConfig default but "
           f"the warm-ups (0), so its {ela.step} steps held {rounds_done} reallocation rounds, one per {args.interval} "
           f"steps as in a run. Median and range over the rounds (the range holds the median ratio with probability "
           f"{cover:.0%}).")
@@ -126,8 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-rank", type=int, default=16, help="R, the buffer (ElaLoRAConfig's default)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--interval", type=int, default=ElaLoRAConfig.interval,
-                        help="steps per block and ElaLoRA's reallocation interval (default: ElaLoRA's): one "
-                             "round per block")
+                        help="steps of each model per round and ElaLoRA's reallocation interval (default: "
+                             "ElaLoRA's): one reallocation round per round")
     parser.add_argument("--quick", action="store_true", help="2 hidden layers, 1 round, 2 x 16 tokens, no report file")
     add_shared_arguments(parser, "benchmarks_elalora.md")
     args = parser.parse_args(argv)

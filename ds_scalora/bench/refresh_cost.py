@@ -36,11 +36,12 @@ What is measured, per (base dtype, r):
   untimed warm-up, median over repeats. Ratio = refresh / step; amortised overhead per step: at I = 1
   (nine refreshes of ten not measured) ((E − 1)·unmeasured + measured) / (E·step) with
   E = rank_sketch_every; at I = 10, measured / (10·step).
-* step time over LoRA's, measured directly (fp32 base, ``--rounds``, :func:`interleaved`): blocks of 10
-  training steps of LoRA, ScaLoRA and ScaLoRA-I at their defaults, side by side on one model, in a
-  rotating order. A block's time varies by a few per cent from one to the next on this machine, so this
-  check resolves ScaLoRA's ~10% but not ScaLoRA-I's ~1%, which the amortised overhead above states
-  from the refresh's own (much steadier) time.
+* step time over LoRA's, measured directly (fp32 base, ``--rounds``, :func:`interleaved`): 10 training
+  steps of LoRA, ScaLoRA and ScaLoRA-I at their defaults per round, on one model, interleaved step by step
+  (``console_report.side_by_side``; until 2026-12-03, 10-step blocks one after the other, whose times
+  drifted by several per cent from one block to the next). A round's ratio still varies by a few per
+  cent, so this check resolves ScaLoRA's ~10% more easily than ScaLoRA-I's ~1%, which the amortised
+  overhead above states from the refresh's own (much steadier) time.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .console_report import add_shared_arguments, print_and_write, verdict
+from .console_report import add_shared_arguments, print_and_write, side_by_side, verdict
 from ..methods import ScaLoRA, ScaLoRAConfig
 from ..methods.scalora import default_shrink
 from ..precision import get_policy
@@ -177,35 +178,22 @@ def floor_pass(scalora: ScaLoRA) -> tuple[float, int]:
 
 
 def interleaved(model, opt, ids: torch.Tensor, rounds: int) -> dict:
-    """Step-time ratios measured side by side: each round runs INTERVAL training steps of LoRA, of
-    ScaLoRA (I = 1, a refresh at every step) and of ScaLoRA-I (I = INTERVAL, one refresh), each with its
-    default settings, on one model, optimizer and batch, in an order that rotates from round to round;
-    per round, each variant's time over LoRA's. Returns {variant: [ratio per round]} (one untimed
-    warm-up round first)."""
+    """Step-time ratios measured side by side (``console_report.side_by_side``): each round runs INTERVAL
+    training steps of LoRA, of ScaLoRA (I = 1, a refresh at every step) and of ScaLoRA-I (I = INTERVAL, one
+    refresh), each with its default settings, on one model, optimizer and batch, interleaved step by step;
+    per round, each variant's time over LoRA's. Returns {variant: [ratio per round]}."""
     variants = {"scalora": ScaLoRA(model, opt, ScaLoRAConfig(warmup_steps=0, interval=1)),
                 "scalora-I": ScaLoRA(model, opt, ScaLoRAConfig(warmup_steps=0, interval=INTERVAL))}
 
-    def block(scalora) -> float:
-        start = time.perf_counter()
-        for _ in range(INTERVAL):
-            model(input_ids=ids, labels=ids).loss.backward()
-            if scalora is not None:
-                scalora.refresh_if_due()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+    def step(scalora) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if scalora is not None:
+            scalora.refresh_if_due()  # each variant counts its own steps: ScaLoRA-I refreshes once a round
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    ratios = {name: [] for name in variants}
-    order = [None, *variants]  # None: LoRA
-    for round_ in range(rounds + 1):
-        times = {}
-        for k in range(len(order)):  # the order rotates from round to round: no method always runs first
-            name = order[(round_ + k) % len(order)]
-            times[name] = block(variants.get(name))
-        if round_:
-            for name in variants:
-                ratios[name].append(times[name] / times[None])
-    return ratios
+    steppers = {"lora": lambda: step(None), **{name: (lambda s=s: step(s)) for name, s in variants.items()}}
+    return side_by_side(steppers, rounds, INTERVAL)
 
 
 def bench(dtype_name: str, r: int, args) -> dict:
@@ -319,7 +307,7 @@ def report(args) -> None:
         rounds = len(next(iter(timed_rows[0]["ratios"].values())))
         cover = 1 - 2 * 0.5**rounds
         print(f"Step time over LoRA's, measured side by side (`interleaved`): {rounds} rounds, each of {INTERVAL} "
-              f"training steps of LoRA, ScaLoRA (I=1) and ScaLoRA-I (I={INTERVAL}) one after the other on one model and "
+              f"training steps of LoRA, ScaLoRA (I=1) and ScaLoRA-I (I={INTERVAL}), interleaved step by step, on one model and "
               f"batch ({args.batch[0]} x {args.batch[1]} tokens), every method at its defaults; per round, the method's "
               f"time over LoRA's. Median and range over the rounds (the range holds the median ratio with probability "
               f"{cover:.0%}).")

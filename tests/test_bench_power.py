@@ -31,6 +31,7 @@ def test_sweep_records_resume_and_report(tmp_path):
     power.sweep(task, root=str(tmp_path), log=lambda *_: None)
     # tuning: 2 + 1 + 2x2 points on one seed; report: 3 arms x 3 seeds
     assert len(calls) == 7 + 9
+    assert [seed for _, _, seed in calls[7:]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # report runs seed by seed: whole pairs
     lines = (tmp_path / "regression" / "scalora-I.jsonl").read_text().splitlines()
     assert len(lines) == 4 + 3 and all(json.loads(line)["phase"] in ("tune", "report") for line in lines)
     # a second sweep finds every record and runs nothing (an interrupted sweep resumes)

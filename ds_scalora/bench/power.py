@@ -297,13 +297,16 @@ def sweep(task: Task, arms: list | None = None, phases=("tune", "report"), root:
         for arm in chosen:
             _run_missing(task, arm, "tune", list(_points(arm)), task.tune_seeds, root, log)
     if "report" in phases:
+        settings = {}
         for arm in chosen:
             setting = tuned_setting(task, arm, root)
             if setting is None:
                 log(f"  {arm.name}: tuning incomplete, no report runs")
-                continue
-            spec, lr, _, _ = setting
-            _run_missing(task, arm, "report", [(spec, lr)], task.report_seeds, root, log)
+            else:
+                settings[arm.name] = (arm, setting[0], setting[1])
+        for seed in task.report_seeds:  # seed by seed across the arms: a sweep stopped midway leaves whole pairs
+            for arm, spec, lr in settings.values():
+                _run_missing(task, arm, "report", [(spec, lr)], [seed], root, log)
 
 
 def report_values(task: Task, arm: Arm, root: str = RECORDS):

@@ -293,10 +293,13 @@ def report(args) -> None:
         lo_t, hi_t = (1e3 * t for t in row["spread"]["total"])
         lo_s, hi_s = (1e3 * t for t in row["spread"]["step"])
         per_step_i1 = ((EVERY - 1) * row["plain"] + row["total"]) / EVERY  # I = 1: one refresh in EVERY measures
+        if math.isnan(row["step"]):  # bf16 on the CPU: no step timed (see bench)
+            step = "not timed (bf16 on this CPU) | — | —"
+        else:
+            step = (f"{1e3 * row['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {100 * per_step_i1 / row['step']:.1f}% "
+                    f"| {100 * row['total'] / (INTERVAL * row['step']):.1f}%")
         print(f"| {row['dtype']} | {row['r']} | {1e3 * row['total']:.0f} ({lo_t:.0f}-{hi_t:.0f}) | {1e3 * row['plain']:.0f} | "
-              + " | ".join(f"{1e3 * row['parts'][k]:.0f}" for k in PHASES)
-              + f" | {1e3 * row['step']:.0f} ({lo_s:.0f}-{hi_s:.0f}) | {100 * per_step_i1 / row['step']:.1f}% "
-              f"| {100 * row['total'] / (INTERVAL * row['step']):.1f}% | {mix} |")
+              + " | ".join(f"{1e3 * row['parts'][k]:.0f}" for k in PHASES) + f" | {step} | {mix} |")
     print(f"refresh and LoRA step: median (min-max) of {args.repeats}; phases: medians of the core's steps run one "
           "after the other. A wide range means other processes competed for the CPU. Overhead per step: I=1 "
           f"refreshes at every step and measures its sketches at one refresh in {EVERY} (rank_sketch_every); "

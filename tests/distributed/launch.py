@@ -6,7 +6,7 @@
 * ``SharedLaunch(num_ranks)``: runs that test modules register at import (``add(key, args)``) and that
   all go through one launch (``zero_worker.py --plan``) at the first ``result(key, tmp_path_factory)``:
   start-up is paid once instead of per run (a 2-rank launch is ~29 s on 2 cores, ~20 s of it start-up;
-  each further run in it ~10 s). ``SHARED_2_RANKS`` is the one the equivalence tests share.
+  the equivalence tests' eleven runs took 46 s in one). ``SHARED_2_RANKS`` is the one they share.
 * ``run_deepspeed_two_nodes(ranks_per_node, args, tmp_path, timeout, launcher=...)``: two launcher
   processes that rendezvous over loopback as two "nodes" (node_rank 0 and 1), no ssh/pdsh:
 
@@ -59,14 +59,11 @@ WORKER = HERE / "zero_worker.py"
 # Launches whose path another default test already takes (each says which, where it is marked) run only
 # with DS_SCALORA_DIST_EXTENDED=1, so that the README's test command stays well under 30 minutes on 2 cores.
 EXTENDED_ON = os.environ.get("DS_SCALORA_DIST_EXTENDED") == "1"
-EXTENDED = pytest.mark.skipif(not EXTENDED_ON, reason="set DS_SCALORA_DIST_EXTENDED=1 (extra launches)"
-)
+EXTENDED = pytest.mark.skipif(not EXTENDED_ON, reason="set DS_SCALORA_DIST_EXTENDED=1 (extra launches)")
 
 
 class LaunchError(RuntimeError):
     pass
-
-
 
 
 def _env() -> dict:

@@ -71,37 +71,3 @@ def cross_moments_(state_A: dict, state_B: dict, alpha, beta) -> None:
                     f"supported per-element states: {sorted(MOMENT_POWERS)} (use Adam/AdamW or SGD)"
                 )
             t.mul_(k.to(device=t.device, dtype=t.dtype) ** MOMENT_POWERS[name])
-
-
-def column_scalings(flat: torch.Tensor, k: torch.Tensor, shape: tuple, axis: int, start: int) -> list:
-    """What scaling index ``axis`` of a row-major 2-D tensor of ``shape`` by ``k`` does to ``flat``,
-    which holds its elements ``[start, start + numel)``: at most three (view of ``flat``, broadcast
-    factor) pairs, a partial first row, the whole rows and a partial last row, no index tensor (the
-    tests spell the result out element by element). A refresh multiplies every pair of all its layers
-    in one ``torch._foreach_mul_`` (:func:`apply_scalings`)."""
-    n, cols = flat.numel(), shape[1]
-    if n == 0:
-        return []
-    if k.dtype != flat.dtype or k.device != flat.device:
-        k = k.to(device=flat.device, dtype=flat.dtype)
-    ops = []
-    row, col = divmod(start, cols)
-    head = min(n, (cols - col) % cols)
-    if head:
-        ops.append((flat[:head], k[col : col + head] if axis == 1 else k[row].expand(head)))
-        row += 1
-    whole = (n - head) // cols
-    if whole:
-        rows = flat[head : head + whole * cols].view(whole, cols)
-        ops.append((rows, k[None, :] if axis == 1 else k[row : row + whole, None]))
-        row += whole
-    tail = n - head - whole * cols
-    if tail:
-        ops.append((flat[n - tail :], k[:tail] if axis == 1 else k[row].expand(tail)))
-    return ops
-
-
-def apply_scalings(ops: list) -> None:
-    """In place: every (view, factor) pair of :func:`column_scalings`, in one multi-tensor call."""
-    if ops:
-        torch._foreach_mul_([view for view, _ in ops], [factor for _, factor in ops])

@@ -107,24 +107,35 @@ def _scales(scale, n: int) -> torch.Tensor:
     return torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(n).reshape(n, 1, 1)
 
 
+def _side_by_side_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``SᵀS`` in float64 for ``S = [left, right]`` (n x d x 2r): the concatenation is written once, in
+    float64, from the inputs' own dtype (no float64 copies of each and then of their concatenation)."""
+    n, d, r = left.shape
+    S = torch.empty(n, d, 2 * r, dtype=torch.float64, device=left.device)
+    S[..., :r].copy_(left.detach())
+    S[..., r:].copy_(right.detach())
+    return S.mT @ S
+
+
 def build_problems(A, B, grad_A, grad_B, scale=1.0) -> ScalingProblem:
     """Gram matrices and right-hand sides of spec §3 from the factors and their LoRA gradients, for a
     batch of layers of one shape (``A``: n x d_out x r, ...; ``scale`` a float or one per layer).
 
-    Cost O(n (d_out + d_in) r²). Inputs may be any float dtype; the products are formed in float64.
+    The folding by √s (spec §1) cancels in H, whose entry (i, j) multiplies ``d_i d_j`` from S_AᵀS_A by
+    ``d'_i d'_j`` from S_BᵀS_B with ``d_i d'_i = 1``; λ and the column norms are diagonals of the same two
+    Gram matrices, divided and multiplied by s. So the tall matrices are read once, into two Gram
+    products. Cost O(n (d_out + d_in) r²). Inputs may be any float dtype; the products are formed in float64.
     """
     _check_shapes(A, B, grad_A, grad_B)
-    root = _scales(scale, A.shape[0]).to(A.device).sqrt()
-    A = A.detach().double() * root
-    B = B.detach().double() * root
-    GA = grad_A.detach().double() / root
-    GB = grad_B.detach().double() / root
-    SA = torch.cat([A, GA], dim=-1)  # n x d_out x 2r
-    SB = torch.cat([GB, B], dim=-1)  # n x d_in x 2r
-    H = (SA.mT @ SA) * (SB.mT @ SB)
+    r = A.shape[-1]
+    s = _scales(scale, A.shape[0]).to(A.device)[:, :, 0]  # n x 1
+    gram_A = _side_by_side_gram(A, grad_A)  # [A, G_A]
+    gram_B = _side_by_side_gram(grad_B, B)  # [G_B, B]
+    H = gram_A * gram_B
     H = 0.5 * (H + H.mT)
-    lam = torch.cat([(GB * GB).sum(-2), (GA * GA).sum(-2)], dim=-1)
-    col_norms = torch.cat([(A * A).sum(-2), (B * B).sum(-2)], dim=-1)
+    diag_A, diag_B = gram_A.diagonal(dim1=-2, dim2=-1), gram_B.diagonal(dim1=-2, dim2=-1)
+    lam = torch.cat([diag_B[:, :r], diag_A[:, r:]], dim=-1) / s  # colnorm²(G_B / √s), colnorm²(G_A / √s)
+    col_norms = torch.cat([diag_A[:, :r], diag_B[:, r:]], dim=-1) * s  # ‖√s a_j‖², ‖√s b_j‖²
     return ScalingProblem(H.cpu(), lam.cpu(), col_norms.cpu())
 
 
@@ -149,14 +160,16 @@ def build_adam_problems(A, B, grad_A, grad_B, dir_A, dir_B, scale=1.0) -> Scalin
     if dir_A.shape != A.shape or dir_B.shape != B.shape:
         raise ValueError(f"Adam directions must match their factors: {tuple(dir_A.shape)} vs {tuple(A.shape)}, "
                          f"{tuple(dir_B.shape)} vs {tuple(B.shape)}")
+    r = A.shape[-1]
     s = _scales(scale, A.shape[0]).to(A.device)
-    A, B, GA, GB, UA, UB = (t.detach().double() for t in (A, B, grad_A, grad_B, dir_A, dir_B))
-    SA = torch.cat([A, UA], dim=-1)
-    SB = torch.cat([UB, B], dim=-1)
-    H = (s * s) * ((SA.mT @ SA) * (SB.mT @ SB))
+    gram_A = _side_by_side_gram(A, dir_A)  # [A, U_A]
+    gram_B = _side_by_side_gram(dir_B, B)  # [U_B, B]
+    H = (s * s) * (gram_A * gram_B)
     H = 0.5 * (H + H.mT)
+    GA, GB, UA, UB = (t.detach().double() for t in (grad_A, grad_B, dir_A, dir_B))
     lam = torch.cat([(GB * UB).sum(-2), (GA * UA).sum(-2)], dim=-1)
-    col_norms = s[:, :, 0] * torch.cat([(A * A).sum(-2), (B * B).sum(-2)], dim=-1)
+    diag_A, diag_B = gram_A.diagonal(dim1=-2, dim2=-1), gram_B.diagonal(dim1=-2, dim2=-1)
+    col_norms = s[:, :, 0] * torch.cat([diag_A[:, :r], diag_B[:, r:]], dim=-1)  # ‖a_j‖², ‖b_j‖² (times s)
     return ScalingProblem(H.cpu(), lam.cpu(), col_norms.cpu(), linear=True)
 
 

@@ -319,3 +319,18 @@ def test_merge_product_refuses_non_finite_factors():
     with pytest.raises(ValueError, match="NaN or Inf"):
         policy.merge_product_(W, L, torch.randn(3, 2), 0, state)
     assert torch.equal(W, before) and not state.any()
+
+
+def test_all_finite_sees_every_nan_and_inf_and_no_overflow():
+    """The refresh's one-pass finiteness check: any NaN or ±Inf anywhere in any tensor is seen; finite
+    values whose sum would overflow (fp32 maxima, bf16 too) are finite; empty tensors are finite."""
+    from ds_scalora.precision import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+        assert all_finite(big, -big, torch.empty(0, dtype=dtype)) and all_finite()
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for where in (0, 517, 999):
+                t = torch.zeros(10, 100, dtype=dtype)
+                t.view(-1)[where] = bad
+                assert not all_finite(torch.ones(3, dtype=dtype), t), (dtype, bad, where)

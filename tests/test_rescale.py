@@ -74,24 +74,44 @@ def test_flat_pieces_tile_the_dense_versions():
     assert torch.equal(expand_column_scale(k, (4, 6), 0, 7, 10) * N.reshape(-1)[7:17], (N * k[:, None]).reshape(-1)[7:17])
 
 
-def test_column_scalings_match_the_elementwise_expansion():
-    """column_scalings (at most three broadcasts per shard) against expand_column_scale (one factor per
-    element), on every shard boundary of small tensors: partial first and last rows, whole rows, one
-    element. All shards of all shapes are multiplied in one apply_scalings call, as a refresh does."""
-    from ds_scalora.rescale import apply_scalings, column_scalings
+def test_rescale_pieces_scale_every_piece_by_its_own_columns():
+    """RefreshCore.rescale_pieces on pieces cut at every boundary (partial first and last rows, whole rows,
+    one element, the whole tensor), as ZeRO cuts them, against the dense rescale: masters by their own
+    factor (lora_B's columns by α, lora_A's rows by β), gradients and first moments crossed, second moments
+    by the crossed square; expand_column_scale spells the expected factors out element by element."""
+    from ds_scalora import ScaLoRA, ScaLoRAConfig
+    from ds_scalora.pieces import Piece
+    from tiny_models import adamw, tiny_lora_model
 
+    model = tiny_lora_model(F64, r=3)
+    core = ScaLoRA(model, adamw(model), ScaLoRAConfig()).core
     gen = torch.Generator().manual_seed(0)
-    ops, checks = [], []
-    for shape, axis in (((5, 4), 1), ((4, 6), 0), ((1, 7), 1), ((7, 1), 0)):
-        M = torch.randn(*shape, dtype=torch.float64, generator=gen)
-        k = torch.rand(shape[axis], dtype=torch.float64, generator=gen) + 0.5
-        total = M.numel()
-        for start in range(total):
-            for numel in range(0, total - start + 1):
-                flat = M.reshape(-1)[start : start + numel].clone()
-                ops += column_scalings(flat, k, shape, axis, start)
-                want = expand_column_scale(k, shape, axis, start, numel) * M.reshape(-1)[start : start + numel]
-                checks.append((flat, want, (shape, axis, start, numel)))
-    apply_scalings(ops)
-    for flat, want, where in checks:
-        assert torch.equal(flat, want), where
+    packed = torch.rand(core.packed_total, dtype=F64, generator=gen) + 0.5
+    alpha, beta = core.per_layer(packed)
+    params = [(layer.lora_B, layer.lora_A) for layer in core.layers]
+    rescaled = list(range(0, len(params), 2))  # the others are left alone
+    checks = []
+    for trial in range(3):
+        pieces = {}
+        for index, pair in enumerate(params):
+            for j, p in enumerate(pair):
+                total = p.numel()
+                start = [0, 1, total - 1][trial] if j else [0, 7, total // 3][trial]
+                numel = [total, total - start - 1, 1][trial] if j else [total, total // 2, total - start][trial]
+                dense = {name: torch.randn(p.shape, dtype=F64, generator=gen) for name in ("master", "grad", "exp_avg", "exp_avg_sq")}
+                flat = {name: t.reshape(-1)[start : start + numel].clone() for name, t in dense.items()}
+                pieces[id(p)] = Piece(start, numel, flat["master"], flat["grad"],
+                                      {"exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"]})
+                own, crossed = (alpha[index], beta[index]) if j == 0 else (beta[index], alpha[index])
+                axis = 1 if j == 0 else 0  # lora_B (d_out x r): columns; lora_A (r x d_in): rows
+                factor = {"master": own, "grad": crossed, "exp_avg": crossed, "exp_avg_sq": crossed * crossed}
+                for name in dense:
+                    expand = expand_column_scale(factor[name], tuple(p.shape), axis, start, numel)
+                    before = dense[name].reshape(-1)[start : start + numel]
+                    want = before * expand if index in rescaled else before
+                    # the factors lie in [0.5, 1.5): a rescaled piece that was left alone cannot pass
+                    assert (index in rescaled) != torch.equal(want, before)
+                    checks.append((flat[name], want, (trial, index, j, name, start, numel)))
+        core.rescale_pieces(params, pieces, packed, rescaled)
+    for got, want, where in checks:
+        assert torch.equal(got, want), where

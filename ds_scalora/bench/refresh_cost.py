@@ -62,7 +62,6 @@ from .console_report import add_shared_arguments, print_and_write, side_by_side,
 from ..methods import ScaLoRA, ScaLoRAConfig
 from ..methods.scalora import default_shrink
 from ..precision import get_policy
-from ..rescale import apply_scalings
 from ..scaling import SOLVERS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -144,7 +143,7 @@ def phases(scalora: ScaLoRA) -> dict:
     core.merge_all(buffer, packed, rescaled, step=0)
     t["merge"] = time.perf_counter() - start
     start = time.perf_counter()
-    apply_scalings(core.scalings(params, pieces, packed, rescaled))
+    core.rescale_pieces(params, pieces, packed, rescaled)
     t["rescale"] = time.perf_counter() - start
     start = time.perf_counter()
     core.merged_norms(buffer, packed)

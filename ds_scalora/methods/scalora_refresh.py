@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..precision import get_policy
-from ..rescale import MOMENT_POWERS, apply_scalings, column_scalings, merged_sq_norms
+from ..precision import all_finite, get_policy
+from ..rescale import MOMENT_POWERS, merged_sq_norms
 from ..scaling import SOLVERS, restart_solution, solve_scaling_batch
 from ..spectrum import SketchBatch
 from .adapted_layers import AdaptedLinear, fresh_lora_A
@@ -143,6 +143,10 @@ class RefreshCore:
         access.own_writable_copies([layer.weight for layer in layers])
         self.scales = [layer.scale for layer in layers]
         self.groups, self.total, self.packed_total = self._layout()
+        # where layer i's lora_B (j = 0) and lora_A (j = 1) start in a block of the joined buffer
+        self.offsets = {(i, 0): g.b_at + k * math.prod(g.b_shape) for g in self.groups for k, i in enumerate(g.layers)}
+        self.offsets.update({(i, 1): g.a_at + k * math.prod(g.a_shape) for g in self.groups
+                             for k, i in enumerate(g.layers)})  # fmt: skip
         self.own = [g for g in self.groups if g.owner == access.rank]
         # where each layer's solver code sits in the packed solutions, and the layer order they come in
         self.code_at = torch.tensor([g.packed_at + k * (2 * g.r + 1) + 2 * g.r for g in self.groups
@@ -208,7 +212,7 @@ class RefreshCore:
                 report.reasons[why] += 1
         rescaled = [i for i, u in enumerate(used) if u != "none"]
         self.merge_all(buffer, packed, rescaled, step)
-        apply_scalings(self.scalings(params, pieces, packed, rescaled))  # masters, gradients, moments: one call
+        self.rescale_pieces(params, pieces, packed, rescaled)  # masters, gradients, moments: one call
         for index in rescaled:
             if used[index] == "restart":  # after the scaling, which zeroed the old lora_A
                 self._reinit_lora_A(index, self.layers[index], step)
@@ -242,13 +246,12 @@ class RefreshCore:
         pieces = {}
         into, values = [], []  # copied in one multi-tensor call
         for group in self.groups:
-            for k, i in enumerate(group.layers):
-                for p, at in ((params[i][0], group.b_at + k * math.prod(group.b_shape)),
-                              (params[i][1], group.a_at + k * math.prod(group.a_shape))):
+            for i in group.layers:
+                for j, p in enumerate(params[i]):
                     piece = pieces[id(p)] = self.access.piece(p)
                     if piece is None:
                         continue
-                    at += piece.start
+                    at = self.offsets[i, j] + piece.start
                     into.append(buffer[0, at : at + piece.numel])
                     values.append(piece.master)
                     if piece.grad is not None:
@@ -260,9 +263,7 @@ class RefreshCore:
         if into:
             torch._foreach_copy_(into, values)  # converts to the work dtype
         self.access.join_pieces(buffer.view(-1))
-        # one reduction in float64: it carries any NaN or ±Inf and cannot overflow from fp32 values (an fp64
-        # buffer whose finite values sum past 1.8e308 reads as non-finite: the refresh is skipped, nothing lost)
-        finite = math.isfinite(buffer.sum(dtype=torch.float64))
+        finite = all_finite(buffer)  # one pass, one sync
         return buffer, pieces, finite
 
     def solve_round_robin(self, buffer: torch.Tensor):
@@ -310,16 +311,16 @@ class RefreshCore:
         coefficients are applied to A a shape at a time, and all factors are checked finite at once
         before anything is written."""
         todo = set(rescaled)
-        work, checks = [], []  # (layer index, A diag(coef), B); one float64 sum per shape
+        work, checks = [], []  # (layer index, A diag(coef), B); each shape's A diag(coef), checked at once
         for group in self.groups:
             A, B = group.stacked(buffer[0])
             alpha, beta = group.alpha_beta(packed)
             scale = torch.tensor([self.scales[i] for i in group.layers], dtype=torch.float64, device=A.device)
             coef = (1.0 - alpha * beta) * scale[:, None]
             scaled = A * coef.to(A.dtype)[:, None, :]
-            checks.append(scaled.sum(dtype=torch.float64))  # B comes from the checked buffer
+            checks.append(scaled)  # B comes from the checked buffer
             work += [(i, scaled[k], B[k]) for k, i in enumerate(group.layers) if i in todo]
-        if work and not math.isfinite(torch.stack(checks).sum()):
+        if work and not all_finite(*checks):
             raise ValueError("the merge factors contain NaN or Inf (an overflow of A·(1 − α∘β)·s): nothing was merged")
         for index, left, right in work:
             layer = self.layers[index]
@@ -332,41 +333,59 @@ class RefreshCore:
                                                 right.to(device=target.device, dtype=dtype), start,
                                                 self.merge_state[index], seed=seed, checked=True)
 
-    def scalings(self, params, pieces: dict, packed: torch.Tensor, rescaled: list) -> list:
-        """How to scale this rank's pieces of masters, gradients and moments of the rescaled layers (spec
-        §4 steps 4 to 6, crossed): (view, factor) pairs (:func:`~ds_scalora.rescale.column_scalings`),
-        which the refresh multiplies at once (:func:`~ds_scalora.rescale.apply_scalings`). lora_B is the
-        paper's A (columns scaled by α, its gradient and moments by β); lora_A = Bᵀ (rows by β, and α)."""
-        factors = {}  # (device, dtype) -> α, β and their squares per layer, converted once
+    def multipliers(self, packed: torch.Tensor, dtype: torch.dtype, device) -> tuple:
+        """Every factor element's multiplier at this refresh, laid out like a block of the joined buffer:
+        (own, crossed), two vectors of ``total`` elements in ``dtype``. lora_B is the paper's A: its
+        columns are scaled by α and its gradient and moments by β; lora_A = Bᵀ has its rows scaled by β,
+        its gradient and moments by α (spec §4 steps 4 to 6). A rank's piece of a factor then finds its
+        multipliers in the slice of these vectors at the piece's own place, at every ZeRO stage."""
+        k = packed.to(device=device, dtype=dtype)  # α, β converted once: the values the old per-column path used
+        own = torch.empty(self.total, dtype=dtype, device=device)
+        crossed = torch.empty_like(own)
+        for group in self.groups:
+            alpha, beta = group.alpha_beta(k)  # n x r
+            for vector, on_b, on_a in ((own, alpha, beta), (crossed, beta, alpha)):
+                lora_B, lora_A_t = group.stacked(vector)  # views: n x d_out x r, and lora_A (n x r x d_in) transposed
+                lora_B.copy_(on_b[:, None, :].expand_as(lora_B))  # one value per column
+                lora_A_t.mT.copy_(on_a[:, :, None].expand_as(lora_A_t.mT))  # one value per row
+        return own, crossed
 
-        def converted(t: torch.Tensor):
+    def rescale_pieces(self, params, pieces: dict, packed: torch.Tensor, rescaled: list) -> None:
+        """Rescale this rank's pieces of the masters, gradients and Adam moments of the rescaled layers
+        (spec §4 steps 4 to 6, crossed; first moments by k, second by k², ``MOMENT_POWERS``): each piece is
+        multiplied by the slice of :meth:`multipliers` at its place, all in one multi-tensor call of
+        same-shape pairs. No communication."""
+        vectors = {}  # (device, dtype) -> (own, crossed, crossed²), built on first use; MOMENT_POWERS index it
+
+        def factor(t: torch.Tensor, which: int, at: int) -> torch.Tensor:
             key = (t.device, t.dtype)
-            if key not in factors:
-                k = packed.to(device=t.device, dtype=t.dtype)
-                factors[key] = (self.per_layer(k), self.per_layer(k * k))
-            return factors[key]
+            if key not in vectors:
+                own, crossed = self.multipliers(packed, t.dtype, t.device)
+                vectors[key] = (own, crossed, crossed * crossed)
+            return vectors[key][which][at : at + t.numel()]
 
-        ops = []
+        targets, factors = [], []
         for index in rescaled:
             for j, p in enumerate(params[index]):
                 piece = pieces[id(p)]
-                if piece is None:
+                if piece is None or piece.numel == 0:
                     continue
-                shape, axis = self.access.full_shape(p), 1 - j
-                # lora_B (j = 0) is scaled by α and its gradient and moments by β; lora_A (j = 1) the other way
-                own, crossed = (0, 1) if j == 0 else (1, 0)
-                ops += column_scalings(piece.master, converted(piece.master)[0][own][index], shape, axis, piece.start)
+                at = self.offsets[index, j] + piece.start
+                targets.append(piece.master)
+                factors.append(factor(piece.master, 0, at))
                 if piece.grad is not None:
-                    ops += column_scalings(piece.grad, converted(piece.grad)[0][crossed][index], shape, axis, piece.start)
+                    targets.append(piece.grad)
+                    factors.append(factor(piece.grad, 1, at))
                 for name, t in piece.moments.items():
                     if name not in MOMENT_POWERS:
                         raise ValueError(
                             f"optimizer state {name!r} has no known rule under column rescaling; "
                             f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
                         )
-                    powers = converted(t)[MOMENT_POWERS[name] - 1]  # k or k²
-                    ops += column_scalings(t, powers[crossed][index], shape, axis, piece.start)
-        return ops
+                    targets.append(t)
+                    factors.append(factor(t, MOMENT_POWERS[name], at))
+        if targets:
+            torch._foreach_mul_(targets, factors)
 
     def merged_norms(self, buffer: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """‖merged delta‖² per layer, each counted once, by the rank that solved it (zero elsewhere)."""

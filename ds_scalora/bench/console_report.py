@@ -4,6 +4,7 @@ the report file, step times measured side by side in rounds, and the verdict on 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -39,14 +40,40 @@ def side_by_side(steppers: dict, rounds: int, steps: int) -> dict:
     return ratios
 
 
+def median_interval(values: list, level: float = 0.95) -> tuple:
+    """(low, high, coverage): a distribution-free interval for the median of the rounds' ratios, the order
+    statistics x₍ₖ₎ and x₍ₙ₊₁₋ₖ₎, which hold the median with probability 1 − 2·P(Bin(n, ½) ≤ k − 1); k is the
+    largest with a coverage of at least ``level``, else 1 (the range: 1 − 2·0.5ⁿ, 94% for 5 rounds). Unlike
+    the range, it narrows as rounds are added, so more rounds can decide a target the range straddles."""
+    x, n = sorted(values), len(values)
+    k, coverage = 1, 1 - 2 * 0.5**n
+    for j in range(2, (n + 1) // 2 + 1):
+        c = 1 - 2 * sum(math.comb(n, i) for i in range(j)) * 0.5**n
+        if c < level:
+            break
+        k, coverage = j, c
+    return x[k - 1], x[n - k], coverage
+
+
 def verdict(values: list, target: float) -> str:
-    """Met when every round's ratio is at most ``target``, missed when every one is above it (by the median's
-    margin), undecided otherwise: with n rounds the range holds the median ratio with probability 1 − 2·0.5ⁿ."""
-    if max(values) <= target:
+    """Met when the median's interval (:func:`median_interval`) lies at or below ``target``, missed when it
+    lies above (by the median's margin), undecided otherwise."""
+    low, high, _ = median_interval(values)
+    if high <= target:
         return "met"
-    if min(values) > target:
+    if low > target:
         return f"missed by {statistics.median(values) - target:.3f}"
-    return "undecided (the range straddles it)"
+    return "undecided (the interval straddles it)"
+
+
+def interval_text(values: list) -> str:
+    """The median's interval as the reports print it: ``low-high (coverage)``."""
+    low, high, coverage = median_interval(values)
+    return f"{low:.3f}-{high:.3f} ({coverage:.0%})"
+
+
+INTERVAL_NOTE = ("Median and a distribution-free interval for it over the rounds (order statistics, coverage in "
+                 "brackets: with 5 rounds the range, 94%; with 11 or more an inner pair at 95% or more).")
 
 
 def add_shared_arguments(parser, report_name: str) -> None:

@@ -21,8 +21,8 @@ warm-up round first. Until 2026-12-03 a round ran 10-step blocks one after the o
 time drifted by up to ±9% from one block to the next on the shared 2-core machine: two such runs gave
 ElaLoRA 1.113 and 1.111 with ranges 0.1-0.25 wide, while its parts timed step against step added up to
 ~1.04 (forward and backward 1.008 of LoRA's, ``after_backward`` 105 ms, clipping and AdamW over its 630
-tensors 90 ms against 67, at ~3.3 s a step). The median ratio and the range over rounds are reported, with
-a verdict only when the range is on one side of the target.
+tensors 90 ms against 67, at ~3.3 s a step). The median ratio and a distribution-free interval for it
+(``console_report.median_interval``) are reported, with a verdict only when the interval is on one side of the target.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from .console_report import add_shared_arguments, print_and_write, side_by_side, verdict
+from .console_report import INTERVAL_NOTE, add_shared_arguments, interval_text, print_and_write, side_by_side, verdict
 from .refresh_cost import TARGETS, base_model, batch, with_lora
 from ..methods.elalora import ElaLoRA, elastic_lora_model
 from ..methods.elalora_config import ElaLoRAConfig
@@ -96,21 +96,19 @@ def report(args) -> None:
     ids = batch(*args.batch)
     ratios = interleaved(models, ids, args.rounds, args.interval)
     rounds_done = sum(ela.core.config.moves_at(step) > 0 for step in range(ela.step))
-    cover = 1 - 2 * 0.5**args.rounds
     reference = next(iter(models))
     print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init, fp32; adapters on {','.join(TARGETS)}; "
           f"batch {args.batch[0]} x {args.batch[1]} tokens; AdamW, clipping at 1.0")
     print(f"{args.rounds} rounds (after one untimed), each of {args.interval} training steps of every model, interleaved "
           f"step by step in an order that rotates at every step; per round, a model's time over {reference}'s. ElaLoRA: every ElaLoRAConfig default but "
           f"the warm-ups (0), so its {ela.step} steps held {rounds_done} reallocation rounds, one per {args.interval} "
-          f"steps as in a run. Median and range over the rounds (the range holds the median ratio with probability "
-          f"{cover:.0%}).")
+          f"steps as in a run. {INTERVAL_NOTE}")
     print()
-    print(f"| method | step time / {reference}, median | range | target | verdict |")
+    print(f"| method | step time / {reference}, median | interval (coverage) | target | verdict |")
     print("|---|---|---|---|---|")
     for name, values in ratios.items():
         is_ela = name.startswith("elalora")
-        print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} | "
+        print(f"| {name} | {statistics.median(values):.3f} | {interval_text(values)} | "
               f"{f'≤ {TARGET}' if is_ela else 'n/a'} | {verdict(values, TARGET) if is_ela else 'reference'} |")
     print(f"\nwall time {time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
 
@@ -119,7 +117,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--init-rank", type=int, default=8, help="r0, the active slots (ElaLoRAConfig's default)")
     parser.add_argument("--max-rank", type=int, default=16, help="R, the buffer (ElaLoRAConfig's default)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=11, help="rounds of the side-by-side comparison (11: an inner order-statistic interval at 99%%)")
     parser.add_argument("--interval", type=int, default=ElaLoRAConfig.interval,
                         help="steps of each model per round and ElaLoRA's reallocation interval (default: "
                              "ElaLoRA's): one reallocation round per round")

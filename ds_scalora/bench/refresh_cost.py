@@ -58,7 +58,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .console_report import add_shared_arguments, print_and_write, side_by_side, verdict
+from .console_report import INTERVAL_NOTE, add_shared_arguments, interval_text, print_and_write, side_by_side, verdict
 from ..methods import ScaLoRA, ScaLoRAConfig
 from ..methods.scalora import default_shrink
 from ..precision import get_policy
@@ -254,7 +254,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--solver", choices=SOLVERS, default="column")
     parser.add_argument("--rank-sketch", type=int, default=64, help="ScaLoRAConfig.rank_sketch (0: no rank estimate)")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=int, default=11,
                         help="rounds of the interleaved step-time comparison (fp32 base; 0: none)")
     parser.add_argument("--quick", action="store_true", help="r=4, 2 hidden layers, 1 repeat: a smoke test")
     add_shared_arguments(parser, "benchmarks_refresh.md")
@@ -307,20 +307,18 @@ def report(args) -> None:
     if timed_rows:
         print()
         rounds = len(next(iter(timed_rows[0]["ratios"].values())))
-        cover = 1 - 2 * 0.5**rounds
         print(f"Step time over LoRA's, measured side by side (`interleaved`): {rounds} rounds, each of {INTERVAL} "
               f"training steps of LoRA, ScaLoRA (I=1) and ScaLoRA-I (I={INTERVAL}), interleaved step by step, on one model and "
               f"batch ({args.batch[0]} x {args.batch[1]} tokens), every method at its defaults; per round, the method's "
-              f"time over LoRA's. Median and range over the rounds (the range holds the median ratio with probability "
-              f"{cover:.0%}).")
+              f"time over LoRA's. {INTERVAL_NOTE}")
         print()
-        print("| base | r | method | step time / LoRA, median | range | target | verdict |")
+        print("| base | r | method | step time / LoRA, median | interval (coverage) | target | verdict |")
         print("|---|---|---|---|---|---|---|")
         for row in timed_rows:
             for name, values in row["ratios"].items():
                 target = TARGETS_CPU[name]
                 print(f"| {row['dtype']} | {row['r']} | {name} | {statistics.median(values):.3f} | "
-                      f"{min(values):.3f}-{max(values):.3f} | ≤ {target} | {verdict(values, target)} |")
+                      f"{interval_text(values)} | ≤ {target} | {verdict(values, target)} |")
     print()
     print("Roofline: the floor is one in-place pass over every adapted weight and its merge state (the bytes a "
           "merge must read and write), timed in this run (fastest repeat).")

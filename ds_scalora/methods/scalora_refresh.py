@@ -12,15 +12,18 @@ does. One refresh, for the whole model (spec §4):
 2. the layers are solved round-robin (layer i on rank i mod N), a rank's layers of one shape in one
    batch (``solve_scaling_batch``), and ``access.all_reduce`` of the packed α, β shares them: every
    rank ends with bit-identical values;
-3. each rank rescales its own pieces of the masters, gradients and Adam moments (crossed), with no
-   communication, and merges into its own slice of each frozen weight (``access.weight_slice``) through
-   the precision policy, whose high-precision state therefore lives only beside that slice; the merge is
-   formed from the factors (``MergePolicy.merge_product_``), never as a weight-sized temporary;
+3. each rank merges into its own slice of each frozen weight (``access.weight_slice``) through the
+   precision policy, whose high-precision state therefore lives only beside that slice; the merge is
+   formed from the factors (``MergePolicy.merge_product_``), never as a weight-sized temporary. Then it
+   rescales its own pieces of the masters, gradients and Adam moments (crossed), with no communication:
+   every factor element's multipliers are laid out like the joined buffer (two more vectors of its
+   length, a third with the squares for second moments), so a piece's are the slice at its place, and
+   all pieces go through one multi-tensor multiply;
 4. ``access.share_replica_slices`` makes replicated weights (ZeRO-0/1/2) bit-identical again.
 
 Everything that can be checked or converted once per refresh is (finiteness of the joined buffer and of
 the merge factors, the solvers' codes, α and β per dtype), so the per-layer work is the merge's
-``addmm_`` and the rescale's views: ``python tools/benchmark.py refresh`` times each phase.
+``addmm_`` and the rescale's slices: ``python tools/benchmark.py refresh`` times each phase.
 
 With one process the access object is the identity at every step, so this is also the plain
 algorithm; the float64 tests check it against brute force (``tests/test_scalora_reference.py``).

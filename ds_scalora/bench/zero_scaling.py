@@ -36,13 +36,13 @@ import time
 
 import torch
 
+from ..deepspeed_import import import_deepspeed
 
 INTERVALS = {"lora": None, "scalora_i10": 10, "scalora_i1": 1, "elalora": None}
 ELALORA_INTERVAL = 10
 
 
 def worker(a) -> None:
-    import deepspeed
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,6 +50,7 @@ def worker(a) -> None:
     from ..methods.elalora import elastic_lora_model
     from ..zero import attach, attach_elalora, disable_cpu_shm_comm
 
+    deepspeed = import_deepspeed()
     disable_cpu_shm_comm()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

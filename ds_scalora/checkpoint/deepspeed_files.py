@@ -32,6 +32,7 @@ import re
 
 import torch
 
+from ..deepspeed_import import import_deepspeed
 from .layout import piece_numel
 
 # The DeepSpeed versions the ZeRO equivalence tests pass with (pyproject.toml pins this range; zero.state_access
@@ -57,6 +58,7 @@ def _safe_globals() -> list:
     """DeepSpeed value classes found in optimizer files (plain attribute bags, no code on load)."""
     out = []
     try:
+        import_deepspeed()  # first: without mlflow
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
         out += [LossScaler, DynamicLossScaler]

@@ -48,6 +48,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..deepspeed_import import import_deepspeed
 from ..methods.svd_layers import PEFT_NAMES
 from . import shards
 from .deepspeed_files import CheckpointFileError, ZeroCheckpoint, load, narrow_across
@@ -61,6 +62,7 @@ class ReshardError(CheckpointFileError):
 
 
 def _fragment_address(numel: int, start: int):
+    import_deepspeed()
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return fragment_address(numel=numel, start=start)

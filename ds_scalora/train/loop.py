@@ -71,10 +71,11 @@ def _batch(examples, rows: list, pad_id: int) -> dict:
 def run(cfg: RunConfig, hooks=None) -> dict:
     """Train as ``cfg`` says; returns the summary. ``hooks`` (benchmarks): an object whose optional
     ``after_setup(engine, model)`` and ``before_summary(engine, model, summary)`` are called on every rank."""
-    import deepspeed
-
+    from ..deepspeed_import import import_deepspeed
     from ..zero import disable_cpu_shm_comm
     from ..zero.single_process import one_rank_if_not_launched
+
+    deepspeed = import_deepspeed()
 
     disable_cpu_shm_comm()  # on CPU: no 75 s op build, no leaked /dev/shm buffers
     one_rank_if_not_launched()  # `python launch/train.py`: one rank, as `deepspeed --num_gpus 1`

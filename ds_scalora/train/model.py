@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..deepspeed_import import import_deepspeed
 from .config import RunConfig
 from .model_source import local_dir
 from .packaged_models import is_packaged, materialize
@@ -73,7 +74,7 @@ def load_tokenizer(cfg: RunConfig):
 
 def load_model(cfg: RunConfig, ds_config: dict, vocab_size: int):
     """The model with the run's method applied; partitioned at load under ZeRO-3."""
-    import deepspeed
+    deepspeed = import_deepspeed()  # first: without mlflow
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 

@@ -44,6 +44,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint.layout import TRAINER_STATE, latest_tag
 from ..checkpoint.preflight import check_tag
+from ..deepspeed_import import import_deepspeed
 from ..methods.merged_model import by_state_name, guard_save_pretrained, save_merged, write_merged
 from ..methods.scalora import ScaLoRA, ScaLoRAConfig
 from .controller import ZeroScaLoRA, attach
@@ -147,8 +148,9 @@ class ScaLoRACallback(TrainerCallback):
         if not self.deepspeed:
             save_merged(self.model, self.scalora, directory)
             return
-        import deepspeed
         import torch.distributed as dist
+
+        deepspeed = import_deepspeed()
 
         main = (dist.get_rank() == 0) if is_main_process is None else is_main_process
         scalora, base = self.scalora, self.model.get_base_model()

@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR as CHECKPOINT_PREFIX
 
 from ..checkpoint.layout import ELALORA_TRAINER_STATE, latest_tag
+from ..deepspeed_import import import_deepspeed
 from ..methods.elalora import ElaLoRA, ElaLoRAConfig, active_slots_lora_fields, lora_adapter_tensors
 from ..methods.merged_model import guard_save_pretrained
 from ..methods.svd_layers import find_svd_layers
@@ -167,8 +168,7 @@ class ElaLoRACallback(TrainerCallback):
 def _first_value(p: torch.Tensor) -> float:
     """The first element of a parameter, gathered first if ZeRO-3 partitioned it (collective then)."""
     if hasattr(p, "ds_status"):
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         with deepspeed.zero.GatheredParameters([p]):
             return float(p.detach().float().flatten()[0])
     return float(p.detach().float().flatten()[0])

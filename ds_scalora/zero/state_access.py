@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ..checkpoint.deepspeed_files import OLDEST_DEEPSPEED, TESTED_DEEPSPEED, supported_deepspeed
 from ..checkpoint.layout import piece_numel, piece_range
+from ..deepspeed_import import import_deepspeed
 from ..pieces import LocalAccess, Piece, rewrite_private
 
 
@@ -45,7 +46,7 @@ def disable_cpu_shm_comm() -> None:
     serves only ``inference_all_reduce`` (inference tensor parallelism); training uses the process
     group's collectives either way. Call before ``deepspeed.init_distributed``; a no-op on GPUs.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu":
@@ -76,7 +77,7 @@ def check_deepspeed_version(version: str) -> None:
 
 class ZeroAccess:
     def __init__(self, engine):
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         check_deepspeed_version(deepspeed.__version__)
         self.engine = engine

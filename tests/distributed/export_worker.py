@@ -29,8 +29,11 @@ def main(argv=None) -> None:
     p.add_argument("--local_rank", type=int, default=0)
     a = p.parse_args(argv)
 
-    import deepspeed
     import torch.distributed as dist
+
+    from ds_scalora.deepspeed_import import import_deepspeed
+
+    deepspeed = import_deepspeed()  # the product's own first import (without mlflow)
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ds_scalora.methods.scalora import ScaLoRAConfig

@@ -30,7 +30,9 @@ def rows(n: int = 64) -> list[dict]:
 
 
 def main():
-    import deepspeed
+    from ds_scalora.deepspeed_import import import_deepspeed
+
+    deepspeed = import_deepspeed()  # the product's own first import (without mlflow)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM

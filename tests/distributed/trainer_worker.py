@@ -28,7 +28,9 @@ class Rows(torch.utils.data.Dataset):
 
 
 def main():
-    import deepspeed
+    from ds_scalora.deepspeed_import import import_deepspeed
+
+    deepspeed = import_deepspeed()  # the product's own first import (without mlflow)
     from transformers import TrainingArguments
 
     from ds_scalora.zero.hf_trainer import ScaLoRATrainer

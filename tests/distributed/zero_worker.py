@@ -135,8 +135,11 @@ def gather_result(engine, model) -> tuple[dict, dict]:
 def main(argv=None) -> None:
     a = parse_args(argv)
     t_start = time.perf_counter()
-    import deepspeed
     import torch.distributed as dist
+
+    from ds_scalora.deepspeed_import import import_deepspeed
+
+    deepspeed = import_deepspeed()  # the product's own first import (without mlflow)
 
     from ds_scalora.zero import disable_cpu_shm_comm
 

@@ -3,7 +3,8 @@
 Layers, imports pointing down only:
   1. math:     scaling (the optimal column scaling), rescale (merge, rescale, crossed transfer),
                precision (how merges accumulate in a low-precision weight), spectrum (numerical rank),
-               elastic (ElaLoRA's scores, schedule and moves), pieces (a rank's piece of a parameter)
+               elastic (ElaLoRA's scores, schedule and moves), pieces (a rank's piece of a parameter);
+               deepspeed_import (DeepSpeed's first import in a process, without mlflow)
   2. methods:  ds_scalora.methods (PEFT layers; the single-process ScaLoRA and ElaLoRA references)
   3. zero:     ds_scalora.zero (both methods inside a DeepSpeed engine, ZeRO stages 0 to 3)
 

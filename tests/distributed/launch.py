@@ -152,12 +152,20 @@ def node_launcher(num_ranks: int, script, args) -> list[str]:
     launcher ``python -u -m deepspeed.launcher.launch`` with ``num_ranks`` local ranks on a free port. Calling it
     directly saves the runner's own start (its ``import deepspeed``: 6-7 s measured on the 2-core machine,
     before the ranks start); the runner itself runs where a test is about the user's command
-    (test_train_entry.py: the 2-rank runs of every method, two nodes through a hostfile; test_examples.py)."""
+    (test_train_entry.py: the 2-rank runs of every method, two nodes through a hostfile; test_examples.py).
+    The module runs as ``-m`` would run it (``runpy``), after DeepSpeed's package was imported the way the
+    ranks import it (``ds_scalora.deepspeed_import``: without the mlflow its autotuner would import, ~2.5 s
+    of CPU before the ranks start); its code and arguments are DeepSpeed's own."""
     info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(num_ranks))}).encode()).decode()
     return [
-        sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}", "--node_rank=0",
+        sys.executable, "-u", "-c", _PER_NODE_LAUNCHER, f"--world_info={info}", "--node_rank=0",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *map(str, args),
     ]  # fmt: skip
+
+
+# ``python -m deepspeed.launcher.launch``, with DeepSpeed imported first as the ranks import it
+_PER_NODE_LAUNCHER = ("from ds_scalora.deepspeed_import import import_deepspeed; import_deepspeed(); import runpy; "
+                      "runpy.run_module('deepspeed.launcher.launch', run_name='__main__', alter_sys=True)")
 
 
 def run_deepspeed(num_ranks: int, args, tmp_path, timeout: float = 600, name: str | None = None,

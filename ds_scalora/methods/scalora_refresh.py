@@ -342,7 +342,7 @@ class RefreshCore:
         columns are scaled by α and its gradient and moments by β; lora_A = Bᵀ has its rows scaled by β,
         its gradient and moments by α (spec §4 steps 4 to 6). A rank's piece of a factor then finds its
         multipliers in the slice of these vectors at the piece's own place, at every ZeRO stage."""
-        k = packed.to(device=device, dtype=dtype)  # α, β in the pieces' dtype, converted once (k² below: squared in it)
+        k = packed.to(device=device, dtype=dtype)  # α, β in the pieces' dtype, converted once
         own = torch.empty(self.total, dtype=dtype, device=device)
         crossed = torch.empty_like(own)
         for group in self.groups:

@@ -17,7 +17,6 @@ see identical inputs and seeds stay bit-identical.
 """
 from __future__ import annotations
 
-
 import torch
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -26,9 +25,8 @@ _SUPPORTED = _LOW_PRECISION + (torch.float32, torch.float64)
 
 def all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every element of ``tensors`` is finite, with one host sync: the extremes carry any NaN (it
-    propagates through min and max) and any ±Inf, in one pass per tensor without the boolean mask of
-    ``isfinite`` (10x cheaper on CPU) and without the overflow a plain sum could add (20x cheaper than a
-    float64 sum, measured on 4.9 M fp32 elements: 1.0 against 21 ms)."""
+    propagates through min and max) and any ±Inf, in one pass per tensor, with neither the boolean mask of
+    ``isfinite`` nor the float64 conversion of a sum (which a large finite buffer could also overflow)."""
     extremes = [x for t in tensors if t.numel() for x in torch.aminmax(t.detach().view(-1))]
     return not extremes or bool(torch.isfinite(torch.stack([x.to(extremes[0].device, torch.float64)
                                                             for x in extremes])).all())

@@ -75,8 +75,8 @@ def test_flat_pieces_tile_the_dense_versions():
 
 
 def test_rescale_pieces_scale_every_piece_by_its_own_columns():
-    """RefreshCore.rescale_pieces on pieces cut at every boundary (partial first and last rows, whole rows,
-    one element, the whole tensor), as ZeRO cuts them, against the dense rescale: masters by their own
+    """RefreshCore.rescale_pieces on pieces cut at every kind of boundary (partial first and last rows, whole
+    rows, one element, the whole tensor; three cuts of every factor of a tiny model), as ZeRO cuts them, against the dense rescale: masters by their own
     factor (lora_B's columns by α, lora_A's rows by β), gradients and first moments crossed, second moments
     by the crossed square; expand_column_scale spells the expected factors out element by element."""
     from ds_scalora import ScaLoRA, ScaLoRAConfig
@@ -98,7 +98,8 @@ def test_rescale_pieces_scale_every_piece_by_its_own_columns():
                 total = p.numel()
                 start = [0, 1, total - 1][trial] if j else [0, 7, total // 3][trial]
                 numel = [total, total - start - 1, 1][trial] if j else [total, total // 2, total - start][trial]
-                dense = {name: torch.randn(p.shape, dtype=F64, generator=gen) for name in ("master", "grad", "exp_avg", "exp_avg_sq")}
+                dense = {name: torch.randn(p.shape, dtype=F64, generator=gen)
+                         for name in ("master", "grad", "exp_avg", "exp_avg_sq")}
                 flat = {name: t.reshape(-1)[start : start + numel].clone() for name, t in dense.items()}
                 pieces[id(p)] = Piece(start, numel, flat["master"], flat["grad"],
                                       {"exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"]})

@@ -4,9 +4,9 @@
     python tools/import_graph.py --check    # exit 1 on an import that points up (CI runs it: tests/test_layering.py)
 
 Areas and layers (README, "Layout"): 1 the math (scaling, rescale, precision, spectrum, elastic, pieces;
-and deepspeed_import, a leaf that imports nothing of the package), 2 methods, 3 zero and checkpoint (checkpoint never imports zero), 4 train, export, bench; the package's
-``__init__`` (the public API) re-exports from below. Imports inside
-functions count too (they are still dependencies).
+and deepspeed_import, a leaf that imports nothing of the package), 2 methods, 3 zero and checkpoint
+(checkpoint never imports zero), 4 train, export, bench; the package's ``__init__`` (the public API)
+re-exports from below. Imports inside functions count too (they are still dependencies).
 """
 
 from __future__ import annotations

@@ -82,12 +82,12 @@ def windows(tokenizer) -> torch.Tensor:
     return torch.tensor(ids[: n * SEQ]).view(n, SEQ)
 
 
-def true_update(W: torch.Tensor, sigma_in: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+def true_update(W: torch.Tensor, sigma_in: torch.Tensor, seed: int, index: int, subspace: int = SUBSPACE) -> torch.Tensor:
     """ΔW* of target ``index`` (weight ``W``, input second moment ``sigma_in``): singular values
-    σ_i ∝ i^-½ in the data metric (of ΔW* Σ^½), on the top SUBSPACE input directions, with
+    σ_i ∝ i^-½ in the data metric (of ΔW* Σ^½), on the top ``subspace`` input directions, with
     E‖ΔW* x‖² = RELATIVE_ENERGY · E‖W x‖² (the module docstring). float64."""
     g = torch.Generator().manual_seed(50_000 + 97 * seed + index)
-    m = SUBSPACE
+    m = subspace
     lam, E = torch.linalg.eigh(sigma_in.double())
     lam, E = lam.flip(0)[:m], E.flip(1)[:, :m]
     U, _ = torch.linalg.qr(torch.randn(W.shape[0], m, generator=g, dtype=torch.float64))
@@ -188,8 +188,11 @@ def _modules(model, names):
     return [found[n] for n in names]
 
 
-def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
-    """Train one arm; the held-out KL every EVAL_EVERY steps, the final KL and the weight error."""
+def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TARGETS, subspace: int = SUBSPACE,
+        schedule: str = "constant") -> dict:
+    """Train one arm; the held-out KL every EVAL_EVERY steps, the final KL and the weight error. The task is
+    the module's constants; ``targets``, ``subspace`` and ``schedule`` ("constant", or "cosine": transformers'
+    cosine decay after a 5% warm-up) vary it for the learnability probe (:func:`main`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,27 +208,34 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    sigma_key = fingerprint(*teacher.state_dict().values(), train[:SIGMA_WINDOWS], TARGETS)
+    sigma_key = fingerprint(*teacher.state_dict().values(), train[:SIGMA_WINDOWS], targets)
     # before any update: the student's inputs
-    sigmas = cached("sigma", sigma_key, lambda: input_moments(teacher, TARGETS, train[:SIGMA_WINDOWS]))
+    sigmas = cached("sigma", sigma_key, lambda: input_moments(teacher, targets, train[:SIGMA_WINDOWS]))
     deltas = []
-    for i, module in enumerate(_modules(teacher, TARGETS)):
-        deltas.append(true_update(module.weight.data, sigmas[i], seed, i))
+    for i, module in enumerate(_modules(teacher, targets)):
+        deltas.append(true_update(module.weight.data, sigmas[i], seed, i, subspace))
         module.weight.data += deltas[-1].float()
 
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    W0 = [m.weight.detach().clone() for m in _modules(student, TARGETS)]
+    W0 = [m.weight.detach().clone() for m in _modules(student, targets)]
     method, r = arm["method"], int(arm.get("r", 4))
     if method == "full":
         for name, p in student.named_parameters():
-            p.requires_grad_(any(name == t + ".weight" for t in TARGETS))
+            p.requires_grad_(any(name == t + ".weight" for t in targets))
         model = student
     else:
-        model = get_peft_model(student, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+        model = get_peft_model(student, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
                                                    use_rslora=(method == "rslora")))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = None
+    if schedule == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)
+    elif schedule != "constant":
+        raise ValueError(f"schedule={schedule!r}: use 'constant' (the task's) or 'cosine'")
     refresher = None
     if method in ("scalora", "relora"):
         options = {k: v for k, v in arm.items() if k not in ("method", "r")}
@@ -261,14 +271,16 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
         if (t + 1) % EVAL_EVERY == 0:
             curve.append(held_out_kl())
     final = curve[-1] if curve else held_out_kl()
     if method == "full":
-        effective = [m.weight.detach() for m in _modules(student, TARGETS)]
+        effective = [m.weight.detach() for m in _modules(student, targets)]
     else:
         layers = {layer.name: layer for layer in find_adapted_linears(model)}
-        ordered = [next(layer for name, layer in layers.items() if name.endswith("." + t)) for t in TARGETS]
+        ordered = [next(layer for name, layer in layers.items() if name.endswith("." + t)) for t in targets]
         effective = [refresher.effective_weight(layer) if refresher is not None else layer.effective_weight()
                      for layer in ordered]
     updates = [w.detach().double() - w0.double() for w, w0 in zip(effective, W0)]
@@ -277,24 +289,84 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS) -> dict:
     energy = [energy_outside_top(u, r) for u in updates]
     return {"kl": final if math.isfinite(final) else math.inf, "curve": curve,
             "weight_error": sum(errors) / sum(energies),
-            "weight_error_per_target": [round(e / d, 4) for e, d in zip(errors, energies)],  # in TARGETS' order
+            "weight_error_per_target": [round(e / d, 4) for e, d in zip(errors, energies)],  # in targets' order
             "energy_outside_top_r": sum(energy) / len(energy)}
 
 
-def main() -> None:
-    """How anisotropic each target's inputs are (why ΔW* is built in the data metric): per target, the
-    share of the input energy in the top 1 and top 10 directions of Σ, and λ_1 / λ_50."""
+def output_fisher(model, names, data: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """``Γ = E[g gᵀ]`` (float64) per module, ``g`` the gradient of a sampled next token's log-probability
+    (sampled from the model itself, seeded) with respect to the module's output: the output side of the
+    KL's local metric (K-FAC: the Fisher of a weight ≈ Σ ⊗ Γ). Output directions where Γ is small barely
+    move the KL, so the KL cannot teach what ΔW* puts there."""
+    modules = _modules(model, names)
+    outputs, sums, count = {}, [torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for m in modules], 0
+
+    def hook(i):
+        def keep(module, inputs, output):
+            output.retain_grad()
+            outputs[i] = output
+        return keep
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for start in range(0, data.shape[0], BATCH):
+            batch = data[start : start + BATCH]
+            logits = model(input_ids=batch).logits.float()
+            probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1])
+            sampled = torch.multinomial(probs, 1, generator=generator).view(batch.shape)
+            torch.log_softmax(logits, -1).gather(-1, sampled[..., None]).sum().backward()
+            for i, out in outputs.items():
+                g = out.grad.reshape(-1, out.shape[-1]).double()
+                sums[i] += g.T @ g
+            count += batch.numel()
+            model.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / count for s in sums]
+
+
+def main(argv=None) -> None:
+    """What the task's design rests on, measured. Without options: per target, how anisotropic its inputs are
+    (the share of the input energy in the top 1 and 10 directions of Σ, λ_1/λ_50: why ΔW* is built in the data
+    metric) and how concentrated the KL's output metric Γ is (its top 4 and 16 directions' share, λ_1/λ_16).
+    With ``--probe METHOD``: one run (:func:`run`) on the targets, subspace and schedule given, as JSON: how far
+    a method gets, e.g. whether full fine-tuning learns ΔW* at all in the task's budget."""
+    import argparse
+    import json
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..train.packaged_models import materialize
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--probe", choices=["lora", "full", "scalora"], help="run one arm (scalora: ScaLoRA-I)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--subspace", type=int, default=SUBSPACE)
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    args = parser.parse_args(argv)
+    if args.probe:
+        arm = {"method": args.probe, "r": 4, **({"interval": 10} if args.probe == "scalora" else {})}
+        result = run(arm, args.lr, args.seed, args.steps, args.targets, args.subspace, args.schedule)
+        print(json.dumps({**vars(args), **{k: result[k] for k in ("kl", "curve", "weight_error", "weight_error_per_target")},
+                          "rank_4_floor": lora_floor(4, args.subspace)}))
+        return
     folder = materialize(MODEL)
-    data = windows(AutoTokenizer.from_pretrained(folder))
+    data = windows(AutoTokenizer.from_pretrained(folder))[:-HELD_OUT][:SIGMA_WINDOWS]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    for name, sigma in zip(TARGETS, input_moments(model, TARGETS, data[:-HELD_OUT][:SIGMA_WINDOWS])):
+    inputs = input_moments(model, args.targets, data)
+    outputs = output_fisher(model, args.targets, data[: 4 * BATCH])
+    for name, sigma, gamma in zip(args.targets, inputs, outputs):
         e = torch.linalg.eigvalsh(sigma).flip(0)
         share = e.cumsum(0) / e.sum()
-        print(f"{name}: top-1 share {share[0]:.3f}, top-10 share {share[9]:.3f}, λ1/λ50 {e[0] / e[49]:.0f}")
+        g = torch.linalg.eigvalsh(gamma).flip(0)
+        g_share = g.cumsum(0) / g.sum()
+        print(f"{name}: inputs top-1 share {share[0]:.3f}, top-10 {share[9]:.3f}, λ1/λ50 {e[0] / e[49]:.0f}; "
+              f"output metric Γ top-4 share {g_share[3]:.2f}, top-16 {g_share[15]:.2f}, λ1/λ16 {g[0] / g[15]:.0f}")
 
 
 if __name__ == "__main__":

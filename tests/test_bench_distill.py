@@ -9,8 +9,9 @@ from ds_scalora.bench import distill
 
 def test_output_fisher_equals_finite_differences_in_float64():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=16)).double().eval()
+    config = LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=16)
+    model = LlamaForCausalLM(config).double().eval()
     name = "model.layers.0.self_attn.o_proj"
     data = torch.randint(0, 16, (2, 5))
     (gamma,) = distill.output_fisher(model, [name], data, seed=3)

@@ -22,8 +22,9 @@ def _state(scalora):
 
 def test_phases_replay_the_refresh_exactly():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=64))
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    base = LlamaForCausalLM(config)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=refresh_cost.TARGETS))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 64, (2, 16))

@@ -105,7 +105,7 @@ def facts_arms(r: int = 4) -> list[Arm]:
     sc = {"method": "scalora", "r": r}
     return [
         Arm("lora", {"method": "lora", "r": r}, lrs=FACTS_LR, what=f"LoRA, rank {r}"),
-        # 8e-3 added on 2026-12-03: rank 16 was best at 4e-3, the top of FACTS_LR (means 1.614 / 1.229 / 1.077)
+        # 8e-3 added on 2026-12-03: rank 16 was best at 4e-3, the top of FACTS_LR (means 1.614 / 1.228 / 1.077)
         Arm("lora-4r", {"method": "lora", "r": 4 * r}, lrs=FACTS_LR + [8e-3], what=f"LoRA, rank {4 * r}"),
         Arm("full", {"method": "full"}, lrs=[1e-4, 2e-4, 4e-4], what="full fine-tuning"),
         Arm("relora", {"method": "relora", "r": r}, lrs=FACTS_LR, what="ReLoRA-style restart every 20 steps"),

@@ -109,8 +109,15 @@ def _scales(scale, n: int) -> torch.Tensor:
 
 def _side_by_side_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``SᵀS`` in float64 for ``S = [left, right]`` (n x d x 2r): the concatenation is written once, in
-    float64, from the inputs' own dtype (no float64 copies of each and then of their concatenation)."""
+    float64, from the inputs' own dtype (no float64 copies of each and then of their concatenation).
+    Inputs stored transposed (lora_A's ``Bᵀ``, r x d in memory) are written as ``Sᵀ``, 2r x d: a copy
+    along their rows, about 3x faster on a CPU than scattering them into the columns of S."""
     n, d, r = left.shape
+    if left.mT.is_contiguous() and right.mT.is_contiguous():
+        St = torch.empty(n, 2 * r, d, dtype=torch.float64, device=left.device)
+        St[:, :r].copy_(left.detach().mT)
+        St[:, r:].copy_(right.detach().mT)
+        return St @ St.mT
     S = torch.empty(n, d, 2 * r, dtype=torch.float64, device=left.device)
     S[..., :r].copy_(left.detach())
     S[..., r:].copy_(right.detach())

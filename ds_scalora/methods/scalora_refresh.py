@@ -358,35 +358,42 @@ class RefreshCore:
         (spec §4 steps 4 to 6, crossed; first moments by k, second by k², ``MOMENT_POWERS``): each piece is
         multiplied by the slice of :meth:`multipliers` at its place, all in one multi-tensor call of
         same-shape pairs. No communication."""
-        vectors = {}  # (device, dtype) -> (own, crossed, crossed²), built on first use; MOMENT_POWERS index it
-
-        def factor(t: torch.Tensor, which: int, at: int) -> torch.Tensor:
-            key = (t.device, t.dtype)
-            if key not in vectors:
-                own, crossed = self.multipliers(packed, t.dtype, t.device)
-                vectors[key] = (own, crossed, crossed * crossed)
-            return vectors[key][which][at : at + t.numel()]
-
-        targets, factors = [], []
+        work = []  # (piece, where it starts in a block of the joined buffer)
         for index in rescaled:
             for j, p in enumerate(params[index]):
                 piece = pieces[id(p)]
-                if piece is None or piece.numel == 0:
-                    continue
-                at = self.offsets[index, j] + piece.start
-                targets.append(piece.master)
-                factors.append(factor(piece.master, 0, at))
-                if piece.grad is not None:
-                    targets.append(piece.grad)
-                    factors.append(factor(piece.grad, 1, at))
-                for name, t in piece.moments.items():
-                    if name not in MOMENT_POWERS:
-                        raise ValueError(
-                            f"optimizer state {name!r} has no known rule under column rescaling; "
-                            f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
-                        )
-                    targets.append(t)
-                    factors.append(factor(t, MOMENT_POWERS[name], at))
+                if piece is not None and piece.numel > 0:
+                    work.append((piece, self.offsets[index, j] + piece.start))
+        # the multiplier vectors cut at every piece's ends by one split each (a slice per tensor costs
+        # more than the multiply): piece k's multipliers are chunk[k] of each
+        bounds = sorted({0, self.total, *(at for _, at in work), *(at + piece.numel for piece, at in work)})
+        chunk_at = {b: k for k, b in enumerate(bounds)}
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        chunks = {}  # (device, dtype) -> (own, crossed, crossed²) chunks, built on first use; MOMENT_POWERS index it
+
+        def factors_for(t: torch.Tensor) -> tuple:
+            key = (t.device, t.dtype)
+            if key not in chunks:
+                own, crossed = self.multipliers(packed, t.dtype, t.device)
+                chunks[key] = tuple(v.split(sizes) for v in (own, crossed, crossed * crossed))
+            return chunks[key]
+
+        targets, factors = [], []
+        for piece, at in work:
+            k = chunk_at[at]
+            targets.append(piece.master)
+            factors.append(factors_for(piece.master)[0][k])
+            if piece.grad is not None:
+                targets.append(piece.grad)
+                factors.append(factors_for(piece.grad)[1][k])
+            for name, t in piece.moments.items():
+                if name not in MOMENT_POWERS:
+                    raise ValueError(
+                        f"optimizer state {name!r} has no known rule under column rescaling; "
+                        f"supported: {sorted(MOMENT_POWERS)} (use torch.optim.AdamW)"
+                    )
+                targets.append(t)
+                factors.append(factors_for(t)[MOMENT_POWERS[name]][k])
         if targets:
             torch._foreach_mul_(targets, factors)
 

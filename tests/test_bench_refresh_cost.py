@@ -53,3 +53,6 @@ def test_phases_replay_the_refresh_exactly():
     assert changed > len(before) // 2  # the refresh merged and rescaled (weights, factors, grads, moments)
     for a, b in zip(replayed, refreshed):
         assert torch.equal(a, b)
+    # the roofline's kernel pass times the merge's addmm_ without changing any weight (it adds zero factors)
+    assert refresh_cost.kernel_pass(scalora, 4) > 0
+    assert all(torch.equal(a, b) for a, b in zip(_state(scalora), refreshed))

@@ -10,7 +10,9 @@ import os
 import statistics
 from collections import defaultdict
 
-TARGETS = {"scalora-I_step_ratio_cpu": 1.10, "scalora-I_step_ratio_gpu": 1.03, "scalora_step_ratio_gpu": 1.15,
+# issue 7's targets; the GPU step-time ratios are issue 21's, which tightened issue 7's 1.03 and 1.15 to
+# 1.02 and 1.10 at both GPU shapes (the CPU's tighter issue-21 ratios are stated by `benchmark.py refresh`)
+TARGETS = {"scalora-I_step_ratio_cpu": 1.10, "scalora-I_step_ratio_gpu": 1.02, "scalora_step_ratio_gpu": 1.10,
            "steps_fraction": 0.7, "gap_closed": 0.5}  # fmt: skip
 
 

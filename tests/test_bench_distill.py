@@ -46,3 +46,31 @@ def test_output_fisher_equals_finite_differences_in_float64():
     # and output_fisher's own log-softmax is float32 (relative 1e-7). Γ's entries are O(1): 1e-3 separates a
     # right Γ from a wrong one (another token sampled, a missing 1/count, a gradient of one position only).
     torch.testing.assert_close(gamma, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_teacher_cache_is_reused_and_pruned_least_recently_used_first(tmp_path, monkeypatch):
+    """The cache returns a stored result without recomputing it, and keeps its folder under the size cap by
+    deleting the files least recently used (a hit counts as a use), never the one just written."""
+    import os
+
+    monkeypatch.setenv("DS_SCALORA_CACHE", str(tmp_path))
+    calls = []
+
+    def compute(name, value):
+        def f():
+            calls.append(name)
+            return [torch.full((256,), value)]  # 1 KiB of float32, plus torch.save's framing
+        return f
+
+    folder = tmp_path / "distill"
+    for age, name in enumerate("abc"):
+        distill.cached("t", name, compute(name, float(age)), limit=10**9)
+        os.utime(folder / f"t-{name}.pt", (1000 + age, 1000 + age))  # a, then b, then c: distinct ages
+    size = (folder / "t-a.pt").stat().st_size
+    assert calls == list("abc")
+    hit = distill.cached("t", "a", compute("a again", 9.0), limit=10**9)
+    assert calls == list("abc") and torch.equal(hit[0], torch.zeros(256))  # stored, not recomputed
+    distill.cached("t", "d", compute("d", 3.0), limit=3 * size)  # 4 files, room for 3: b, the oldest unused, goes
+    assert sorted(p.name for p in folder.iterdir()) == ["t-a.pt", "t-c.pt", "t-d.pt"]
+    distill.cached("t", "e", compute("e", 4.0), limit=size // 2)  # room for none: all but the new one go
+    assert sorted(p.name for p in folder.iterdir()) == ["t-e.pt"]

@@ -171,9 +171,16 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
-def cached(name: str, key: str, compute):
+# the cache folder's size cap: the least recently used files beyond it are deleted after each write. One
+# seed's teacher states take 122 MB, so a whole sweep (10 seeds, 1.2 GB) stays cached
+CACHE_LIMIT_BYTES = 2 * 2**30
+
+
+def cached(name: str, key: str, compute, limit: int = CACHE_LIMIT_BYTES):
     """``compute()`` (a list of tensors), or its earlier result for the same ``key`` from the cache folder.
-    Written to a temporary file and renamed into place; an unreadable or malformed file is recomputed."""
+    Written to a temporary file and renamed into place; an unreadable or malformed file is recomputed. A
+    hit marks the file as used (its mtime), and after a write the least recently used files beyond
+    ``limit`` bytes in all are deleted (:func:`prune_cache`), so the folder does not grow without bound."""
     from ..train.packaged_models import cache_dir
 
     folder = os.path.join(cache_dir(), "distill")
@@ -182,6 +189,7 @@ def cached(name: str, key: str, compute):
         try:
             value = torch.load(path, weights_only=True)
             if isinstance(value, list) and all(isinstance(v, torch.Tensor) for v in value):
+                os.utime(path)
                 return value
         except Exception:  # a truncated or foreign file: recompute it
             pass
@@ -190,7 +198,34 @@ def cached(name: str, key: str, compute):
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(value, tmp)
     os.replace(tmp, path)
+    prune_cache(folder, limit, keep=path)
     return value
+
+
+def prune_cache(folder: str, limit: int, keep: str) -> list[str]:
+    """Delete the least recently used ``.pt`` files of ``folder`` until the rest (``keep`` included, which
+    is never deleted) take at most ``limit`` bytes; returns the deleted paths. A file another process
+    deletes first is skipped."""
+    files = []
+    for entry in os.scandir(folder):
+        if entry.name.endswith(".pt") and entry.is_file():
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            files.append((entry.path != keep, stat.st_mtime, stat.st_size, entry.path))
+    total = sum(size for _, _, size, _ in files)
+    deleted = []
+    for removable, _, size, path in sorted(files, key=lambda f: (not f[0], f[1])):  # oldest removable first
+        if total <= limit or not removable:
+            break
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 def teacher_states(teacher, batches: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -241,3 +241,25 @@ def test_nnls_batch_is_each_problem_alone():
         L = torch.linalg.cholesky(H[i])
         want, _ = scipy.optimize.nnls(L.T.numpy(), torch.linalg.solve_triangular(L, b[i, :, None], upper=False)[:, 0].numpy())
         torch.testing.assert_close(batch[i], torch.from_numpy(want), rtol=1e-8, atol=1e-10)
+
+
+def test_problems_of_factors_stored_transposed_equal_a_float64_reference():
+    """build_problems writes factors stored transposed (lora_A: r x d_in in memory, the refresh's views) as
+    Sᵀ along their rows, others into the columns of S: both layouts give the Gram products of a plain
+    float64 concatenation, from float32 inputs (only the summation order differs: rtol 1e-12)."""
+    from ds_scalora.scaling import build_problems
+
+    g = torch.Generator().manual_seed(0)
+    n, d_out, d_in, r = 3, 7, 11, 2
+    A, gA = (torch.randn(n, d_out, r, generator=g) for _ in range(2))
+    Bt, gBt = (torch.randn(n, r, d_in, generator=g) for _ in range(2))  # stored r x d_in, as lora_A
+    B, gB = Bt.mT, gBt.mT
+    assert B.mT.is_contiguous() and not B.is_contiguous()  # the transposed path is the one taken
+    scale = torch.tensor([0.5, 1.0, 2.0])
+    transposed = build_problems(A, B, gA, gB, scale)
+    columns = build_problems(A, B.contiguous(), gA, gB.contiguous(), scale)
+    S_A = torch.cat([A, gA], -1).double()
+    S_B = torch.cat([gB, B], -1).double()
+    H = (S_A.mT @ S_A) * (S_B.mT @ S_B)
+    for problem in (transposed, columns):
+        torch.testing.assert_close(problem.H, H, rtol=1e-12, atol=0)

@@ -206,19 +206,21 @@ def prune_cache(folder: str, limit: int, keep: str) -> list[str]:
     """Delete the least recently used ``.pt`` files of ``folder`` until the rest (``keep`` included, which
     is never deleted) take at most ``limit`` bytes; returns the deleted paths. A file another process
     deletes first is skipped."""
-    files = []
+    files = []  # (mtime, size, path)
     for entry in os.scandir(folder):
         if entry.name.endswith(".pt") and entry.is_file():
             try:
                 stat = entry.stat()
             except FileNotFoundError:
                 continue
-            files.append((entry.path != keep, stat.st_mtime, stat.st_size, entry.path))
-    total = sum(size for _, _, size, _ in files)
+            files.append((stat.st_mtime, stat.st_size, entry.path))
+    total = sum(size for _, size, _ in files)
     deleted = []
-    for removable, _, size, path in sorted(files, key=lambda f: (not f[0], f[1])):  # oldest removable first
-        if total <= limit or not removable:
+    for _, size, path in sorted(files):  # the least recently used first
+        if total <= limit:
             break
+        if path == keep:
+            continue
         try:
             os.remove(path)
         except FileNotFoundError:

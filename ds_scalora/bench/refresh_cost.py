@@ -31,8 +31,8 @@ What is measured, per (base dtype, r):
   traffic is timed in the same run as an in-place pass over exactly those tensors (``mul_(1)``), the
   refresh's floor. The refresh and its merge are reported as multiples of it, with the bandwidth it
   implies and the merge's FLOPs (2·r per adapted parameter). Beside it (fp32 base), the merge's BLAS
-  call alone (``kernel_pass``: a rank-r ``addmm_`` into every adapted weight): on a 2-core CPU it
-  already costs 1.4-2x the floor, which bounds how close any refresh can come.
+  call alone (``kernel_pass``: a rank-r ``addmm_`` into every adapted weight): on the 2-core CPU it
+  already cost 1.4x the floor (``docs/benchmarks_refresh.md``), which bounds how close any refresh can come.
 * LoRA step (fp32 base only: bf16 training on a CPU without bf16 matmuls is not what anyone runs):
   forward + backward + AdamW step on the demo's batch (``--batch``: 8 rows of 72 random tokens), one
   untimed warm-up, median over repeats. Ratio = refresh / step; amortised overhead per step: at I = 1

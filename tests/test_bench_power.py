@@ -52,6 +52,31 @@ def test_sweep_records_resume_and_report(tmp_path):
     assert power.run_time(task, root=str(tmp_path))["missing"] == 1 + 3
 
 
+def test_records_of_an_earlier_task_version_stay_in_the_files_unused(tmp_path):
+    """A change that alters a task's runs (facts128's warm-up) adds a field to ``Task.current``: the older
+    records are kept but no longer count, so a sweep re-runs them and no comparison mixes the two."""
+    task, calls = _small_task()
+    task.arms = task.arms[:2]  # lora, full: 3 tuning + 6 report runs
+    plain = task.run
+    task.run = lambda spec, lr, seed: {**plain(spec, lr, seed), **task.current}
+    power.sweep(task, root=str(tmp_path), log=lambda *_: None)
+    assert len(calls) == 9 and power.superseded(task, root=str(tmp_path)) == 0
+    old = power.report_values(task, task.arms[0], root=str(tmp_path))
+    task.current = {"schedule": "new"}
+    assert power.load_records(task, "lora", root=str(tmp_path)) == {}
+    assert power.run_time(task, root=str(tmp_path))["missing"] == 9  # every run again: tuning incomplete
+    power.sweep(task, root=str(tmp_path), log=lambda *_: None)
+    assert len(calls) == 18  # the same 9 points, run again
+    assert power.superseded(task, root=str(tmp_path)) == 9  # the old lines are still in the files
+    assert len((tmp_path / "regression" / "lora.jsonl").read_text().splitlines()) == 2 * (2 + 3)
+    recs = power.load_records(task, "lora", root=str(tmp_path))
+    assert len(recs) == 5 and all(r["schedule"] == "new" for r in recs.values())
+    new = power.report_values(task, task.arms[0], root=str(tmp_path))
+    assert all(r["schedule"] == "new" for r in new[1].values()) and old[1].keys() == new[1].keys()
+    text = power.write_report([task], str(tmp_path / "report.md"), root=str(tmp_path))
+    assert "9 records of an earlier version of the task" in text
+
+
 def test_paired_statistics_against_scipy_and_by_hand():
     """The t-interval and the exact Wilcoxon p from their definitions; the gap share on the means."""
     rng = np.random.default_rng(0)

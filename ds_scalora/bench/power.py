@@ -79,6 +79,9 @@ class Task:
     curve_every: int = 20  # steps between the points of a run's curve of the metric
     curve_start: int | None = None  # the step of a curve's first point (None: curve_every; 0 with an eval at start)
     extra: tuple | None = None  # (result field, column title): one more per-arm mean in the report
+    # fields a record must carry to count: a change that alters the task's runs adds one, and the records made
+    # before it stay in their files, unused (``load_records``), so that no comparison mixes the two
+    current: dict = field(default_factory=dict)
 
     def run(self, spec: dict, lr: float, seed: int) -> dict:
         from . import regression
@@ -133,9 +136,9 @@ class FactsTask(Task):
 
     The runs use demo.yaml's schedule (cosine, 5 warm-up steps). Since 0.2 the schedule is
     ``transformers.get_scheduler``'s, whose warm-up starts at 0 (step/5) where 0.1's started at 1/5
-    ((step+1)/5); records made since carry ``"schedule": "transformers"``. The LoRA / ScaLoRA-I records of
-    2026-11-25 to 2026-12-02 were all made with 0.1's schedule (the report phase finished on a checkout
-    of a77ea73): compare an arm only with records of the same schedule.
+    ((step+1)/5); records made since carry ``"schedule": "transformers"`` (``current``). The LoRA / ScaLoRA-I
+    records of 2026-11-25 to 2026-12-02 were all made with 0.1's schedule (the report phase finished on a
+    checkout of a77ea73): they stay in their files and the report counts them, but uses only current ones.
     """
 
     steps, eval_every, n_facts = 100, 10, 128
@@ -169,7 +172,7 @@ class FactsTask(Task):
                 "energy_outside_top_r": summary.get("scalora_energy_outside_top_r"),
                 # the warm-up since 0.2 is transformers' (step/5; 0.1's was (step+1)/5): records without this
                 # field came from 0.1's schedule, and one comparison must not mix the two (FactsTask)
-                "schedule": "transformers"}
+                **self.current}
 
 
 class DistillTask(Task):
@@ -203,7 +206,8 @@ def facts_task() -> Task:
                      "every 10 steps (the metric), greedy exact match beside it (256 facts learned nothing beyond the "
                      "format in 100 steps: FactsTask's docstring)", facts_arms(),
                      tune_seeds=[100, 101], report_seeds=list(range(8)), metric="nll", curve_every=10,
-                     curve_start=0)  # the training entry point evaluates at step 0 too (eval_on_start)
+                     curve_start=0,  # the training entry point evaluates at step 0 too (eval_on_start)
+                     current={"schedule": "transformers"})  # 0.1's schedule's records stay in the files, unused
 
 
 TASKS = {"regression": regression_task, "distill": distill_task, "facts128": facts_task}
@@ -215,16 +219,28 @@ def _key(phase: str, spec: dict, lr: float, seed: int) -> str:
     return json.dumps({"phase": phase, "spec": spec, "lr": lr, "seed": seed}, sort_keys=True)
 
 
-def load_records(task: str, arm: str, root: str = RECORDS) -> dict:
+def _read(task: str, arm: str, root: str):
     path = os.path.join(root, task, f"{arm}.jsonl")
-    out = {}
     if os.path.isfile(path):
         with open(path) as f:
             for line in f:
                 if line.strip():
-                    rec = json.loads(line)
-                    out[_key(rec["phase"], rec["spec"], rec["lr"], rec["seed"])] = rec
-    return out
+                    yield json.loads(line)
+
+
+def _is_current(task: Task, rec: dict) -> bool:
+    return all(rec.get(k) == v for k, v in task.current.items())
+
+
+def load_records(task: Task, arm: str, root: str = RECORDS) -> dict:
+    """The arm's current records (``Task.current``), keyed by phase, settings and seed; a later line wins."""
+    return {_key(rec["phase"], rec["spec"], rec["lr"], rec["seed"]): rec for rec in _read(task.name, arm, root)
+            if _is_current(task, rec)}
+
+
+def superseded(task: Task, root: str = RECORDS) -> int:
+    """How many records of the task's arms lack ``Task.current``: kept in the files, used nowhere."""
+    return sum(not _is_current(task, rec) for arm in task.arms for rec in _read(task.name, arm.name, root))
 
 
 def _append(task: str, arm: str, rec: dict, root: str) -> None:
@@ -248,7 +264,7 @@ def _compact(result: dict) -> dict:
 
 
 def _run_missing(task: Task, arm: Arm, phase: str, points, seeds, root: str, log=print) -> None:
-    have = load_records(task.name, arm.name, root)
+    have = load_records(task, arm.name, root)
     for spec, lr in points:
         for seed in seeds:
             if _key(phase, spec, lr, seed) in have:
@@ -270,7 +286,7 @@ def _mean(values):
 
 def tuning_table(task: Task, arm: Arm, root: str = RECORDS) -> dict:
     """{(shrink or None, lr): mean over the tuning seeds, or None where a tuning run is missing}."""
-    have = load_records(task.name, arm.name, root)
+    have = load_records(task, arm.name, root)
     table = {}
     for spec, lr in _points(arm):
         recs = [have.get(_key("tune", spec, lr, s)) for s in task.tune_seeds]
@@ -318,7 +334,7 @@ def report_values(task: Task, arm: Arm, root: str = RECORDS):
     if setting is None:
         return None
     spec, lr, _, _ = setting
-    have = load_records(task.name, arm.name, root)
+    have = load_records(task, arm.name, root)
     recs = {s: have[_key("report", spec, lr, s)] for s in task.report_seeds if _key("report", spec, lr, s) in have}
     return setting, recs
 
@@ -329,7 +345,7 @@ def run_time(task: Task, root: str = RECORDS) -> dict:
     incomplete) and an estimate of their time at the median recorded run."""
     done, seconds, missing = 0, [], 0
     for arm in task.arms:
-        have = load_records(task.name, arm.name, root)
+        have = load_records(task, arm.name, root)
         done += len(have)
         seconds += [r["seconds"] for r in have.values() if isinstance(r.get("seconds"), (int, float))]
         missing += sum(_key("tune", spec, lr, s) not in have for spec, lr in _points(arm) for s in task.tune_seeds)
@@ -492,7 +508,9 @@ def write_report(tasks: list, path: str, root: str = RECORDS, command: str = "")
         parts += [text, "", f"Run time: {t['runs']} runs recorded, {t['hours']:.1f} h in all (median "
                   f"{_fmt(t['median_s'], 1)} s a run, as the records state it: on a loaded machine a run takes longer); "
                   f"{t['missing']} runs of this task's arms still missing"
-                  + (f", about {t['missing_hours']:.1f} h at the median" if t["missing"] else "") + ".",
+                  + (f", about {t['missing_hours']:.1f} h at the median" if t["missing"] else "") + "."
+                  + (f" {old} records of an earlier version of the task (without {json.dumps(task.current)}) stay in "
+                     "the files, unused." if (old := superseded(task, root)) else ""),
                   "", "**Targets**", ""] + [f"- {t}" for t in targets(task, figures)] + [""]
     text = "\n".join(parts)
     with open(path + ".tmp", "w") as f:

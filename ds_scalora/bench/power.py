@@ -102,7 +102,9 @@ def regression_task() -> Task:
 # 8e-3 added on 2026-12-04: on transformers' warm-up rank-4 LoRA was best at 4e-3, the top of [1e-3, 2e-3, 4e-3]
 # (tuning-seed means 1.242 / 0.940 / 0.783, 2026-12-03, a scratch records folder: README, task (c))
 FACTS_LR = [1e-3, 2e-3, 4e-3, 8e-3]
-FACTS_SHRINK = [1.5, 2.5, 4.0]
+# the default for I=10 (4) inside, not on the edge: on facts256 (2026-11-25) the first tuning runs were best at
+# shrink 4, the top of [1.5, 2.5, 4]
+FACTS_SHRINK = [1.5, 2.5, 4.0, 8.0]
 
 
 def facts_arms(r: int = 4) -> list[Arm]:
@@ -115,7 +117,6 @@ def facts_arms(r: int = 4) -> list[Arm]:
         Arm("full", {"method": "full"}, lrs=[1e-4, 2e-4, 4e-4], what="full fine-tuning"),
         Arm("relora", {"method": "relora", "r": r}, lrs=FACTS_LR, what="ReLoRA-style restart every 20 steps"),
         Arm("scalora-I-auto", {**sc, "interval": 10, "shrink": 1.0}, lrs=FACTS_LR, what="ScaLoRA-I, old 'auto'"),
-        # shrink 8 added on 2026-11-25: the first tuning runs were best at shrink 4, the top of [1.5, 2.5, 4]
         Arm("scalora-I-tuned", {**sc, "interval": 10}, lrs=FACTS_LR, shrinks=FACTS_SHRINK,
             what="ScaLoRA-I, shrink tuned with the learning rate"),
         Arm("scalora-I", {**sc, "interval": 10}, lrs=FACTS_LR, what=f"ScaLoRA-I, default shrink {default_shrink(10):g}"),

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU checklist (../shared/gpu.md) in one command on a lent GPU machine, each phase under its own time
+# limit inside one overall deadline, logs kept, a short table printed last:
+#
+#   bash tools/gpu_checklist.sh OUTDIR [SECONDS]      # SECONDS: the overall deadline (default 540)
+#
+# Needs the wheels of DeepSpeed and its missing dependencies in .whl/ (../shared/gpu.md says how to build
+# them; datasets, dill and multiprocess too: ds_scalora/train/data.py imports datasets).
+# ONLY="PHASE ..." runs a subset; for a dry run on a CPU: NO_WHEELS=1 DS_ACCELERATOR=cpu ONLY=demo-z2
+# DEMO_SHAPE="{hidden_size: 64, ...}" DEMO_SETS="--set model.dtype=fp32 --set train.max_steps=12".
+# Phases, most valuable first (a phase that would outrun the deadline is cut short, the rest skipped):
+#   equivalence  tests/distributed/cuda_equivalence.py: ScaLoRA at ZeRO-0..3 on one CUDA rank (NCCL)
+#                against the single-process reference, resume bit-identical, the Adam-aware solver
+#   demo-z3      the demo config through the deepspeed launcher in bf16 at ZeRO-3, at SmolLM2-135M's
+#                shape with random weights (the real weights are a 93 MB package: more than a device
+#                call carries), to the end: eval, generation, checkpoint, merged export
+#   cost-12b     tools/benchmark.py cost --preset gpu --tasks 12b: LoRA, ScaLoRA-I, ScaLoRA side by side
+#   cost-1b      the same at the 1.1B shape
+#   demo-z2      the demo config as demo-z3, at ZeRO-2
+set -u
+OUTDIR=${1:?usage: tools/gpu_checklist.sh OUTDIR [SECONDS]}
+DEADLINE=$(( $(date +%s) + ${2:-540} ))
+mkdir -p "$OUTDIR/logs"
+LOGS=$OUTDIR/logs
+SUMMARY=$OUTDIR/summary.txt
+: > "$SUMMARY"
+
+if [[ -z ${NO_WHEELS:-} ]]; then  # NO_WHEELS=1: a dry run in an environment that has them (e.g. .venv)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$LOGS/pip.log" 2>&1 || { echo "wheel install failed (logs/pip.log)" | tee -a "$SUMMARY"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, deepspeed, transformers, peft, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__)"
+} > "$LOGS/env.log" 2>&1
+cat "$LOGS/env.log" | tee -a "$SUMMARY"
+
+# DEMO_SHAPE / DEMO_SETS: a smaller shape and extra --set flags for a dry run of this script on a CPU
+SMOLLM2_SHAPE=${DEMO_SHAPE:-"{hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 2048, tie_word_embeddings: true}"}
+
+phase() {  # phase NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2; shift 2
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="phase ...": a subset
+  local left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 20 )); then echo "$name: skipped (deadline)" | tee -a "$SUMMARY"; return; fi
+  (( cap > left )) && cap=$left
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  pkill -f ds_scalora.bench.cost_worker; pkill -f launch/train.py; sleep 1  # what a cut-short phase left
+  echo "$name: rc $rc in $(( $(date +%s) - t0 )) s (limit $cap s)" | tee -a "$SUMMARY"
+  tail -n 4 "$LOGS/$name.log" | sed "s/^/  /" >> "$SUMMARY"
+}
+
+demo() {  # demo STAGE
+  deepspeed --num_gpus 1 launch/train.py --config ds_configs/demo.yaml --set model.model_name_or_path=null \
+    --set "model.random_init=$SMOLLM2_SHAPE" --set model.dtype=bf16 --set deepspeed.zero_optimization.stage=$1 \
+    --set train.output_dir=/tmp/demo_z$1 ${DEMO_SETS:-} && python3 -c "
+import json; s = json.load(open('/tmp/demo_z$1/summary.json'))
+print('summary:', json.dumps({k: s[k] for k in s if k in ('steps', 'final_loss', 'eval_before_training', 'eval', 'scalora_totals', 'scalora_energy_outside_top_r', 'final_model')})[:1500])"
+}
+
+phase equivalence 120 python3 tests/distributed/cuda_equivalence.py
+export -f demo; export SMOLLM2_SHAPE
+phase demo-z3 150 bash -c "demo 3"
+phase cost-12b 260 python3 tools/benchmark.py cost --preset gpu --tasks 12b --work /tmp/bench_gpu --out "$OUTDIR"
+phase cost-1b 150 python3 tools/benchmark.py cost --preset gpu --tasks 1b --work /tmp/bench_gpu --out "$OUTDIR"
+# both shapes in one report, from the runs cached above (a shape that did not finish would start again: cut short)
+phase cost-report 40 python3 tools/benchmark.py cost --preset gpu --tasks 12b 1b --work /tmp/bench_gpu --out "$OUTDIR"
+phase demo-z2 120 bash -c "demo 2"
+cp /tmp/bench_gpu/*.json /tmp/bench_gpu/*.log "$LOGS/" 2>/dev/null
+(cd "$OUTDIR" && tar czf logs.tar.gz logs && rm -r logs)
+echo; cat "$SUMMARY"

@@ -28,7 +28,8 @@ def merged_sq_norms(A, B, alpha, beta, scale) -> torch.Tensor:
     """``‖merge_delta(A, B, α, β, s)‖_F²`` of a batch of layers (A: n x d_out x r, α: n x r, s: n), from
     r x r Gram matrices in float64 without forming the deltas: ``‖L Rᵀ‖² = Σ (LᵀL) ⊙ (RᵀR)`` with
     L = s A diag(1 − α∘β), R = B."""
-    coef = (1.0 - alpha.double() * beta.double()) * torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1)
+    scale = torch.as_tensor(scale, dtype=torch.float64, device=alpha.device).reshape(-1, 1)
+    coef = (1.0 - alpha.double() * beta.double()) * scale
     L, R = A.double() * coef.to(A.device)[:, None, :], B.double()
     return ((L.mT @ L) * (R.mT @ R)).sum((-2, -1)).cpu()
 

@@ -11,11 +11,11 @@
 # Phases, most valuable first (a phase that would outrun the deadline is cut short, the rest skipped):
 #   equivalence  tests/distributed/cuda_equivalence.py: ScaLoRA at ZeRO-0..3 on one CUDA rank (NCCL)
 #                against the single-process reference, resume bit-identical, the Adam-aware solver
+#   cost-12b     tools/benchmark.py cost --preset gpu --tasks 12b: LoRA, ScaLoRA-I, ScaLoRA side by side
+#   cost-1b      the same at the 1.1B shape (cost-report: both in one report)
 #   demo-z3      the demo config through the deepspeed launcher in bf16 at ZeRO-3, at SmolLM2-135M's
 #                shape with random weights (the real weights are a 93 MB package: more than a device
 #                call carries), to the end: eval, generation, checkpoint, merged export
-#   cost-12b     tools/benchmark.py cost --preset gpu --tasks 12b: LoRA, ScaLoRA-I, ScaLoRA side by side
-#   cost-1b      the same at the 1.1B shape
 #   demo-z2      the demo config as demo-z3, at ZeRO-2
 set -u
 OUTDIR=${1:?usage: tools/gpu_checklist.sh OUTDIR [SECONDS]}
@@ -54,22 +54,24 @@ phase() {  # phase NAME CAP_SECONDS COMMAND...
   tail -n 4 "$LOGS/$name.log" | sed "s/^/  /" >> "$SUMMARY"
 }
 
-demo() {  # demo STAGE
+demo() {  # demo STAGE [--set KEY=VALUE ...]
+  local stage=$1; shift
   deepspeed --num_gpus 1 launch/train.py --config ds_configs/demo.yaml --set model.model_name_or_path=null \
-    --set "model.random_init=$SMOLLM2_SHAPE" --set model.dtype=bf16 --set deepspeed.zero_optimization.stage=$1 \
-    --set train.output_dir=/tmp/demo_z$1 ${DEMO_SETS:-} && python3 -c "
-import json; s = json.load(open('/tmp/demo_z$1/summary.json'))
+    --set "model.random_init=$SMOLLM2_SHAPE" --set model.dtype=bf16 --set deepspeed.zero_optimization.stage=$stage \
+    --set train.output_dir=/tmp/demo_z$stage ${DEMO_SETS:-} "$@" && python3 -c "
+import json; s = json.load(open('/tmp/demo_z$stage/summary.json'))
 print('summary:', json.dumps({k: s[k] for k in s if k in ('steps', 'final_loss', 'eval_before_training', 'eval', 'scalora_totals', 'scalora_energy_outside_top_r', 'final_model')})[:1500])"
 }
 
 phase equivalence 120 python3 tests/distributed/cuda_equivalence.py
-export -f demo; export SMOLLM2_SHAPE
-phase demo-z3 150 bash -c "demo 3"
-phase cost-12b 260 python3 tools/benchmark.py cost --preset gpu --tasks 12b --work /tmp/bench_gpu --out "$OUTDIR"
-phase cost-1b 150 python3 tools/benchmark.py cost --preset gpu --tasks 1b --work /tmp/bench_gpu --out "$OUTDIR"
+phase cost-12b 220 python3 tools/benchmark.py cost --preset gpu --tasks 12b --work /tmp/bench_gpu --out "$OUTDIR"
+phase cost-1b 120 python3 tools/benchmark.py cost --preset gpu --tasks 1b --work /tmp/bench_gpu --out "$OUTDIR"
 # both shapes in one report, from the runs cached above (a shape that did not finish would start again: cut short)
 phase cost-report 40 python3 tools/benchmark.py cost --preset gpu --tasks 12b 1b --work /tmp/bench_gpu --out "$OUTDIR"
-phase demo-z2 120 bash -c "demo 2"
+export -f demo; export SMOLLM2_SHAPE
+# 20 steps: the refreshes at steps 10 and 20 (ZeRO-3 at this shape ran ~1.2 s a step on an H200)
+phase demo-z3 120 bash -c "demo 3 --set train.max_steps=20"
+phase demo-z2 90 bash -c "demo 2"
 cp /tmp/bench_gpu/*.json /tmp/bench_gpu/*.log "$LOGS/" 2>/dev/null
 (cd "$OUTDIR" && tar czf logs.tar.gz logs && rm -r logs)
 echo; cat "$SUMMARY"

@@ -60,7 +60,7 @@ def attach_scalora(engine, model, interval, **options):
 
 def replica_fingerprints(model) -> list:
     """Per frozen parameter, a float64 checksum of this rank's full replica (ZeRO-0/1/2 only)."""
-    return [float(p.detach().double().mul(torch.arange(p.numel(), dtype=torch.float64).view(p.shape).sin()).sum())
+    return [float(p.detach().double().mul(torch.arange(p.numel(), dtype=torch.float64, device=p.device).view(p.shape).sin()).sum())
             for p in model.parameters() if not p.requires_grad]
 
 
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
             engine.step()  # the optimizer only steps at the boundary (k == gas-1)
         if a.method == "scalora" and controller.last_report is not None:
             accumulated_rank = controller.last_report.accumulated_rank
-        total /= a.gas
+        total = (total / a.gas).to(engine.device)  # NCCL reduces device tensors only
         dist.all_reduce(total)
         losses.append(float(total) / world)
         norm = engine.get_global_grad_norm()
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     trainable_full, frozen_full = gather_result(engine, model)
     replicas_identical = None
     if a.stage < 3:  # every rank holds full replicas of the frozen weights: they must agree bit for bit
-        mine = torch.tensor(replica_fingerprints(model), dtype=torch.float64)
+        mine = torch.tensor(replica_fingerprints(model), dtype=torch.float64, device=engine.device)  # NCCL: device tensors
         everyone = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(everyone, mine)
         replicas_identical = all(torch.equal(mine, other) for other in everyone)

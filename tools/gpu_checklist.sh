@@ -4,8 +4,12 @@
 #
 #   bash tools/gpu_checklist.sh OUTDIR [SECONDS]      # SECONDS: the overall deadline (default 540)
 #
-# Needs the wheels of DeepSpeed and its missing dependencies in .whl/ (../shared/gpu.md says how to build
-# them; datasets, dill and multiprocess too: ds_scalora/train/data.py imports datasets).
+# Needs in .whl/ (git-ignored; carried with run's carry=[".whl"]; ../shared/gpu.md says how to build them),
+# the versions of .venv: deepspeed (built here), hjson, pydantic, pydantic-core, annotated-types,
+# typing-inspection, typing_extensions (pydantic needs a newer one than the image may have), datasets, dill,
+# multiprocess (ds_scalora/train/data.py), trl (data.packing). About 6 MB; the H200 image has the rest.
+# Measured on an H200 (docs/gpu_runs.md): equivalence ~35 s, a 1.1B cost run ~30 s; the first call also
+# spends ~1 min starting the machine.
 # ONLY="PHASE ..." runs a subset; for a dry run on a CPU: NO_WHEELS=1 DS_ACCELERATOR=cpu ONLY=demo-z2
 # DEMO_SHAPE="{hidden_size: 64, ...}" DEMO_SETS="--set model.dtype=fp32 --set train.max_steps=12".
 # Phases, most valuable first (a phase that would outrun the deadline is cut short, the rest skipped):

@@ -6,10 +6,16 @@ Not part of the suite (CI has no GPU): the GPU checklist (``tools/gpu_checklist.
 
 In this process, one rank (as test_zero_single_rank.py does with gloo): ScaLoRA at ZeRO-0 to 3 (and the
 Adam-aware solver at ZeRO-3), global batch 8 = GAS 2 x micro-batch 4, against the single-process reference
-trained on the CPU, with the CPU tests' tolerances (``TOL["fp32"]``: 1e-4 per tensor, 1e-5 overall and on
-losses, 1e-4 on each merged update). What differs from the CPU runs is CUDA's kernels (another reduction
-order; TF32 stays off, torch's default for fp32 matmuls), which the CPU ranks' 1e-6 margin covers. Then
-the runs saved after step 3 resume in a fresh engine to the same losses and state, bit for bit.
+trained on the same device, with the CPU tests' tolerances (``TOL["fp32"]``: 1e-4 per tensor, 1e-5 overall
+and on losses, 1e-4 on each merged update). Then the runs saved after step 3 resume in a fresh engine to
+the same losses and state, bit for bit.
+
+Beside it, each run's distance to the reference trained on the CPU is printed, not checked: the first
+H200 run (2026-12-04, docs/gpu_runs.md) measured 3.3e-5 worst tensor, 0.9-1.2e-5 overall, 5.9-7.7e-5 on
+the merged updates, losses 7e-7, against CPU references alone. CUDA's fp32 kernels round differently from
+the CPU's, and Adam's 1/sqrt(v) on near-zero gradients amplifies that; the same-device reference
+separates those kernel differences from the DeepSpeed integration's own error, which is what the CPU
+tests bound.
 Exits non-zero at the first failed check; prints one line per run.
 """
 
@@ -27,7 +33,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # zero_worker asks 
 import torch  # noqa: E402
 
 import zero_worker  # noqa: E402
-from test_zero_scalora_equivalence import GAS, check, reference, worker_args  # noqa: E402
+from reference import compare_results, train_reference  # noqa: E402
+from test_zero_scalora_equivalence import CLIP, GAS, INTERVAL, STEPS, WARMUP, check, worker_args  # noqa: E402
 
 from ds_scalora.zero.single_process import free_port  # noqa: E402
 
@@ -52,10 +59,23 @@ def main() -> None:
     import_deepspeed().init_distributed(dist_backend="gloo" if cpu else "nccl")
     print(f"device {'CPU (gloo)' if cpu else torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="cuda_equivalence_"))
+    device = "cpu" if cpu else "cuda"
+    references = {}
+
+    def check_both(got, label, solver="column"):
+        if solver not in references:
+            common = dict(steps=STEPS, global_batch_size=GAS * MICRO, dtype="fp32", clip=CLIP, chunks=GAS,
+                          method="scalora", interval=INTERVAL, scalora_warmup=WARMUP, solver=solver)
+            references[solver] = {d: train_reference(**common, device=d) for d in {device, "cpu"}}
+        cross = compare_results(got, references[solver]["cpu"])
+        print(f"  {label} against the CPU reference (not checked): factors worst {cross['trainable_max_rel']:.2e} "
+              f"overall {cross['trainable_global_rel']:.2e}, losses {cross['loss_max_abs']:.2e}", flush=True)
+        check(got, references[solver][device], "fp32", f"{label} (reference on {device})", 1)
+
     for stage in (0, 1, 2, 3):
         ckpt = tmp / f"zero{stage}-ckpt"
         full = run(tmp, f"zero{stage}", worker_args(stage, "fp32", MICRO, extra=("--save-at", 3, "--ckpt", ckpt)))
-        check(full, reference("fp32", 1, MICRO), "fp32", f"ZeRO-{stage} fp32 1 rank", 1)
+        check_both(full, f"ZeRO-{stage} fp32 1 rank")
         if stage >= 2:
             resumed = run(tmp, f"zero{stage}-resumed", worker_args(stage, "fp32", MICRO, extra=("--resume", ckpt)))
             assert resumed["meta"]["resumed_from"] == 3
@@ -66,7 +86,7 @@ def main() -> None:
             print(f"ZeRO-{stage} resume after step 3: losses and state bit-identical", flush=True)
     adam = run(tmp, "zero3-adam", worker_args(3, "fp32", MICRO, extra=("--solver", "adam")))
     assert adam["meta"]["scalora_totals"].get("solver/adam", 0) > 0
-    check(adam, reference("fp32", 1, MICRO, solver="adam"), "fp32", "ZeRO-3 fp32 1 rank, solver adam", 1)
+    check_both(adam, "ZeRO-3 fp32 1 rank, solver adam", solver="adam")
     print(f"all equivalence checks passed on {'gloo' if cpu else 'CUDA'} (GAS {GAS}, micro-batch {MICRO})")
 
 

@@ -156,8 +156,10 @@ def train_reference(
     bf16_style: str | None = None,
     restart: bool = False,
     solver: str = "column",
+    device: str = "cpu",
 ) -> dict:
-    """Train in this process and return the result dictionary (see the module docstring)."""
+    """Train in this process and return the result dictionary (see the module docstring); ``device``: where
+    the model trains (the result's tensors come back on the CPU)."""
     if global_batch_size % chunks:
         raise ValueError("global_batch_size must be a multiple of chunks")
     if bf16_style is None:
@@ -167,7 +169,7 @@ def train_reference(
         raise ValueError("ScaLoRA's reference needs the optimizer to own the model params: use bf16_style='peft'")
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.perf_counter()
-    model = build_model(dtype, seed, bf16_style, method=method, steps=steps)
+    model = build_model(dtype, seed, bf16_style, method=method, steps=steps).to(device)
     trainable, _ = split_params(model)
     if masters_mode:
         masters = {n: p.detach().float().clone() for n, p in trainable.items()}
@@ -194,7 +196,7 @@ def train_reference(
         batch = global_batch(step, global_batch_size, seq_len, data_seed)
         total = 0.0
         for c in range(chunks):
-            part = {k: v[c * rows : (c + 1) * rows] for k, v in batch.items()}
+            part = {k: v[c * rows : (c + 1) * rows].to(device) for k, v in batch.items()}
             loss = model(**part).loss
             (loss / chunks).backward()
             total += float(loss.detach().float()) / chunks
@@ -224,11 +226,11 @@ def train_reference(
     return {
         "losses": losses,
         "grad_norms": grad_norms,
-        "trainable": {n: m.detach().float().clone() for n, m in masters.items()},
-        "frozen": {n: p.detach().clone() for n, p in frozen.items()},
+        "trainable": {n: m.detach().float().cpu().clone() for n, m in masters.items()},
+        "frozen": {n: p.detach().cpu().clone() for n, p in frozen.items()},
         # ScaLoRA: the merged weights at the precision policy's full precision
         "merged": {} if scalora is None else {
-            f"{layer.name}.base_layer.weight": scalora.merged_weight(layer) for layer in scalora.layers
+            f"{layer.name}.base_layer.weight": scalora.merged_weight(layer).cpu() for layer in scalora.layers
         },
         "elalora": None if elalora is None else {"active": [a.clone() for a in elalora.core.active],
                                                   "rounds": elalora.core.rounds},

@@ -58,8 +58,21 @@ def slot_score_part(ema_ipt: torch.Tensor, ema_unc: torch.Tensor, start: int, sh
     summed per slot and divided by the slot's full length, so that the parts of all pieces add up to
     the mean over the slot."""
     score = (ema_ipt.double() * ema_unc.double()).view(-1)
-    slots = slot_of(start, score.numel(), shape, slot_axis, device=score.device)
-    out = torch.zeros(rank, dtype=torch.float64, device=score.device).index_add_(0, slots, score)
+    out = torch.zeros(rank, dtype=torch.float64, device=score.device)
+    if score.numel() == 0:
+        return out
+    # the piece laid into the whole rows it touches, summed along one axis: a fixed order of additions on
+    # every device (index_add_ adds with atomics on CUDA, so replicas that each score their own copy, at
+    # ZeRO-0 or under DDP, could rank two near-equal slots differently and prune different ones)
+    cols = shape[1]
+    first, last = start // cols, (start + score.numel() - 1) // cols
+    rows = torch.zeros((last - first + 1) * cols, dtype=torch.float64, device=score.device)
+    rows[start - first * cols : start - first * cols + score.numel()] = score
+    rows = rows.view(-1, cols)
+    if slot_axis == 0:
+        out[first : last + 1] = rows.sum(1)
+    else:
+        out += rows.sum(0)
     return out / shape[1 - slot_axis]
 
 

@@ -66,7 +66,7 @@ class RankSketch:
     @torch.no_grad()
     def add(self, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
         """Account for a merge of ``scale · A diag(weights) Bᵀ`` (weights = 1 − α∘β)."""
-        Y = scale * (A.float() * weights.float().to(A.device)) @ (B.float().T @ self.omega())
+        Y = scale * (A.float() * weights.float().to(A.device)) @ (B.float().T @ self.omega().to(B.device)).to(A.device)
         self.Y += Y.to(self.Y.device)
 
     @torch.no_grad()

@@ -311,3 +311,20 @@ def test_bad_configs_are_refused():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(ValueError, match="max_rank"):
         ElaLoRA(model, opt, ElaLoRAConfig(total_steps=10, init_rank=2, max_rank=6, init_warmup=1, final_warmup=1))
+
+
+@pytest.mark.parametrize("slot_axis", [0, 1])
+def test_slot_scores_from_any_pieces_equal_the_slot_means(slot_axis):
+    """The slot scores summed over any cut of the flattened tensor into pieces (as ZeRO shards it, mid-row
+    included) equal the brute-force mean over each slot, in float64 (tolerance 1e-12: only the order of
+    additions differs)."""
+    g = torch.Generator().manual_seed(3)
+    shape = (6, 7)  # Q-like (slots = rows) or P-like (slots = columns)
+    rank = shape[slot_axis]
+    ipt, unc = torch.rand(shape, generator=g, dtype=torch.float64), torch.rand(shape, generator=g, dtype=torch.float64)
+    want = (ipt * unc).mean(dim=1 - slot_axis)
+    for cuts in ([], [20], [3, 17, 18, 40], [7, 14, 21]):
+        bounds = [0, *cuts, ipt.numel()]
+        got = sum(elastic.slot_score_part(ipt.view(-1)[lo:hi], unc.view(-1)[lo:hi], lo, shape, slot_axis, rank)
+                  for lo, hi in zip(bounds, bounds[1:]))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -179,9 +179,9 @@ class ElasticRanks:
         # fastest of the checks measured on the CPU: 4 ms over 630 tensors, isfinite().all() 17 ms, the max
         # norm 24 ms). A gradient whose squares overflow (entries near 1e19 in fp32) reads as non-finite too:
         # the step's ElaLoRA work is skipped and nothing is written, as for a NaN
-        local_bad = bool(grads) and not bool(torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
-                                             .isfinite().all())
         device = self.layers[0].P.device
+        local_bad = bool(grads) and not bool(torch.stack([n.float().to(device) for n in torch._foreach_norm(grads, 2)])
+                                             .isfinite().all())
         if not need_full:
             flag = self.access.all_reduce(torch.tensor([float(local_bad)], device=device))
             return None, float(flag[0]) == 0
@@ -222,7 +222,8 @@ class ElasticRanks:
                 piece = pieces[i][name]
                 if piece is not None and piece.grad is not None:
                     into.append(piece.grad)
-                    adds.append(grad[k].reshape(-1)[piece.start : piece.start + piece.numel].to(piece.grad.dtype))
+                    adds.append(grad[k].reshape(-1)[piece.start : piece.start + piece.numel]
+                                .to(device=piece.grad.device, dtype=piece.grad.dtype))
         if into:
             torch._foreach_add_(into, adds, alpha=coef)
         return float(torch.cat(norms).sum()) / (2 * len(self.layers))

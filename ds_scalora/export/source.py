@@ -229,6 +229,14 @@ class RunSource:
                                   "(deepspeed.zero.Init initialises them differently); the update relative to the "
                                   "base needs a model.model_name_or_path run, or a random_init run at ZeRO-0/1/2")
 
+            from ..train.model import HOST_INIT_MAX_PARAMS, random_init_on_host
+
+            fields = {"vocab_size": len(self.tokenizer()), **self.model_cfg["random_init"]}
+            if not random_init_on_host(fields):
+                raise ExportError(f"the base weights of this model.random_init run cannot be rebuilt: above "
+                                  f"{HOST_INIT_MAX_PARAMS:,} parameters a run draws them on its accelerator, whose random "
+                                  "generator a CPU does not reproduce (ds_scalora/train/model.py); the update relative "
+                                  "to the base needs a model.model_name_or_path run (the merged model exports without it)")
             torch.manual_seed(int(self.config["train"]["seed"]))
             model = LlamaForCausalLM(self.hf_config()).to(self.dtype)
             self._random_base = {k: v.detach() for k, v in model.state_dict().items()}

@@ -59,6 +59,28 @@ def local_model_dir(cfg: RunConfig) -> str | None:
     return local_dir(path)
 
 
+# A random-init model up to this size is drawn on the host (CPU generator, seeded) and then moved to the
+# accelerator, so that its weights are the same on every machine and an export can rebuild them on a CPU
+# (export/source.py: the base an update is measured from). A CUDA generator draws other numbers from the same
+# seed. Larger shapes (the GPU benchmark's 12B) are drawn on the accelerator: 12B parameters in bf16 would take
+# 24 GB of host memory and minutes to initialise there; their base cannot be rebuilt elsewhere.
+HOST_INIT_MAX_PARAMS = 2_000_000_000
+
+
+def random_init_params(fields: dict) -> int:
+    """Parameters of the random Llama that ``model.random_init`` fields (vocab_size included) describe,
+    counted on the meta device (no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**fields)).parameters())
+
+
+def random_init_on_host(fields: dict) -> bool:
+    """Whether a run draws this random-init model on the host (:data:`HOST_INIT_MAX_PARAMS`)."""
+    return random_init_params(fields) <= HOST_INIT_MAX_PARAMS
+
+
 def load_tokenizer(cfg: RunConfig):
     """The run's tokenizer, with ``data.chat_template`` if given (the exports apply it too: export/source.py)."""
     from transformers import AutoTokenizer
@@ -90,14 +112,16 @@ def load_model(cfg: RunConfig, ds_config: dict, vocab_size: int):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
         fields = {"vocab_size": vocab_size, **cfg.model.random_init}
-        # built in its dtype on the accelerator (under ZeRO-3, partitioned as it is built): a 12B shape
-        # built in fp32 on the host would need ~73 GB of host memory and minutes of initialisation
+        # built in its dtype, on the host up to HOST_INIT_MAX_PARAMS (reproducible anywhere), else on the
+        # accelerator (under ZeRO-3, partitioned as it is built): a 12B shape built in fp32 on the host would
+        # need ~73 GB of host memory and minutes of initialisation
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
         if not zero3 and accelerator.device_name() != "cpu":
             accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # deepspeed.initialize would, later
-        where = contextlib.nullcontext() if zero3 else torch.device(accelerator.current_device_name())
+        on_host = random_init_on_host(fields)
+        where = contextlib.nullcontext() if zero3 else torch.device("cpu" if on_host else accelerator.current_device_name())
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3), where:
             model = LlamaForCausalLM._from_config(LlamaConfig(**fields), **kwargs)
     if cfg.model.gradient_checkpointing:

@@ -56,3 +56,21 @@ def test_phases_replay_the_refresh_exactly():
     # the roofline's kernel pass times the merge's addmm_ without changing any weight (it adds zero factors)
     assert refresh_cost.kernel_pass(scalora, 4) > 0
     assert all(torch.equal(a, b) for a, b in zip(_state(scalora), refreshed))
+
+
+def test_gpu_shapes_take_their_layers_batch_dtype_and_report_file(monkeypatch):
+    """``--device cuda --shape 12b`` measures the 12.2B reference shape at its own depth and batch, in bf16,
+    into a report of its own (the CPU report stays); explicit options still win."""
+    seen = {}
+    monkeypatch.setattr(refresh_cost, "print_and_write", lambda report, args, out, title, command: seen.update(
+        args=args, out=out, title=title, command=command))
+    refresh_cost.main(["--device", "cuda", "--shape", "12b"])
+    args = seen["args"]
+    assert (args.layers, args.batch, args.dtype) == (40, [2, 2048], "bf16")
+    assert seen["out"].endswith("benchmarks_refresh_12b_gpu.md") and "(GPU)" in seen["title"]
+    assert seen["command"] == "python tools/benchmark.py refresh --device cuda --shape 12b"
+    refresh_cost.main(["--shape", "1b", "--layers", "2", "--batch", "1", "16"])
+    assert (seen["args"].layers, seen["args"].batch, seen["args"].dtype) == (2, [1, 16], None)
+    assert seen["out"].endswith("benchmarks_refresh.md") and "(CPU)" in seen["title"]
+    config = refresh_cost.SHAPES["1b"]
+    assert config["hidden_size"] == 2048 and "num_hidden_layers" not in config

@@ -12,11 +12,13 @@
 # spends ~1 min starting the machine.
 # ONLY="PHASE ..." runs a subset; for a dry run on a CPU: NO_WHEELS=1 DS_ACCELERATOR=cpu ONLY=demo-z2
 # DEMO_SHAPE="{hidden_size: 64, ...}" DEMO_SETS="--set model.dtype=fp32 --set train.max_steps=12".
+# All phases take ~15 minutes, more than one 10-minute call: pick with ONLY (e.g. ONLY="cost-12b refresh-12b").
 # Phases, most valuable first (a phase that would outrun the deadline is cut short, the rest skipped):
 #   equivalence  tests/distributed/cuda_equivalence.py: ScaLoRA at ZeRO-0..3 on one CUDA rank (NCCL)
 #                against the single-process reference, resume bit-identical, the Adam-aware solver
 #   cost-12b     tools/benchmark.py cost --preset gpu --tasks 12b: LoRA, ScaLoRA-I, ScaLoRA side by side
 #   cost-1b      the same at the 1.1B shape (cost-report: both in one report)
+#   refresh-1b, refresh-12b   tools/benchmark.py refresh --device cuda: the refresh's roofline on the GPU
 #   demo-z3      the demo config through the deepspeed launcher in bf16 at ZeRO-3, at SmolLM2-135M's
 #                shape with random weights (the real weights are a 93 MB package: more than a device
 #                call carries), to the end: eval, generation, checkpoint, merged export
@@ -72,6 +74,9 @@ phase cost-12b 220 python3 tools/benchmark.py cost --preset gpu --tasks 12b --wo
 phase cost-1b 120 python3 tools/benchmark.py cost --preset gpu --tasks 1b --work /tmp/bench_gpu --out "$OUTDIR"
 # both shapes in one report, from the runs cached above (a shape that did not finish would start again: cut short)
 phase cost-report 40 python3 tools/benchmark.py cost --preset gpu --tasks 12b 1b --work /tmp/bench_gpu --out "$OUTDIR"
+# issue 21's roofline of the refresh on CUDA, phase by phase, beside a LoRA step and ScaLoRA's side-by-side ratios
+phase refresh-1b 150 python3 tools/benchmark.py refresh --device cuda --shape 1b --ranks 16 --repeats 3 --rounds 5 --out "$OUTDIR/benchmarks_refresh_1b_gpu.md"
+phase refresh-12b 200 python3 tools/benchmark.py refresh --device cuda --shape 12b --repeats 2 --rounds 3 --out "$OUTDIR/benchmarks_refresh_12b_gpu.md"
 export -f demo; export SMOLLM2_SHAPE
 # 20 steps: the refreshes at steps 10 and 20 (ZeRO-3 at this shape ran ~1.2 s a step on an H200)
 phase demo-z3 120 bash -c "demo 3 --set train.max_steps=20"

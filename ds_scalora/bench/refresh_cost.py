@@ -1,4 +1,4 @@
-"""CPU micro-benchmark of one ScaLoRA refresh on a SmolLM2-135M-shaped Llama, next to a LoRA step.
+"""Micro-benchmark of one ScaLoRA refresh on a SmolLM2-135M-shaped Llama (CPU) or a GPU reference shape, next to a LoRA step.
 
 Why: a refresh touches every adapted weight (a rank-r merge per layer), so its cost should be
 stated against the training step it is amortised over. This script measures both in one run.
@@ -8,6 +8,13 @@ How to run (from the repository root; nothing is downloaded, the model is random
     python tools/benchmark.py refresh                  # r = 8 (the demo's); bf16 and fp32 bases
     python tools/benchmark.py refresh --ranks 4 16 64  # other ranks
     python tools/benchmark.py refresh --quick          # smoke test: r = 4, 2 layers, 1 repeat
+    python tools/benchmark.py refresh --device cuda --shape 1b --ranks 16   # on a GPU: the 1.1B shape, bf16
+    python tools/benchmark.py refresh --device cuda --shape 12b             # the 12.2B shape (checkpointing)
+
+On a GPU (not yet run: written after the first H200 session, docs/gpu_runs.md) the same measurements run
+on the device with a synchronisation around every timed piece, in bf16 only (the LoRA step and the
+side-by-side ratios too, against issue 21's GPU targets), at the shape's layers and batch; the merge state
+is the "auto" policy's (fp32_residual for a bf16 base; the shipped 12B one-GPU config uses bf16_pair).
 
 What is measured, per (base dtype, r):
 
@@ -65,20 +72,36 @@ from ..methods import ScaLoRA, ScaLoRAConfig
 from ..methods.scalora import default_shrink
 from ..precision import get_policy
 from ..scaling import SOLVERS
+from .grid import MISTRAL_NEMO_12B, TINYLLAMA_1B
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INTERVAL = 10
 TARGETS_CPU = {"scalora": 1.15, "scalora-I": 1.03}  # issue 21: step time over LoRA's on the CPU
+TARGETS_GPU = {"scalora": 1.10, "scalora-I": 1.02}  # and on a GPU, at the 1.1B and 12.2B shapes
 FLOOR_TARGET = 2.0  # issue 21: a refresh (one that does not measure its sketches) within 2x its floor
 
 
-def base_model(layers: int, seed: int = 0) -> LlamaForCausalLM:
-    """The SmolLM2-135M shape with ``layers`` hidden layers, random init (seeded), fp32."""
+SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "vocab_size": 49152, "tie_word_embeddings": True}
+# --shape: the CPU's SmolLM2-135M, and the GPU shapes of ../shared/gpu.md's reference figures (bench/grid.py)
+SHAPES = {"smollm2": SMOLLM2_135M,
+          "1b": {k: v for k, v in TINYLLAMA_1B.items() if k != "num_hidden_layers"},
+          "12b": {k: v for k, v in MISTRAL_NEMO_12B.items() if k != "num_hidden_layers"}}
+SHAPE_LAYERS = {"smollm2": 30, "1b": TINYLLAMA_1B["num_hidden_layers"], "12b": MISTRAL_NEMO_12B["num_hidden_layers"]}
+SHAPE_NAMES = {"smollm2": "SmolLM2-135M", "1b": "TinyLlama-1.1B", "12b": "Mistral-NeMo-12B"}
+SHAPE_BATCH = {"smollm2": [8, 72], "1b": [4, 2048], "12b": [2, 2048]}  # the demo's; the GPU reference figures'
+
+
+def base_model(layers: int, seed: int = 0, shape: str = "smollm2", dtype=None, device: str = "cpu") -> LlamaForCausalLM:
+    """The ``shape`` (SmolLM2-135M by default) with ``layers`` hidden layers, random init (seeded), fp32 on the
+    CPU; on another device built there in ``dtype`` (a 12B shape in fp32 on the host would take 49 GB)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
+    config = LlamaConfig(num_hidden_layers=layers, **SHAPES[shape])
+    if device == "cpu":
+        return LlamaForCausalLM(config)
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
 def with_lora(base, r: int):
@@ -87,13 +110,24 @@ def with_lora(base, r: int):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
 
-def build(dtype: torch.dtype, r: int, layers: int, seed: int = 0):
-    """SmolLM2-135M shape, random init, base in ``dtype``, PEFT LoRA (fp32 adapters), AdamW."""
-    return with_lora(base_model(layers, seed).to(dtype), r)
+def build(dtype: torch.dtype, r: int, layers: int, seed: int = 0, shape: str = "smollm2", device: str = "cpu"):
+    """The shape, random init, base in ``dtype``, PEFT LoRA (fp32 adapters), AdamW; gradient checkpointing
+    for the 12B shape (as its shipped config)."""
+    base = base_model(layers, seed, shape, dtype, device).to(dtype)
+    if shape == "12b":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    return with_lora(base, r)
 
 
-def batch(size: int, seq: int, vocab: int = 49152) -> torch.Tensor:
-    return torch.randint(0, vocab, (size, seq))
+def batch(size: int, seq: int, vocab: int = 49152, device: str = "cpu") -> torch.Tensor:
+    return torch.randint(0, vocab, (size, seq)).to(device)
+
+
+def sync() -> None:
+    """Wait for the accelerator's queued work, so that a host timer measures it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def train_step(model, opt, ids: torch.Tensor) -> None:
@@ -121,8 +155,10 @@ def restore(scalora: ScaLoRA, saved: list) -> None:
 
 
 def timed(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -135,35 +171,26 @@ def phases(scalora: ScaLoRA) -> dict:
     """The refresh core's steps one after the other, each timed (what ``RefreshCore.refresh`` runs)."""
     core, t = scalora.core, {}
     params = [(layer.lora_B, layer.lora_A) for layer in core.layers]
-    start = time.perf_counter()
-    buffer, pieces, _ = core.gather_factors_and_grads(params)
-    t["gather"] = time.perf_counter() - start
-    start = time.perf_counter()
-    packed, used, _ = core.solve_round_robin(buffer)
-    t["solve"] = time.perf_counter() - start
+    out = {}
+
+    def part(name, fn):
+        t[name] = timed(lambda: out.__setitem__(name, fn()))
+        return out[name]
+
+    buffer, pieces, _ = part("gather", lambda: core.gather_factors_and_grads(params))
+    packed, used, _ = part("solve", lambda: core.solve_round_robin(buffer))
     rescaled = [i for i, u in enumerate(used) if u != "none"]
-    start = time.perf_counter()
-    core.merge_all(buffer, packed, rescaled, step=0)
-    t["merge"] = time.perf_counter() - start
-    start = time.perf_counter()
-    core.rescale_pieces(params, pieces, packed, rescaled)
-    t["rescale"] = time.perf_counter() - start
-    start = time.perf_counter()
-    core.merged_norms(buffer, packed)
-    t["norms"] = time.perf_counter() - start
-    start = time.perf_counter()
-    core.measure_sketches(buffer, packed, measure=False)
-    t["sketch add"] = time.perf_counter() - start
+    part("merge", lambda: core.merge_all(buffer, packed, rescaled, step=0))
+    part("rescale", lambda: core.rescale_pieces(params, pieces, packed, rescaled))
+    part("norms", lambda: core.merged_norms(buffer, packed))
+    part("sketch add", lambda: core.measure_sketches(buffer, packed, measure=False))
     inputs = []  # what measure_sketches measures (after adding) when it measures
     for group, batch in core.sketch_batches:
         A, B = group.stacked(buffer[0])
         alpha, beta = group.alpha_beta(packed)
         scale = torch.tensor([core.scales[i] for i in group.layers])
         inputs.append((batch, A, B.mT @ batch.omega, alpha * beta, scale))
-    start = time.perf_counter()
-    for batch, A, BtO, kept, scale in inputs:
-        batch.measure(A, BtO, kept, scale, A.shape[-1])
-    t["sketch measure"] = time.perf_counter() - start
+    part("sketch measure", lambda: [batch.measure(A, BtO, kept, scale, A.shape[-1]) for batch, A, BtO, kept, scale in inputs])
     return t
 
 
@@ -173,9 +200,11 @@ def floor_pass(scalora: ScaLoRA) -> tuple[float, int]:
     least read and write), and those bytes read plus written."""
     tensors = [t for w, st in zip((layer.weight for layer in scalora.layers), scalora.core.merge_state)
                for t in (w.data, st) if t is not None]
+    sync()
     start = time.perf_counter()
     for t in tensors:
         t.mul_(1)
+    sync()
     return time.perf_counter() - start, sum(2 * t.numel() * t.element_size() for t in tensors)
 
 
@@ -185,11 +214,14 @@ def kernel_pass(scalora: ScaLoRA, r: int) -> float:
     adapted weight (what ``MergePolicy.merge_product_`` fuses the merge into), with zero factors so that
     the weights keep their values. Its ratio to the floor is the part of the refresh's ratio that no
     orchestration can remove on this machine."""
-    work = [(w, torch.zeros(w.shape[0], r, dtype=w.dtype), torch.zeros(r, w.shape[1], dtype=w.dtype))
+    work = [(w, torch.zeros(w.shape[0], r, dtype=w.dtype, device=w.device),
+             torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device))
             for w in (layer.weight.data for layer in scalora.layers)]
+    sync()
     start = time.perf_counter()
     for w, left, right in work:
         w.addmm_(left, right)
+    sync()
     return time.perf_counter() - start
 
 
@@ -207,17 +239,20 @@ def interleaved(model, opt, ids: torch.Tensor, rounds: int) -> dict:
             scalora.refresh_if_due()  # each variant counts its own steps: ScaLoRA-I refreshes once a round
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()  # side_by_side's host timer then measures the step's kernels too
 
     steppers = {"lora": lambda: step(None), **{name: (lambda s=s: step(s)) for name, s in variants.items()}}
     return side_by_side(steppers, rounds, INTERVAL)
 
 
 def bench(dtype_name: str, r: int, args) -> dict:
-    model, opt = build(DTYPES[dtype_name], r, args.layers)
+    dev = args.device
+    model, opt = build(DTYPES[dtype_name], r, args.layers, shape=args.shape, device=dev)
     model.train()
+    vocab = SHAPES[args.shape]["vocab_size"]
     for _ in range(3):  # lora_B leaves zero, Adam moments exist
-        train_step(model, opt, batch(2, 64))
-    model(input_ids=(ids := batch(2, 64)), labels=ids).loss.backward()
+        train_step(model, opt, batch(2, 64, vocab, dev))
+    model(input_ids=(ids := batch(2, 64, vocab, dev)), labels=ids).loss.backward()
     # interval 1, so that step 0 measures the sketches and step 1 does not; shrink of ScaLoRA-I's default
     scalora = ScaLoRA(model, opt, ScaLoRAConfig(solver=args.solver, warmup_steps=0, rank_sketch=args.rank_sketch,
                                                 interval=1, shrink=default_shrink(INTERVAL), rank_sketch_every=EVERY))
@@ -241,7 +276,7 @@ def bench(dtype_name: str, r: int, args) -> dict:
             parts[k].append(v)
         seconds, moved = floor_pass(scalora)
         floors.append(seconds)
-        if dtype_name == "fp32":  # a bf16 addmm_ on a CPU without bf16 matmuls is not what the bf16 merge runs
+        if dtype_name == "fp32" or dev != "cpu":  # a bf16 addmm_ on a CPU without bf16 matmuls is not what the bf16 merge runs
             kernels.append(kernel_pass(scalora, r))
 
     n = len(scalora.layers)
@@ -249,12 +284,12 @@ def bench(dtype_name: str, r: int, args) -> dict:
     adapter = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in scalora.layers)
     opt.zero_grad(set_to_none=True)
     steps, ratios = [math.nan], {}
-    if dtype_name == "fp32":  # a bf16 step on a CPU without bf16 matmuls takes minutes and says nothing
-        ids = batch(*args.batch)
+    if dtype_name == "fp32" or dev != "cpu":  # a bf16 step on a CPU without bf16 matmuls says nothing
+        ids = batch(*args.batch, vocab, dev)
         train_step(model, opt, ids)  # warm-up
         steps = [timed(lambda: train_step(model, opt, ids)) for _ in range(args.repeats)]
         if args.rounds:
-            ratios = interleaved(model, opt, batch(*args.batch), args.rounds)
+            ratios = interleaved(model, opt, batch(*args.batch, vocab, dev), args.rounds)
 
     out = dict(dtype=dtype_name, r=r, layers=n, total=statistics.median(totals), plain=statistics.median(plain),
                step=statistics.median(steps),
@@ -279,11 +314,27 @@ def main(argv=None) -> None:
                              "interval is then x(6)-x(16) (97%%), about half as wide as with 11 (x(2)-x(10)), which "
                              "left ScaLoRA-I's 1.03 undecided")
     parser.add_argument("--quick", action="store_true", help="r=4, 2 hidden layers, 1 repeat: a smoke test")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU, the bf16 base only, the "
+                        "LoRA step and the side-by-side ratios in bf16, the report in docs/benchmarks_refresh_<shape>_gpu.md")
+    parser.add_argument("--shape", choices=list(SHAPES), default="smollm2",
+                        help="smollm2 (the CPU's), or a GPU reference shape: 1b (TinyLlama, batch 4 x 2048), 12b "
+                             "(Mistral-NeMo, batch 2 x 2048, gradient checkpointing); --layers and --batch default to the shape's")
     add_shared_arguments(parser, "benchmarks_refresh.md")
     args = parser.parse_args(argv)
+    if args.layers == parser.get_default("layers"):
+        args.layers = SHAPE_LAYERS[args.shape]
+    if args.batch == parser.get_default("batch"):
+        args.batch = SHAPE_BATCH[args.shape]
+    if args.device != "cpu":
+        args.dtype = args.dtype or "bf16"
+        if args.out == parser.get_default("out"):
+            args.out = os.path.join(os.path.dirname(args.out), f"benchmarks_refresh_{args.shape}_gpu.md")
     if args.quick:
         args.out = ""
-    print_and_write(report, args, args.out, "The refresh's cost and roofline (CPU)", "python tools/benchmark.py refresh")
+    where = "CPU" if args.device == "cpu" else "GPU"
+    command = " ".join(["python tools/benchmark.py refresh"]
+                       + ([f"--device {args.device} --shape {args.shape}"] if args.device != "cpu" else []))
+    print_and_write(report, args, args.out, f"The refresh's cost and roofline ({where})", command)
 
 
 def report(args) -> None:
@@ -297,7 +348,9 @@ def report(args) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, "
           f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the figures)")
-    print(f"model: SmolLM2-135M shape, {args.layers} hidden layers, random init; LoRA on {','.join(TARGETS)}; "
+    if args.device != "cpu":
+        print(f"device {args.device}: {torch.cuda.get_device_name()}")
+    print(f"model: {SHAPE_NAMES[args.shape]} shape, {args.layers} hidden layers, random init; LoRA on {','.join(TARGETS)}; "
           f"solver {args.solver}, strength auto (shrink {default_shrink(10):g}), rank_sketch {args.rank_sketch}; repeats {args.repeats} (median)")
     start = time.perf_counter()
     rows = [bench(d, r, args) for d in dtypes for r in args.ranks]
@@ -338,7 +391,7 @@ def report(args) -> None:
         print("|---|---|---|---|---|---|---|")
         for row in timed_rows:
             for name, values in row["ratios"].items():
-                target = TARGETS_CPU[name]
+                target = (TARGETS_CPU if args.device == "cpu" else TARGETS_GPU)[name]
                 print(f"| {row['dtype']} | {row['r']} | {name} | {statistics.median(values):.3f} | "
                       f"{interval_text(values)} | ≤ {target} | {verdict(values, target)} |")
     print()

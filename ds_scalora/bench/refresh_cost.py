@@ -88,9 +88,10 @@ SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_he
 SHAPES = {"smollm2": SMOLLM2_135M,
           "1b": {k: v for k, v in TINYLLAMA_1B.items() if k != "num_hidden_layers"},
           "12b": {k: v for k, v in MISTRAL_NEMO_12B.items() if k != "num_hidden_layers"}}
-SHAPE_LAYERS = {"smollm2": 30, "1b": TINYLLAMA_1B["num_hidden_layers"], "12b": MISTRAL_NEMO_12B["num_hidden_layers"]}
 SHAPE_NAMES = {"smollm2": "SmolLM2-135M", "1b": "TinyLlama-1.1B", "12b": "Mistral-NeMo-12B"}
-SHAPE_BATCH = {"smollm2": [8, 72], "1b": [4, 2048], "12b": [2, 2048]}  # the demo's; the GPU reference figures'
+# the GPU shapes' depth and batch (the reference figures'); SmolLM2's come from --layers and --batch's defaults
+GPU_SHAPE_LAYERS = {"1b": TINYLLAMA_1B["num_hidden_layers"], "12b": MISTRAL_NEMO_12B["num_hidden_layers"]}
+GPU_SHAPE_BATCH = {"1b": [4, 2048], "12b": [2, 2048]}
 
 
 def base_model(layers: int, seed: int = 0, shape: str = "smollm2", dtype=None, device: str = "cpu") -> LlamaForCausalLM:
@@ -154,12 +155,17 @@ def restore(scalora: ScaLoRA, saved: list) -> None:
             scalora.optimizer.state[p][k].copy_(v)
 
 
-def timed(fn) -> float:
+def timed_call(fn) -> tuple:
+    """(seconds, ``fn()``), the accelerator's queued work included."""
     sync()
     start = time.perf_counter()
-    fn()
+    value = fn()
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, value
+
+
+def timed(fn) -> float:
+    return timed_call(fn)[0]
 
 
 PHASES = ("gather", "solve", "merge", "rescale", "norms", "sketch add", "sketch measure")
@@ -171,11 +177,10 @@ def phases(scalora: ScaLoRA) -> dict:
     """The refresh core's steps one after the other, each timed (what ``RefreshCore.refresh`` runs)."""
     core, t = scalora.core, {}
     params = [(layer.lora_B, layer.lora_A) for layer in core.layers]
-    out = {}
 
     def part(name, fn):
-        t[name] = timed(lambda: out.__setitem__(name, fn()))
-        return out[name]
+        t[name], value = timed_call(fn)
+        return value
 
     buffer, pieces, _ = part("gather", lambda: core.gather_factors_and_grads(params))
     packed, used, _ = part("solve", lambda: core.solve_round_robin(buffer))
@@ -321,10 +326,10 @@ def main(argv=None) -> None:
                              "(Mistral-NeMo, batch 2 x 2048, gradient checkpointing); --layers and --batch default to the shape's")
     add_shared_arguments(parser, "benchmarks_refresh.md")
     args = parser.parse_args(argv)
-    if args.layers == parser.get_default("layers"):
-        args.layers = SHAPE_LAYERS[args.shape]
-    if args.batch == parser.get_default("batch"):
-        args.batch = SHAPE_BATCH[args.shape]
+    if args.shape in GPU_SHAPE_LAYERS and args.layers == parser.get_default("layers"):
+        args.layers = GPU_SHAPE_LAYERS[args.shape]
+    if args.shape in GPU_SHAPE_BATCH and args.batch == parser.get_default("batch"):
+        args.batch = GPU_SHAPE_BATCH[args.shape]
     if args.device != "cpu":
         args.dtype = args.dtype or "bf16"
         if args.out == parser.get_default("out"):

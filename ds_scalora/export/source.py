@@ -176,7 +176,11 @@ class RunSource:
 
         if self.base_path():
             return AutoConfig.from_pretrained(self.base_path())
-        return LlamaConfig(vocab_size=len(self.tokenizer()), **self.model_cfg["random_init"])
+        return LlamaConfig(**self._random_init_fields())
+
+    def _random_init_fields(self) -> dict:
+        """The LlamaConfig fields of a ``model.random_init`` run, as ``train/model.py::load_model`` builds them."""
+        return {"vocab_size": len(self.tokenizer()), **self.model_cfg["random_init"]}
 
     def transposed_modules(self) -> set[str]:
         """HF names of the modules that store their weight as d_in x d_out (transformers' ``Conv1D``, as
@@ -231,8 +235,7 @@ class RunSource:
 
             from ..train.model import HOST_INIT_MAX_PARAMS, random_init_on_host
 
-            fields = {"vocab_size": len(self.tokenizer()), **self.model_cfg["random_init"]}
-            if not random_init_on_host(fields):
+            if not random_init_on_host(self._random_init_fields()):
                 raise ExportError(f"the base weights of this model.random_init run cannot be rebuilt: above "
                                   f"{HOST_INIT_MAX_PARAMS:,} parameters a run draws them on its accelerator, whose random "
                                   "generator a CPU does not reproduce (ds_scalora/train/model.py); the update relative "

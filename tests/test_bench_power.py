@@ -180,3 +180,49 @@ def test_steps_to_reach_counts_from_the_curves_first_step_and_its_rounding():
     assert steps_to_reach(curve, 2.0, every=10, start=0) == 10
     assert steps_to_reach(curve, 0.5, every=10, start=0) is None
     assert steps_to_reach([0.9, 0.4], 0.5, every=20) == 40  # no start point: the first is at step `every`
+
+
+def _two_arm_task():
+    arms = [power.Arm("lora", {"method": "lora", "r": 4}, lrs=[1e-2]),
+            power.Arm("scalora-I", {"method": "scalora", "r": 4, "interval": 10}, lrs=[1e-2])]
+    return power.Task("regression", "shrunk", arms, tune_seeds=[100], report_seeds=[0],
+                      floor=regression.lora_floor(4))  # Task.run itself: picklable, for the worker processes
+
+
+def test_parallel_workers_record_what_one_process_records(tmp_path):
+    """``--workers``: every run a fresh process, this one the only writer. The records must be those of the
+    sequential sweep, bit for bit (both at one CPU thread a run, so the arithmetic is the same), and a
+    second parallel sweep runs nothing. Two runs only: each worker process pays ~5-10 s of imports."""
+    import torch
+
+    task, threads = _two_arm_task(), torch.get_num_threads()
+    torch.set_num_threads(1)  # what each worker gets on a 2-core machine with 2 workers
+    try:
+        power.sweep(task, root=str(tmp_path / "one"), phases=("tune",), log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    logs = []
+    assert power.sweep(task, root=str(tmp_path / "two"), phases=("tune",), log=logs.append, workers=2, device="cpu") == 0
+    assert len(logs) == 2
+    for arm in ("lora", "scalora-I"):
+        one, two = (power.load_records(task, arm, str(tmp_path / d)) for d in ("one", "two"))
+        assert one.keys() == two.keys() and len(one) == 1
+        for key in one:
+            assert one[key]["error"] == two[key]["error"] and one[key]["curve"] == two[key]["curve"]
+    assert power.sweep(task, root=str(tmp_path / "two"), phases=("tune",), log=logs.append, workers=2, device="cpu") == 0
+    assert len(logs) == 2
+
+
+def test_records_of_another_device_are_refused(tmp_path):
+    """The GPU's runs go to a folder of their own: a sweep on CUDA into the CPU's records is refused with the
+    folder to use, before any run, and the file is left as it was."""
+    task = _two_arm_task()
+    path = tmp_path / "regression" / "lora.jsonl"
+    path.parent.mkdir()
+    line = json.dumps({"phase": "tune", "spec": {"method": "lora", "r": 4}, "lr": 1e-2, "seed": 100, "error": 0.5,
+                       "curve": [], "seconds": 1.0}) + "\n"  # a CPU record of before 2026-12-04: no device field
+    path.write_text(line)
+    with pytest.raises(ValueError, match="bench_records_cuda"):
+        power.sweep(task, root=str(tmp_path), log=lambda *_: None, device="cuda")
+    assert path.read_text() == line
+    assert power.records_root("cuda").endswith("bench_records_cuda") and power.records_root("cpu") == power.RECORDS

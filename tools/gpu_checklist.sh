@@ -27,7 +27,8 @@
 #                shape with random weights (the real weights are a 93 MB package: more than a device
 #                call carries), to the end: eval, generation, checkpoint, merged export
 #   demo-z2      the demo config as demo-z3, at ZeRO-2
-#   power-facts  issue 16's task (c) on the GPU, POWER_WORKERS (default 12) runs at a time: every arm's tuning,
+#   power-facts  issue 16's task (c) on the GPU, POWER_WORKERS (default 12) runs at a time: POWER_FIRST's arms (the targets'),
+#                then every arm's tuning,
 #                then its report seeds (docs/bench_records_cuda/, resumable), records tarred into OUTDIR
 #                (here: tar xzf bench_records_cuda.tar.gz -C docs; python tools/benchmark.py power --device cuda --report-only)
 #   distill-probe  the resized task (b)'s question first (issue 16): does full fine-tuning learn a ΔW* on
@@ -105,15 +106,24 @@ model_phase() {  # model_phase NAME CAP COMMAND...: a phase that needs the real 
   if ! has_model; then echo "$1: skipped (no model yet: carry .assets/a, then .assets/b)" | tee -a "$SUMMARY"; return; fi
   phase "$@"
 }
-# every arm's tuning then report runs, resumable: a cut-short phase keeps the runs it finished
-model_phase power-facts 420 python3 tools/benchmark.py power --tasks facts128 --workers "${POWER_WORKERS:-12}" --device cuda
-[[ -d docs/bench_records_cuda ]] && tar czf "$OUTDIR/bench_records_cuda.tar.gz" -C docs bench_records_cuda
 probe() {  # probe METHOD LR SUBSPACE: one task-(b) run on o_proj and down_proj of layers 6 and 18, 1000 steps
   python3 -m ds_scalora.bench.distill --probe "$1" --lr "$2" --subspace "$3" --steps ${PROBE_STEPS:-1000} --schedule cosine \
     --targets model.layers.6.self_attn.o_proj model.layers.18.self_attn.o_proj model.layers.6.mlp.down_proj model.layers.18.mlp.down_proj
 }
-export -f probe
-model_phase distill-probe 240 bash -c "probe full 3e-4 32 & probe full 1e-3 32 & probe full 1e-3 128 & probe lora 3e-3 32 & wait"
+probes() { probe full 3e-4 32 & probe full 1e-3 32 & probe full 1e-3 128 & probe lora 3e-3 32 & wait; }
+# task (c): the targets' arms first (POWER_FIRST: tuning, then report seeds), then every other arm; resumable, a
+# cut-short phase keeps the runs it finished. With PROBES_BESIDE=1 the distill probes run at the same time (the
+# GPU holds them all; their output in logs/distill-probe-beside.log), so one call serves both
+power_facts() {
+  [[ -n ${PROBES_BESIDE:-} ]] && { probes > "$LOGS/distill-probe-beside.log" 2>&1 & }
+  python3 tools/benchmark.py power --tasks facts128 --workers "${POWER_WORKERS:-12}" --device cuda --arms ${POWER_FIRST:-lora full scalora-I scalora}
+  python3 tools/benchmark.py power --tasks facts128 --workers "${POWER_WORKERS:-12}" --device cuda
+  wait
+}
+export -f probe probes power_facts; export LOGS
+model_phase power-facts ${POWER_CAP:-420} bash -c power_facts
+[[ -d docs/bench_records_cuda ]] && tar czf "$OUTDIR/bench_records_cuda.tar.gz" -C docs bench_records_cuda
+model_phase distill-probe 240 bash -c probes
 model_phase demo-real 150 deepspeed --num_gpus 1 launch/train.py --config ds_configs/demo.yaml --set train.output_dir=/tmp/demo_real
 cp /tmp/bench_gpu/*.json /tmp/bench_gpu/*.log "$LOGS/" 2>/dev/null
 (cd "$OUTDIR" && tar czf logs.tar.gz logs && rm -r logs)

@@ -1,6 +1,7 @@
 """The powered benchmark's harness on task (a), shrunk: records, resume, tuning choice, statistics, report."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -196,7 +197,7 @@ def test_parallel_workers_record_what_one_process_records(tmp_path, monkeypatch)
     import torch
 
     task, threads = _two_arm_task(), torch.get_num_threads()
-    monkeypatch.setattr(power.os, "cpu_count", lambda: 2)  # each of 2 workers gets one thread on any machine
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # each of 2 workers gets one thread on any machine
     torch.set_num_threads(1)  # and so does the sequential sweep
     try:
         power.sweep(task, root=str(tmp_path / "one"), phases=("tune",), log=lambda *_: None)

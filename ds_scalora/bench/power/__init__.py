@@ -13,6 +13,10 @@ by its phase, settings and seed: an interrupted sweep resumes where it stopped, 
 (``docs/benchmarks_power.md``) regenerates from the records alone. Runs on another device than the 2-core
 CPU (a GPU: ``docs/bench_records_cuda/``, ``docs/benchmarks_power_cuda.md``) keep records and a report of their
 own, since one comparison must not mix devices; ``--workers`` runs several at a time there.
+
+The package, one room each: ``tasks`` (what runs: tasks, arms, grids), ``records`` (what ran: the JSON lines,
+the tuned setting, what is missing), ``runner`` (running what is missing), ``report`` (the markdown and the
+targets), ``cli`` (``tools/benchmark.py power``).
 """
 
 

@@ -112,15 +112,12 @@ probe() {  # probe METHOD LR SUBSPACE: one task-(b) run on o_proj and down_proj 
 }
 probes() { probe full 3e-4 32 & probe full 1e-3 32 & probe full 1e-3 128 & probe lora 3e-3 32 & wait; }
 # task (c): the targets' arms first (POWER_FIRST: tuning, then report seeds), then every other arm; resumable, a
-# cut-short phase keeps the runs it finished. With PROBES_BESIDE=1 the distill probes run at the same time (the
-# GPU holds them all; their output in logs/distill-probe-beside.log), so one call serves both
+# cut-short phase keeps the runs it finished. (The distill probes ran beside it once, 2026-12-04: both starved.)
 power_facts() {
-  [[ -n ${PROBES_BESIDE:-} ]] && { probes > "$LOGS/distill-probe-beside.log" 2>&1 & }
   python3 tools/benchmark.py power --tasks facts128 --workers "${POWER_WORKERS:-12}" --device cuda --arms ${POWER_FIRST:-lora full scalora-I scalora}
   python3 tools/benchmark.py power --tasks facts128 --workers "${POWER_WORKERS:-12}" --device cuda
-  wait
 }
-export -f probe probes power_facts; export LOGS
+export -f probe probes power_facts
 model_phase power-facts ${POWER_CAP:-420} bash -c power_facts
 [[ -d docs/bench_records_cuda ]] && tar czf "$OUTDIR/bench_records_cuda.tar.gz" -C docs bench_records_cuda
 model_phase distill-probe 240 bash -c probes

@@ -228,3 +228,18 @@ def test_records_of_another_device_are_refused(tmp_path):
         power.sweep(task, root=str(tmp_path), log=lambda *_: None, device="cuda")
     assert path.read_text() == line
     assert power.records_root("cuda").endswith("bench_records_cuda") and power.records_root("cpu") == power.RECORDS
+
+
+def test_report_of_one_task_keeps_every_task_with_records(tmp_path):
+    """A sweep of one task rewrites the device's shared report: the other tasks with records stay in it (a
+    facts128-only sweep once cut the CPU report down to facts128), and a task without records is left out."""
+    from ds_scalora.bench.power.cli import main
+
+    for task in ("regression", "facts128"):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "lora.jsonl").write_text("")
+    out = tmp_path / "report.md"
+    main(["--tasks", "regression", "--report-only", "--device", "cpu", "--records", str(tmp_path), "--out", str(out)])
+    text = out.read_text()
+    assert "## regression" in text and "## facts128" in text and "## distill" not in text
+    assert "--tasks regression facts128" in text  # the header's command regenerates this same report

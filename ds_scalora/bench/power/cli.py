@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .records import records_root
@@ -28,7 +29,8 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(prog="tools/benchmark.py power", description=main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
+                   help="the tasks to run (default: all); the report covers these and every task with records")
     p.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
     p.add_argument("--phase", choices=["tune", "report", "both"], default="both")
     p.add_argument("--report-only", action="store_true", help="no runs: regenerate the report from the records")
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = args.records or records_root(device)
     out = args.out or report_path(device)
-    tasks = [TASKS[name]() for name in args.tasks]
+    tasks = [TASKS[name]() for name in (args.tasks or TASKS)]
     if all(t.name == "regression" for t in tasks) and args.workers <= 1:
         torch.set_num_threads(1)  # its runs are tiny: one thread is faster and leaves the other core free
     failed = 0
@@ -57,9 +59,12 @@ def main(argv=None) -> None:
                 failed += sweep(task, args.arms, phases, records, workers=args.workers, device=device)
             except ValueError as exc:  # records of another device: nothing ran, nothing was written
                 sys.exit(f"tools/benchmark.py power: {exc}")
+    # the report covers every task with records on this device, not only the ones just run: a sweep of one
+    # task must not drop the others from the shared report
+    shown = [name for name in TASKS if name in (args.tasks or ()) or os.path.isdir(os.path.join(records, name))]
     command = ("python tools/benchmark.py power" + ("" if device == "cpu" else f" --device {device}")
-               + ("" if args.tasks == list(TASKS) else " --tasks " + " ".join(args.tasks)))
-    write_report(tasks, out, records, command=command)
+               + ("" if shown == list(TASKS) else " --tasks " + " ".join(shown)))
+    write_report([TASKS[name]() for name in shown], out, records, command=command)
     print(f"wrote {out}")
     if failed:
         sys.exit(f"{failed} runs failed (above): they are still missing; the same command retries them")

@@ -24,7 +24,7 @@
 #   cost-1b      the same at the 1.1B shape (cost-report: both in one report)
 #   refresh-1b, refresh-12b   tools/benchmark.py refresh --device cuda: the refresh's roofline on the GPU
 #   demo-z3      the demo config through the deepspeed launcher in bf16 at ZeRO-3, at SmolLM2-135M's
-#                shape with random weights (the real weights are a 93 MB package: more than a device
+#                shape with random weights (the real weights are a 98 MB (94 MiB) file: more than a device
 #                call carries), to the end: eval, generation, checkpoint, merged export
 #   demo-z2      the demo config as demo-z3, at ZeRO-2
 #   power-facts  issue 16's task (c) on the GPU, POWER_WORKERS (default 12) runs at a time: POWER_FIRST's arms (the targets'),

@@ -93,6 +93,9 @@ class ZeroAccess:
         elif isinstance(self.opt, torch.optim.Optimizer):
             self.kind = "plain"
             self.group = engine.data_parallel_group if dist.is_initialized() else None
+            # one for the engine's life: it maps parameters to their groups once (a fresh one per piece
+            # rebuilt that map for every piece, quadratic in the number of adapted layers)
+            self._local = LocalAccess(self.opt)
         else:
             raise UnsupportedConfig(
                 f"ScaLoRA does not support DeepSpeed's {type(self.opt).__name__} (ZeRO stage 0 with bf16 or "
@@ -109,7 +112,7 @@ class ZeroAccess:
         """This rank's piece of ``p``, or None when the rank holds none of it. ``grad=False`` leaves the
         gradient out (``Piece.grad`` None): the only way to read masters outside the step window."""
         if self.kind == "plain":
-            return LocalAccess(self.opt).piece(p, grad)
+            return self._local.piece(p, grad)
         if self.kind == "fragments":
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:

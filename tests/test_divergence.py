@@ -46,3 +46,5 @@ def test_a_diverging_run_stops_and_keeps_its_good_checkpoint(tmp_path, lr, reaso
 def test_a_healthy_run_is_not_stopped(tmp_path):
     summary = train_once(_run(tmp_path, "train.max_steps=4"))
     assert summary["diverged"] is None and summary["steps"] == 4
+    # the final evaluation states its own seconds (transformers' name), part of what the run took
+    assert 0 < summary["eval"]["eval_runtime"] < 600

@@ -326,9 +326,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int, generate: bool = True) -> dict:
-    """Held-out loss and perplexity (token-weighted), and exact match of greedy answers if asked."""
+    """Held-out loss and perplexity (token-weighted), exact match of greedy answers if asked, and the
+    evaluation's seconds (``eval_runtime``, as transformers' Trainer names it: what a run's evaluations
+    cost beside its training steps)."""
     if held_out is None:
         return {}
+    started = time.perf_counter()
     engine.eval()
     micro = cfg.train.per_device_eval_batch_size or cfg.train.per_device_train_batch_size
     rows = list(range(len(held_out)))[: cfg.eval.max_batches * micro]  # the same rows at every world size
@@ -362,6 +365,7 @@ def evaluate(engine, tokenizer, held_out, cfg: RunConfig, rank: int, world: int,
         result["eval_ppl"] = math.exp(min(result["eval_loss"], 50))
     if sums[3] > 0:
         result["eval_exact_match"] = float(sums[2] / sums[3])
+    result["eval_runtime"] = time.perf_counter() - started
     return result
 
 

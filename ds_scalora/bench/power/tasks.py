@@ -153,6 +153,10 @@ class FactsTask(Task):
                 "exact_match": summary["eval"].get("eval_exact_match"),
                 "em_curve": [h.get("eval_exact_match") for h in evals],
                 "energy_outside_top_r": summary.get("scalora_energy_outside_top_r"),
+                # where a run's time goes (since 2026-12-04): its evaluations' seconds, the last one's apart (it
+                # alone generates the greedy answers); the rest of ``seconds`` is setup, training and export
+                "eval_s": round(sum(h.get("eval_runtime", 0.0) for h in evals), 2),
+                "final_eval_s": round(evals[-1].get("eval_runtime", 0.0), 2) if evals else None,
                 # the warm-up since 0.2 is transformers' (step/5; 0.1's was (step+1)/5): records without this
                 # field came from 0.1's schedule, and one comparison must not mix the two (FactsTask)
                 **self.current}

@@ -108,6 +108,12 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
             row += ["—", "—", "—", "—"]  # LoRA itself: no comparison
         figures[arm.name] = fig
         lines.append("| " + " | ".join(row) + " |")
+    detectable = [f"{name} {_fmt(fig['diff']['detectable'])}" for name, fig in figures.items()
+                  if "diff" in fig and math.isfinite(fig["diff"].get("detectable", math.nan))]
+    if detectable:  # what an interval covering zero is worth
+        lines += ["", f"Smallest true difference the paired t-test would detect with 80% power (two-sided 5%, n = "
+                  f"{len(task.report_seeds)}, each arm's observed spread of LoRA − arm; stats.detectable_difference): "
+                  + ", ".join(detectable) + "."]
     lines += ["", "† the tuned setting is on the edge of its grid (named). Every arm's tuning grid (mean over the tuning "
               "seeds; — where a tuning run is still missing):", ""]
     for arm in task.arms:

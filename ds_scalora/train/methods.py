@@ -14,12 +14,17 @@ import torch
 
 
 class Method:
-    """Full fine-tuning: every parameter trains, nothing is attached, nothing extra is logged."""
+    """Full fine-tuning: every parameter trains (with ``method.target_modules`` a list: only the weights
+    of the modules it names, matched as PEFT matches its adapters, so a full-rank update of exactly what
+    a LoRA run would adapt); nothing is attached, nothing extra is logged."""
 
     name = "full"
     log_prefix = None  # the history keys the method logs itself (``tensorboard``), not the loop
 
     def wrap(self, model, cfg):
+        targets = cfg.method.target_modules
+        if targets != "all-linear":
+            train_only(model, targets)
         return model
 
     def config(self, cfg):
@@ -231,3 +236,22 @@ METHODS = {m.name: m for m in (Method(), LoRA(), RsLoRA(), ScaLoRA(), ReLoRA(), 
 
 def method_of(cfg) -> Method:
     return METHODS[cfg.method.name]
+
+
+def train_only(model, targets: list) -> None:
+    """Freeze every parameter but those of the modules ``targets`` names (PEFT's own matching rule:
+    a full name or a ``.``-suffix of one); a ValueError naming the list when it matches nothing."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    rule = LoraConfig(target_modules=list(targets))
+    chosen = [name for name, module in model.named_modules() if name and check_target_module_exists(rule, name)
+              and any(True for _ in module.parameters(recurse=False))]
+    if not chosen:
+        raise ValueError(f"method.target_modules {list(targets)} matches no module of the model (names such as "
+                         f"{[n for n, _ in model.named_modules()][1:4]}): fix the names, or use 'all-linear' to "
+                         "fine-tune every parameter")
+    keep = {id(p) for name in chosen for p in model.get_submodule(name).parameters(recurse=False)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+

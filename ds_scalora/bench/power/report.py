@@ -147,12 +147,12 @@ def targets(task: Task, figures: dict) -> list[str]:
                        f"improvement: gap closed {g['share']:.2f} [{g['low']:.2f}, {g['high']:.2f}], paired improvement "
                        f"{d['mean']:.3g} [{d['low']:.3g}, {d['high']:.3g}] → **{'met' if ok else 'missed'}**"
                        + ("" if ok else f" (by {max(0.5 - g['share'], 0):.2f} of the gap)"))
-    if task.name == "facts128":
+    if task.name.startswith("facts128"):  # (c) and its one-layer variant (c')
         ok = d["low"] > 0
         out.append(f"ScaLoRA-I (default) paired NLL improvement over LoRA with the interval excluding zero: "
                    f"{d['mean']:.3g} [{d['low']:.3g}, {d['high']:.3g}] → **{'met' if ok else 'missed'}**"
                    + ("" if ok else f" (the interval's low end is {d['low']:.3g})"))
-    if task.name in ("distill", "facts128"):
+    if task.name == "distill" or task.name.startswith("facts128"):
         ratio = arm.get("steps_ratio")
         ok = ratio is not None and ratio <= 0.7
         out.append(f"ScaLoRA-I reaches LoRA's final {task.metric} in ≤ 0.7× LoRA's steps: median ratio "

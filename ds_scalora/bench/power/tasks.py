@@ -125,6 +125,7 @@ class FactsTask(Task):
     """
 
     steps, eval_every, n_facts = 100, 10, 128
+    targets = None  # method.target_modules of every arm (full fine-tuning included); None: every linear layer
 
     def run(self, spec: dict, lr: float, seed: int) -> dict:
         import tempfile
@@ -137,6 +138,8 @@ class FactsTask(Task):
             "eval.exact_match_every_eval": False, "method.scalora.rank_sketch": 16}, "eval_loss", self.what)
         method = {"lora": "lora", "full": "full", "relora": "relora"}.get(spec["method"], "scalora-I")
         extra = {f"method.scalora.{k}": v for k, v in spec.items() if k not in ("method", "r")}
+        if self.targets:
+            extra["method.target_modules"] = list(self.targets)
         with tempfile.TemporaryDirectory() as work:
             # the seed fixes the facts too: train on all of them, evaluate on all of them (memorisation)
             rows = grid.facts_rows(self.n_facts, seed=seed)
@@ -197,7 +200,50 @@ def facts_task() -> Task:
                      current={"schedule": "transformers"})  # 0.1's schedule's records stay in the files, unused
 
 
-TASKS = {"regression": regression_task, "distill": distill_task, "facts128": facts_task}
+ONE_LAYER = 24
+
+
+class OneLayerFactsTask(FactsTask):
+    """Task (c'): the facts of (c) stored through one projection, ``mlp.down_proj`` of layer ONE_LAYER
+    (576 x 1536), by every arm: LoRA, ScaLoRA and full fine-tuning of that weight alone.
+
+    Why (2026-12-04): on (c), with adapters on every linear layer, rank does not limit LoRA (rank 16 did no
+    better than rank 4 over 8 paired seeds), so (c) cannot show what merging adds. Through one projection it
+    should: a rank-r update of ``down_proj`` writes into an r-dimensional subspace of the residual stream,
+    while storing many independent key → answer associations in one MLP takes an update of high rank (the
+    view of ROME / MEMIT, where each fact is a rank-one edit of one MLP's output weight). A late layer also
+    makes a run cheaper: the backward pass stops at it. Whether full fine-tuning of the one weight actually
+    beats rank-r LoRA here is the first thing its tuning runs show.
+    """
+
+    targets = [f"model.layers.{ONE_LAYER}.mlp.down_proj"]
+
+
+# first grids (2026-12-04), ×4 apart: one 576 x 1536 weight carries the whole update, so the rates are expected
+# above (c)'s (LoRA 4e-3 on every linear layer, full 2e-4 on every parameter)
+ONE_LAYER_LR = [2e-3, 8e-3, 3.2e-2]
+ONE_LAYER_FULL_LR = [2.5e-4, 1e-3, 4e-3]
+
+
+def one_layer_facts_task() -> Task:
+    sc = {"method": "scalora", "r": 4}
+    arms = [
+        Arm("lora", {"method": "lora", "r": 4}, lrs=ONE_LAYER_LR, what="LoRA, rank 4"),
+        Arm("lora-4r", {"method": "lora", "r": 16}, lrs=ONE_LAYER_LR, what="LoRA, rank 16"),
+        Arm("full", {"method": "full"}, lrs=ONE_LAYER_FULL_LR, what="full fine-tuning of the one weight"),
+        Arm("scalora-I", {**sc, "interval": 10}, lrs=ONE_LAYER_LR, what=f"ScaLoRA-I, default shrink {default_shrink(10):g}"),
+        Arm("scalora", {**sc, "interval": 1}, lrs=ONE_LAYER_LR, what=f"ScaLoRA (I=1), default shrink {default_shrink(1):g}"),
+    ]
+    return OneLayerFactsTask(
+        "facts128-one-layer", f"(c') the facts of (c), 128 random 6-letter → 6-digit codes, stored through one weight: "
+        f"layer {ONE_LAYER}'s mlp.down_proj (576 x 1536), adapters rank 4 (or that weight fully fine-tuned), 100 steps "
+        "of 16; teacher-forced answer NLL every 10 steps (the metric), greedy exact match beside it (why: "
+        "OneLayerFactsTask's docstring)", arms, tune_seeds=[100, 101], report_seeds=list(range(8)), metric="nll",
+        curve_every=10, curve_start=0, current={"schedule": "transformers"})
+
+
+TASKS = {"regression": regression_task, "distill": distill_task, "facts128": facts_task,
+         "facts128-one-layer": one_layer_facts_task}
 
 
 def grid_points(arm: Arm):

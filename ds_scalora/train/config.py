@@ -107,7 +107,8 @@ class MethodConfig:
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: list | str = "all-linear"  # module names, or PEFT's "all-linear" (every linear layer but the output)
+    target_modules: list | str = "all-linear"  # module names, or PEFT's "all-linear" (every linear layer but the output; for
+    # method "full": a list trains only those modules' weights, "all-linear" every parameter)
     use_rslora: bool = False  # alpha/sqrt(r) scaling (implied by name: rslora)
     scalora: ScaLoRAOptions = field(default_factory=ScaLoRAOptions)
     elalora: ElaLoRAOptions = field(default_factory=ElaLoRAOptions)

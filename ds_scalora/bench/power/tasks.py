@@ -220,9 +220,13 @@ class OneLayerFactsTask(FactsTask):
 
 
 # first grids (2026-12-04), ×4 apart: one 576 x 1536 weight carries the whole update, so the rates are expected
-# above (c)'s (LoRA 4e-3 on every linear layer, full 2e-4 on every parameter)
-ONE_LAYER_LR = [2e-3, 8e-3, 3.2e-2]
-ONE_LAYER_FULL_LR = [2.5e-4, 1e-3, 4e-3]
+# above (c)'s (LoRA 4e-3 on every linear layer, full 2e-4 on every parameter). Both optima fell on the top edge
+# (tuning-seed means: LoRA 2.113 / 1.955 / 1.943 at 2e-3 / 8e-3 / 3.2e-2, full 2.776 / 2.042 / 1.791 at 2.5e-4 / 1e-3 /
+# 4e-3), so each grid grew by one point above (1.28e-1) and full's by two (1.6e-2, 6.4e-2), the same day; full was
+# still best at the top (1.217 / 1.087 at 1.6e-2 / 6.4e-2), so its grid grew once more (2.56e-1), and so did the
+# adapters' (5.12e-1), which were best at 1.28e-1 (LoRA 1.894, rank 16 1.873, ScaLoRA-I 1.745)
+ONE_LAYER_LR = [2e-3, 8e-3, 3.2e-2, 1.28e-1, 5.12e-1]
+ONE_LAYER_FULL_LR = [2.5e-4, 1e-3, 4e-3, 1.6e-2, 6.4e-2, 2.56e-1]
 
 
 def one_layer_facts_task() -> Task:

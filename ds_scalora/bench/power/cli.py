@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     python tools/benchmark.py power --device cuda --report-only    # the GPU's report, regenerated on any machine
 
     Task (a), the single-layer regression: 570 runs, 4.1 min of run time in all on 2 cores (0.1-1.7 s a run);
-    task (c), facts128, about 5 min a run on 2 idle cores (9 arms: ~70 tuning runs and 72 report runs).
+    task (c), facts128, about 5 min a run on 2 idle cores (9 arms: ~70 tuning runs and 72 report runs);
+    task (c'), facts128-one-layer, ~150 s a run two at a time (--workers 2: ~1.3x the throughput on 2 cores).
     """
     import argparse
 

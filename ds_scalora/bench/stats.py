@@ -42,8 +42,10 @@ def detectable_difference(sd: float, n: int, level: float = 0.95, power: float =
     method is expected to make lie well above this."""
     from scipy import optimize, stats
 
-    if n < 2 or not sd > 0:
-        return math.nan if n < 2 else 0.0
+    if n < 2:
+        return math.nan
+    if sd == 0:  # identical differences: any non-zero mean is detected
+        return 0.0
     df, crit = n - 1, float(stats.t.ppf(0.5 + level / 2, n - 1))
 
     def shortfall(effect):  # effect in units of sd/√n: the noncentrality

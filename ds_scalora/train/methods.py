@@ -248,10 +248,9 @@ def train_only(model, targets: list) -> None:
     chosen = [name for name, module in model.named_modules() if name and check_target_module_exists(rule, name)
               and any(True for _ in module.parameters(recurse=False))]
     if not chosen:
+        examples = list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in model.named_parameters()))[:3]  # modules with weights
         raise ValueError(f"method.target_modules {list(targets)} matches no module of the model (names such as "
-                         f"{[n for n, _ in model.named_modules()][1:4]}): fix the names, or use 'all-linear' to "
-                         "fine-tune every parameter")
+                         f"{examples}): fix the names, or use 'all-linear' to fine-tune every parameter")
     keep = {id(p) for name in chosen for p in model.get_submodule(name).parameters(recurse=False)}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-

@@ -123,6 +123,53 @@ def test_distillation_task_knows_its_answer(tmp_path, monkeypatch):
     assert result["kl"] > 0
 
 
+def test_distillation_from_a_late_layer_is_the_whole_model(tmp_path, monkeypatch):
+    """``start_layer``: a student whose lower layers pass through (PassThrough), fed the inputs of its first
+    computed layer that the teacher's pass cached, has the full model's logits and the same gradient for an
+    upper weight (float64, a tiny Llama: the same operations in another order of layers skipped, so agreement
+    to 1e-12 relative; the teacher's own update sits at or above that layer, as the task requires)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_scalora.bench import distill
+
+    monkeypatch.setenv("DS_SCALORA_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    teacher = LlamaForCausalLM(config).double().eval()
+    student = LlamaForCausalLM(config).double()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        teacher.model.layers[2].mlp.down_proj.weight.add_(0.1)  # the known update, above start_layer
+    batches = [torch.randint(0, 64, (2, 7)) for _ in range(2)]
+    states = distill.teacher_states(teacher, batches, start_layer=2)
+    assert len(states) == 4
+    for b, h in zip(batches, states[:2]):
+        assert torch.equal(teacher.lm_head(h), teacher(input_ids=b).logits.detach())
+    target = "model.layers.2.mlp.down_proj"
+    assert distill.layer_index(target) == 2 and distill.layer_index("lm_head") is None
+    grads = []
+    for start in (None, 2):
+        model = LlamaForCausalLM(config).double()
+        model.load_state_dict(student.state_dict())
+        if start is not None:
+            for i in range(start):
+                model.model.layers[i] = distill.PassThrough()
+        logits = []
+        model.zero_grad()
+        for b, h in zip(batches, states[2:]):
+            out = model(input_ids=b) if start is None else model(inputs_embeds=h)
+            out.logits.pow(2).mean().backward()
+            logits.append(out.logits.detach())
+        grads.append((torch.cat(logits), model.model.layers[2].mlp.down_proj.weight.grad.clone()))
+    (full_logits, full_grad), (late_logits, late_grad) = grads
+    assert torch.allclose(late_logits, full_logits, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(late_grad, full_grad, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="start_layer=25.*not in a decoder layer at or above it"):
+        distill.run({"method": "lora"}, 1e-3, seed=0, steps=0, targets=["model.layers.24.mlp.down_proj"], start_layer=25)
+
+
 def test_distillation_teacher_cache_hits_misses_and_recovers(tmp_path, monkeypatch):
     """The cached teacher states give the teacher's own logits through ``lm_head``; the same teacher on
     the same batches is read back without computing, any changed weight or token misses, and a corrupt

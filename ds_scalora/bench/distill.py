@@ -230,14 +230,47 @@ def prune_cache(folder: str, limit: int, keep: str) -> list[str]:
     return deleted
 
 
-def teacher_states(teacher, batches: list[torch.Tensor], *key) -> list[torch.Tensor]:
+def teacher_states(teacher, batches: list[torch.Tensor], *key, start_layer: int | None = None) -> list[torch.Tensor]:
     """The teacher's last hidden states on each batch (its logits are ``teacher.lm_head`` of them), from
-    the cache when this teacher already ran on these batches (and ``key``: the device type, off the CPU)."""
-    def compute():
-        with torch.no_grad():
-            return [teacher.model(input_ids=b, use_cache=False).last_hidden_state for b in batches]
+    the cache when this teacher already ran on these batches (and ``key``: the device type, off the CPU).
 
-    return cached("teacher", fingerprint(*teacher.state_dict().values(), *batches, *key), compute)
+    With ``start_layer``: followed by the inputs of decoder layer ``start_layer`` on each batch (2 x as many
+    tensors). Below that layer the teacher is the student's frozen base, so these are the student's inputs
+    there too, and a student whose lower layers pass through (:class:`PassThrough`) starts from them."""
+    def compute():
+        inputs = []
+        handle = None
+        if start_layer is not None:
+            def keep(module, args, kwargs):
+                inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+            handle = teacher.model.layers[start_layer].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                return [teacher.model(input_ids=b, use_cache=False).last_hidden_state for b in batches] + inputs
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    layer = () if start_layer is None else (("start_layer", start_layer),)  # the old keys stay valid
+    return cached("teacher", fingerprint(*teacher.state_dict().values(), *batches, *key, *layer), compute)
+
+
+class PassThrough(torch.nn.Module):
+    """A decoder layer below the first one trained: its output on the task's fixed batches is cached (the
+    inputs of the first trained layer, :func:`teacher_states`), so in the student it passes its input on."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer of a module name (``model.layers.24.mlp.down_proj`` → 24), None outside the layers."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
 
 
 def _modules(model, names):
@@ -246,14 +279,20 @@ def _modules(model, names):
 
 
 def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TARGETS, subspace: int = SUBSPACE,
-        schedule: str = "constant", device: str | None = None) -> dict:
+        schedule: str = "constant", device: str | None = None, start_layer: int | None = None) -> dict:
     """Train one arm; the held-out KL every EVAL_EVERY steps, the final KL and the weight error. The task is
     the module's constants; ``targets``, ``subspace`` and ``schedule`` ("constant", or "cosine": transformers'
     cosine decay after a 5% warm-up) vary it for the learnability probe (:func:`main`).
 
     ``device`` (default: CUDA where one is visible) runs everything there: Σ, ΔW* and the teacher's states
     too, cached under keys that name the device, so a GPU's runs share one teacher among themselves and
-    never mix with the CPU's. The adapters are initialised on the CPU as on the 2-core machine, then moved."""
+    never mix with the CPU's. The adapters are initialised on the CPU as on the 2-core machine, then moved.
+
+    ``start_layer`` (every target at or above it): the student's decoder layers below it pass their input
+    through (:class:`PassThrough`) and each batch enters at that layer, from the inputs the teacher's pass
+    cached (below it the two models are the same frozen weights), so a step computes only the layers from
+    there on: the same losses and gradients (``tests/test_bench_power.py`` checks the KL) at a fraction
+    of the cost when the targets are late."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -263,6 +302,11 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
     from ..train.packaged_models import materialize
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if start_layer is not None:
+        below = [t for t in targets if layer_index(t) is None or layer_index(t) < start_layer]
+        if below:
+            raise ValueError(f"start_layer={start_layer}: targets {below} are not in a decoder layer at or above it; "
+                             "the layers below start_layer pass their input through, so nothing there can train")
     folder = materialize(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = windows(tokenizer).to(device)
@@ -283,6 +327,8 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
 
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for i in range(start_layer or 0):
+        student.model.layers[i] = PassThrough()
     method, r = arm["method"], int(arm.get("r", 4))
     if method == "full":
         for name, p in student.named_parameters():
@@ -312,13 +358,18 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
     batches = [train[order[(t * BATCH + torch.arange(BATCH)) % train.shape[0]].to(device)] for t in range(steps)]
     evals = [held_out[i : i + BATCH] for i in range(0, HELD_OUT, BATCH)]
-    states = [h.to(device) for h in teacher_states(teacher, batches + evals, *on)]
-    train_states, eval_states = states[:steps], states[steps:]
+    states = [h.to(device) for h in teacher_states(teacher, batches + evals, *on, start_layer=start_layer)]
+    n = steps + len(evals)
+    # what the student is fed: the token ids, or the inputs of its first computed layer
+    fed = [{"input_ids": b} for b in batches + evals] if start_layer is None else \
+        [{"inputs_embeds": h} for h in states[n:]]
+    train_states, eval_states = states[:steps], states[steps:n]
+    batches, evals = fed[:steps], fed[steps:]
 
     def kl(batch, state):
         with torch.no_grad():
             target = torch.log_softmax(teacher.lm_head(state).float(), -1)
-        logp = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+        logp = torch.log_softmax(model(**batch).logits.float(), -1)
         return (target.exp() * (target - logp)).sum(-1).mean()
 
     def held_out_kl():
@@ -415,10 +466,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--subspace", type=int, default=SUBSPACE)
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    parser.add_argument("--start-layer", type=int, default=None,
+                        help="compute only the decoder layers from this one on (every target at or above it)")
     args = parser.parse_args(argv)
     if args.probe:
         arm = {"method": args.probe, "r": 4, **({"interval": 10} if args.probe == "scalora" else {})}
-        result = run(arm, args.lr, args.seed, args.steps, args.targets, args.subspace, args.schedule)
+        result = run(arm, args.lr, args.seed, args.steps, args.targets, args.subspace, args.schedule,
+                     start_layer=args.start_layer)
         shown = {k: result[k] for k in ("kl", "curve", "weight_error", "weight_error_per_target")}
         print(json.dumps({**vars(args), **shown, "rank_4_floor": lora_floor(4, args.subspace)}))
         return

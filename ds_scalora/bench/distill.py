@@ -54,6 +54,26 @@ no method learned ΔW*, so full fine-tuning's lower KL is not a rank effect. Two
 A version of (b) that can separate the methods needs targets whose output the KL sees (``o_proj``,
 ``down_proj``), a subspace the run can learn, and many more tokens than 100 steps of 8 x 64; check with
 ``--probe full`` that full fine-tuning ends well below the rank-r floor before sweeping any arm.
+
+**One late weight (2026-12-05), not yet a task.** Following (c') (the facts stored through layer 24's
+``down_proj``, where ScaLoRA-I beat LoRA), the probe ran full fine-tuning of that weight alone with
+``--start-layer 24`` (the student computes layers 24-29 only, from the inputs the teacher's cached pass
+recorded: :class:`PassThrough`), 100 cosine steps, seed 100, one run each:
+
+    subspace  relative energy  lr     weight error (rank-4 floor)   held-out KL, step 10 → 100
+    32        0.01             1e-3   0.593 (0.487)                 8.4e-4 → 5.4e-4
+    32        0.01             4e-3   2.149 (0.487)                 4.3e-3 → 9.6e-3 (diverges)
+    16        0.01             2e-3   0.704 (0.384)                 7.6e-4 → 3.7e-3 (diverges)
+    32        0.10             1e-3   0.713 (0.487)                 7.9e-3 → 4.0e-3
+
+Full fine-tuning of the one weight does not get below the rank-4 floor at this budget (51,200 tokens):
+above ~1e-3 Adam's steps are larger than what the KL can resolve and the KL rises, and at 1e-3 the
+weight moves in directions ΔW* does not have (a 10x stronger teacher lowers the KL by half but the weight
+error is worse). Each probe took ~6-10 min on the 2-core machine beside a two-worker sweep. What
+would come next: far more tokens (the late start should make a step cheaper, the lower 24 layers being a
+cached input, but it has not been timed on an idle machine yet: a cached-teacher probe took 358 s beside the
+sweep, a whole-model run of the old task ~470 s), or the KL of a larger batch; the check stays the same:
+full fine-tuning well below the floor first.
 """
 
 from __future__ import annotations
@@ -102,10 +122,10 @@ def windows(tokenizer) -> torch.Tensor:
 
 
 def true_update(W: torch.Tensor, sigma_in: torch.Tensor, seed: int, index: int,
-                subspace: int = SUBSPACE) -> torch.Tensor:
+                subspace: int = SUBSPACE, relative_energy: float = RELATIVE_ENERGY) -> torch.Tensor:
     """ΔW* of target ``index`` (weight ``W``, input second moment ``sigma_in``): singular values
     σ_i ∝ i^-½ in the data metric (of ΔW* Σ^½), on the top ``subspace`` input directions, with
-    E‖ΔW* x‖² = RELATIVE_ENERGY · E‖W x‖² (the module docstring). float64."""
+    E‖ΔW* x‖² = ``relative_energy`` · E‖W x‖² (the module docstring). float64."""
     g = torch.Generator().manual_seed(50_000 + 97 * seed + index)
     m = subspace
     lam, E = torch.linalg.eigh(sigma_in.double())
@@ -114,7 +134,7 @@ def true_update(W: torch.Tensor, sigma_in: torch.Tensor, seed: int, index: int,
     R, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64).to(W.device))
     sigma = torch.arange(1, m + 1, dtype=torch.float64, device=W.device) ** -0.5
     D = U @ torch.diag(sigma) @ R.T @ torch.diag(lam.rsqrt()) @ E.T
-    return D * math.sqrt(RELATIVE_ENERGY * data_energy(W, sigma_in) / data_energy(D, sigma_in))
+    return D * math.sqrt(relative_energy * data_energy(W, sigma_in) / data_energy(D, sigma_in))
 
 
 def data_energy(M: torch.Tensor, sigma_in: torch.Tensor) -> float:
@@ -279,7 +299,8 @@ def _modules(model, names):
 
 
 def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TARGETS, subspace: int = SUBSPACE,
-        schedule: str = "constant", device: str | None = None, start_layer: int | None = None) -> dict:
+        schedule: str = "constant", device: str | None = None, start_layer: int | None = None,
+        relative_energy: float = RELATIVE_ENERGY) -> dict:
     """Train one arm; the held-out KL every EVAL_EVERY steps, the final KL and the weight error. The task is
     the module's constants; ``targets``, ``subspace`` and ``schedule`` ("constant", or "cosine": transformers'
     cosine decay after a 5% warm-up) vary it for the learnability probe (:func:`main`).
@@ -322,7 +343,7 @@ def run(arm: dict, lr: float, seed: int, steps: int = STEPS, targets: list = TAR
                                                                                     train[:SIGMA_WINDOWS]))]
     deltas = []
     for i, module in enumerate(_modules(teacher, targets)):
-        deltas.append(true_update(module.weight.data, sigmas[i], seed, i, subspace))
+        deltas.append(true_update(module.weight.data, sigmas[i], seed, i, subspace, relative_energy))
         module.weight.data += deltas[-1].float()
 
     torch.manual_seed(seed)
@@ -466,13 +487,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--subspace", type=int, default=SUBSPACE)
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    parser.add_argument("--relative-energy", type=float, default=RELATIVE_ENERGY, help="E‖ΔW* x‖² / E‖W x‖²")
     parser.add_argument("--start-layer", type=int, default=None,
                         help="compute only the decoder layers from this one on (every target at or above it)")
     args = parser.parse_args(argv)
     if args.probe:
         arm = {"method": args.probe, "r": 4, **({"interval": 10} if args.probe == "scalora" else {})}
         result = run(arm, args.lr, args.seed, args.steps, args.targets, args.subspace, args.schedule,
-                     start_layer=args.start_layer)
+                     start_layer=args.start_layer, relative_energy=args.relative_energy)
         shown = {k: result[k] for k in ("kl", "curve", "weight_error", "weight_error_per_target")}
         print(json.dumps({**vars(args), **shown, "rank_4_floor": lora_floor(4, args.subspace)}))
         return

@@ -15,7 +15,9 @@ def _small_task():
     arms = [power.Arm("lora", {"method": "lora", "r": 4}, lrs=[1e-3, 1e-2]),
             power.Arm("full", {"method": "full"}, lrs=[1e-3]),
             power.Arm("scalora-I", {"method": "scalora", "r": 4, "interval": 10}, lrs=[1e-3, 1e-2],
-                      shrinks=[1.0, 4.0])]
+                      shrinks=[1.0, 4.0]),
+            power.Arm("scalora-I-constant", {"method": "scalora", "r": 4, "interval": 10, "ablation": "constant_shrink"},
+                      lrs=[1e-2])]
     task = power.Task("regression", "shrunk", arms, tune_seeds=[100], report_seeds=[0, 1, 2], floor=regression.lora_floor(4))
     calls = []
 
@@ -30,14 +32,14 @@ def _small_task():
 def test_sweep_records_resume_and_report(tmp_path):
     task, calls = _small_task()
     power.sweep(task, root=str(tmp_path), log=lambda *_: None)
-    # tuning: 2 + 1 + 2x2 points on one seed; report: 3 arms x 3 seeds
-    assert len(calls) == 7 + 9
-    assert [seed for _, _, seed in calls[7:]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # report runs seed by seed: whole pairs
+    # tuning: 2 + 1 + 2x2 + 1 points on one seed; report: 4 arms x 3 seeds
+    assert len(calls) == 8 + 12
+    assert [seed for _, _, seed in calls[8:]] == [0] * 4 + [1] * 4 + [2] * 4  # report runs seed by seed: whole pairs
     lines = (tmp_path / "regression" / "scalora-I.jsonl").read_text().splitlines()
     assert len(lines) == 4 + 3 and all(json.loads(line)["phase"] in ("tune", "report") for line in lines)
     # a second sweep finds every record and runs nothing (an interrupted sweep resumes)
     power.sweep(task, root=str(tmp_path), log=lambda *_: None)
-    assert len(calls) == 16
+    assert len(calls) == 20
     # the tuned setting is the grid point with the lowest mean over the tuning seeds, edges flagged
     spec, lr, table, edges = power.tuned_setting(task, task.arms[2], root=str(tmp_path))
     assert table[(spec["shrink"], lr)] == min(table.values())
@@ -45,8 +47,16 @@ def test_sweep_records_resume_and_report(tmp_path):
     text, figures = power.render(task, root=str(tmp_path))
     assert "| scalora-I |" in text and "gap closed" in text
     assert figures["scalora-I"]["diff"]["n"] == 3
+    # an ablation is compared with the default it varies too, seed by seed from the records
+    def report_metric(arm):
+        rows = [json.loads(x) for x in (tmp_path / "regression" / f"{arm}.jsonl").read_text().splitlines()]
+        return {r["seed"]: r["error"] for r in rows if r["phase"] == "report"}
+    ref, ablation = report_metric("scalora-I"), report_metric("scalora-I-constant")
+    by_hand = np.mean([ref[s] - ablation[s] for s in (0, 1, 2)])
+    assert figures["scalora-I-constant"]["vs_scalora_I"]["mean"] == pytest.approx(by_hand, rel=1e-12)
+    assert "| scalora-I-constant | " in text.split("Against ScaLoRA-I")[1]
     t = power.run_time(task, root=str(tmp_path))
-    assert t["runs"] == 16 and t["missing"] == 0 and t["hours"] > 0
+    assert t["runs"] == 20 and t["missing"] == 0 and t["hours"] > 0
     with open(tmp_path / "regression" / "lora.jsonl") as f:  # the first tuning record lost: it and LoRA's 3 report
         kept = f.read().splitlines()[1:]                     # runs (tuning incomplete, no setting) are missing
     (tmp_path / "regression" / "lora.jsonl").write_text("\n".join(kept) + "\n")

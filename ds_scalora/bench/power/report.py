@@ -59,7 +59,7 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
     lines += [f"| arm | setting (tuned) | n | {task.metric}, mean ± sd |{extra_title} energy outside top r | "
               f"LoRA − arm [95% CI] | Wilcoxon p | gap closed [95% CI] | steps to LoRA's final {task.metric} |",
               "|---" * (10 if task.extra else 9) + "|"]
-    figures = {}
+    figures, values = {}, {}
     for arm in task.arms:
         res = results[arm.name]
         if not seeds_ok(res):
@@ -69,6 +69,7 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
             continue
         (spec, lr, _, edges), recs = res
         vals = [recs[s][task.metric] for s in task.report_seeds]
+        values[arm.name] = vals
         finite = [v for v in vals if v is not None and math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else math.nan
         sd = (sum((v - mean) ** 2 for v in finite) / max(1, len(finite) - 1)) ** 0.5 if finite else math.nan
@@ -114,6 +115,17 @@ def render(task: Task, root: str = RECORDS) -> tuple[str, dict]:
         lines += ["", f"Smallest true difference the paired t-test would detect with 80% power (two-sided 5%, n = "
                   f"{len(task.report_seeds)}, each arm's observed spread of LoRA − arm; stats.detectable_difference): "
                   + ", ".join(detectable) + "."]
+    # what each variant or ablation changes, measured against the default it varies rather than against LoRA
+    ref = values.get("scalora-I")
+    others = [name for name in values if name not in ("lora", "full", "scalora-I")]
+    if ref is not None and others:
+        lines += ["", "Against ScaLoRA-I at the default, paired on the same seeds (ScaLoRA-I − arm, positive: the arm is "
+                  "better; 95% t-interval, exact Wilcoxon p): what each variant, ablation or other method changes.", "",
+                  "| arm | ScaLoRA-I − arm [95% CI] | Wilcoxon p |", "|---|---|---|"]
+        for name in others:
+            d = paired_difference(ref, values[name])
+            figures[name]["vs_scalora_I"] = d
+            lines.append(f"| {name} | {_fmt(d['mean'])} [{_fmt(d['low'])}, {_fmt(d['high'])}] | {d['p_wilcoxon']:.2g} |")
     lines += ["", "† the tuned setting is on the edge of its grid (named). Every arm's tuning grid (mean over the tuning "
               "seeds; — where a tuning run is still missing):", ""]
     for arm in task.arms:

@@ -228,6 +228,10 @@ class OneLayerFactsTask(FactsTask):
 # adapters' (5.12e-1), which were best at 1.28e-1 (LoRA 1.894, rank 16 1.873, ScaLoRA-I 1.745)
 ONE_LAYER_LR = [2e-3, 8e-3, 3.2e-2, 1.28e-1, 5.12e-1]
 ONE_LAYER_FULL_LR = [2.5e-4, 1e-3, 4e-3, 1.6e-2, 6.4e-2, 2.56e-1]
+# the arms added on 2026-12-05 to find what in ScaLoRA-I helps (its ablations, its old 'auto', the Adam-aware solver,
+# ReLoRA) start on the three points of ONE_LAYER_LR around 1.28e-1, where all four adapter arms had their optimum
+# (a third of the tuning runs saved); an optimum on either edge grows the grid, as above
+ONE_LAYER_LR_NEAR = [3.2e-2, 1.28e-1, 5.12e-1]
 
 
 def one_layer_facts_task() -> Task:
@@ -238,6 +242,17 @@ def one_layer_facts_task() -> Task:
         Arm("full", {"method": "full"}, lrs=ONE_LAYER_FULL_LR, what="full fine-tuning of the one weight"),
         Arm("scalora-I", {**sc, "interval": 10}, lrs=ONE_LAYER_LR, what=f"ScaLoRA-I, default shrink {default_shrink(10):g}"),
         Arm("scalora", {**sc, "interval": 1}, lrs=ONE_LAYER_LR, what=f"ScaLoRA (I=1), default shrink {default_shrink(1):g}"),
+        # what in ScaLoRA-I helps (2026-12-05): the solved scaling (against one constant factor), the merging
+        # (against rebalancing alone, or the old norm-keeping 'auto'), a merge and restart without any scaling
+        Arm("scalora-I-rebalance", {**sc, "interval": 10, "ablation": "rebalance_only"}, lrs=ONE_LAYER_LR_NEAR,
+            what="ablation: ScaLoRA-I's solved ratios, α_j β_j = 1 (nothing merged)"),
+        Arm("scalora-I-constant", {**sc, "interval": 10, "ablation": "constant_shrink"}, lrs=ONE_LAYER_LR_NEAR,
+            what=f"ablation: every column × {default_shrink(10):g}^-½ every 10 steps (no solve)"),
+        Arm("scalora-I-auto", {**sc, "interval": 10, "shrink": 1.0}, lrs=ONE_LAYER_LR_NEAR,
+            what="ScaLoRA-I, old 'auto' (shrink 1)"),
+        Arm("scalora-I-adam", {**sc, "interval": 10, "solver": "adam"}, lrs=ONE_LAYER_LR_NEAR,
+            what="ScaLoRA-I, Adam-aware solver"),
+        Arm("relora", {"method": "relora", "r": 4}, lrs=ONE_LAYER_LR_NEAR, what="ReLoRA-style restart every 20 steps"),
     ]
     return OneLayerFactsTask(
         "facts128-one-layer", f"(c') the facts of (c), 128 random 6-letter → 6-digit codes, stored through one weight: "

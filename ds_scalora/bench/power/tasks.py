@@ -234,6 +234,7 @@ ONE_LAYER_FULL_LR = [2.5e-4, 1e-3, 4e-3, 1.6e-2, 6.4e-2, 2.56e-1]
 # ReLoRA) start on the three points of ONE_LAYER_LR around 1.28e-1, where all four adapter arms had their optimum
 # (a third of the tuning runs saved); an optimum on either edge grows the grid, as above
 ONE_LAYER_LR_NEAR = [3.2e-2, 1.28e-1, 5.12e-1]
+ONE_LAYER_SHRINK = [2.0, 4.0, 16.0]
 
 
 def one_layer_facts_task() -> Task:
@@ -255,6 +256,9 @@ def one_layer_facts_task() -> Task:
         Arm("scalora-I-adam", {**sc, "interval": 10, "solver": "adam"}, lrs=ONE_LAYER_LR_NEAR,
             what="ScaLoRA-I, Adam-aware solver"),
         Arm("relora", {"method": "relora", "r": 4}, lrs=ONE_LAYER_LR_NEAR, what="ReLoRA-style restart every 20 steps"),
+        # is the default shrink (4, chosen on task (a)) near the best on (c')? a coarse first grid, x2-x4 apart
+        Arm("scalora-I-tuned", {**sc, "interval": 10}, lrs=ONE_LAYER_LR_NEAR, shrinks=ONE_LAYER_SHRINK,
+            what="ScaLoRA-I, shrink tuned with the learning rate"),
     ]
     return OneLayerFactsTask(
         "facts128-one-layer", f"(c') the facts of (c), 128 random 6-letter → 6-digit codes, stored through one weight: "

@@ -70,7 +70,9 @@ def _batch(examples, rows: list, pad_id: int) -> dict:
 
 def run(cfg: RunConfig, hooks=None) -> dict:
     """Train as ``cfg`` says; returns the summary. ``hooks`` (benchmarks): an object whose optional
-    ``after_setup(engine, model)`` and ``before_summary(engine, model, summary)`` are called on every rank."""
+    ``after_setup(engine, model)``, ``after_training(engine, model, evaluate)`` (``evaluate()``: the held-out
+    loss of the model as it is then, no generation; collective) and ``before_summary(engine, model, summary)``
+    are called on every rank."""
     from ..deepspeed_import import import_deepspeed
     from ..zero import disable_cpu_shm_comm
     from ..zero.single_process import one_rank_if_not_launched
@@ -206,6 +208,8 @@ def _train(cfg: RunConfig, hooks, engine, model, tokenizer, scheduler, train, he
                       f"improving {best.metric(cfg.train)}")
             break
     bar.close()
+    if hooks is not None and hasattr(hooks, "after_training"):  # the trained model as the last evaluation saw it
+        hooks.after_training(engine, model, lambda: evaluate(engine, tokenizer, held_out, cfg, rank, world, generate=False))
     if controller is not None and diverged is None:
         method.finish(cfg, controller, rank)
     summary = _summary(cfg, history, method.summary(controller, history) if controller is not None else {}, world)

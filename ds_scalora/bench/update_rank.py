@@ -37,7 +37,7 @@ from .stats import paired_difference
 RECORDS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "bench_records", "update_rank",
                        "facts128-one-layer.jsonl")
 KS = (1, 2, 4, 8, 16, 64)
-ARMS = ("lora", "lora-4r", "scalora-I", "scalora-I-constant", "relora", "full")
+ARMS = ("lora", "lora-4r", "scalora-I", "scalora-I-4r", "scalora-I-constant", "relora", "full")
 
 
 def cut(delta: torch.Tensor, k: int, svd=None) -> torch.Tensor:
@@ -157,7 +157,8 @@ def report(path: str = RECORDS) -> str:
     pairs = [("scalora-I", "run", "scalora-I", "4"), ("scalora-I", "run", "scalora-I", "8"),
              ("lora", "run", "scalora-I", "4"), ("lora", "run", "scalora-I", "8"), ("lora-4r", "run", "lora-4r", "4"),
              ("scalora-I-constant", "run", "scalora-I-constant", "4"), ("relora", "run", "relora", "4"),
-             ("lora", "run", "lora-4r", "run")]
+             ("lora", "run", "lora-4r", "run"), ("scalora-I-4r", "run", "scalora-I-4r", "16"),
+             ("scalora-I", "run", "scalora-I-4r", "run"), ("lora-4r", "run", "scalora-I-4r", "run")]
     for base, base_k, arm, arm_k in pairs:
         seeds = sorted(s for a, s in recs if a == base and (arm, s) in recs)
         if len(seeds) < 2:

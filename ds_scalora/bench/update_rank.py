@@ -31,7 +31,7 @@ import statistics
 import torch
 
 from .power.records import tuned_setting
-from .power.tasks import ONE_LAYER, one_layer_facts_task
+from .power.tasks import ONE_LAYER, OneLayerFactsTask, one_layer_facts_task
 from .stats import paired_difference
 
 RECORDS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "bench_records", "update_rank",
@@ -126,7 +126,7 @@ def run_missing(arms, seeds, ks=KS, path: str = RECORDS) -> None:
         for seed in seeds:
             if (name, seed) in have:
                 continue
-            hook = CutUpdate(f"model.layers.{ONE_LAYER}.mlp.down_proj", ks)
+            hook = CutUpdate(OneLayerFactsTask.targets[0], ks)  # the one weight the task trains
             result = task.run(spec, lr, seed, hooks=hook)
             rec = {"arm": name, "seed": seed, "spec": spec, "lr": lr, **hook.result, "run_nll": result["nll"]}
             with open(path, "a") as f:
